@@ -1,0 +1,150 @@
+"""All backend/worker settings, parsed once from the environment.
+
+Every setting has a type, a default and a one-line description; a bad value raises
+:class:`SettingsError` naming the variable.  ``python -m backend.settings`` prints the table that
+the README documents.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value that cannot be used."""
+
+
+def _setting(default: Any, help: str, env: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: Path = _setting(REPO_ROOT / "models", "registry root: versions/, current.json")
+    default_model: Path = _setting(REPO_ROOT / "model" / "default", "embedded default checkpoint folder")
+    data_dir: Path = _setting(REPO_ROOT / "models" / "data", "corrections store (SQLite) and exports")
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis for RQ (password: redis://:pw@host/0)")
+    queue_name: str = _setting("roi-train", "RQ queue of fine-tuning jobs")
+    key_prefix: str = _setting("roi", "prefix of the backend's own Redis keys")
+    label_studio_url: str = _setting(
+        "", "Label Studio base URL, for /data/upload and API calls", env="LABEL_STUDIO_URL"
+    )
+    label_studio_api_key: str = _setting(
+        "", "Label Studio API token (legacy token or PAT)", env="LABEL_STUDIO_API_KEY"
+    )
+    local_files_root: str = _setting(
+        "", "LOCAL_FILES_DOCUMENT_ROOT for /data/local-files", env="LOCAL_FILES_DOCUMENT_ROOT"
+    )
+    basic_auth_user: str = _setting("", "HTTP basic auth user (empty: no auth)")
+    basic_auth_pass: str = _setting("", "HTTP basic auth password")
+    device: str = _setting("auto", "torch device: auto, cpu, cuda, cuda:N")
+    feature_cache_mb: int = _setting(256, "LRU of image features + prompt-prefix KV, MiB")
+    image_cache_mb: int = _setting(64, "LRU of downloaded image bytes, MiB")
+    max_regions: int = _setting(64, "most boxes per task")
+    max_relation_regions: int = _setting(8, "relations are asked among the first N boxes")
+    max_new_tokens: int = _setting(24, "longest answer, tokens")
+    max_body_mb: float = _setting(10.0, "largest request body, MiB")
+    max_image_mb: float = _setting(20.0, "largest image download, MiB")
+    max_image_pixels: int = _setting(40_000_000, "largest decoded image, pixels (decompression bombs)")
+    image_timeout: float = _setting(10.0, "image download timeout, seconds")
+    allow_private_urls: bool = _setting(False, "allow image URLs on private/loopback hosts")
+    model_poll_seconds: float = _setting(2.0, "how often serving checks the registry for a new version")
+    train_min_corrections: int = _setting(20, "new corrected regions that trigger a fine-tuning job")
+    train_steps: int = _setting(300, "fine-tuning steps per job")
+    train_batch_size: int = _setting(16, "fine-tuning global batch size")
+    train_lr: float = _setting(3e-4, "fine-tuning learning rate")
+    replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
+    promote_tolerance: float = _setting(0.02, "max accuracy drop on the base set allowed for promotion")
+    job_timeout: int = _setting(3600, "RQ job timeout, seconds")
+    job_retries: int = _setting(2, "RQ retries of a failed fine-tuning job")
+    retrain_cron: str = _setting("", "cron schedule of periodic retraining (e.g. '0 3 * * *'); empty: off")
+    retrain_interval: int = _setting(0, "periodic retraining interval in seconds; 0: off")
+    log_level: str = _setting("INFO", "logging level")
+
+    @staticmethod
+    def env_name(f) -> str:
+        return f.metadata.get("env") or f.name.upper()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = cls.env_name(f)
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(name, raw, type(f.default))
+        settings = cls(**values)
+        if (settings.basic_auth_user == "") != (settings.basic_auth_pass == ""):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if not 0.0 <= settings.replay_fraction < 1.0:
+            raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
+        if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"LABEL_STUDIO_URL must start with http:// or https://, got {settings.label_studio_url!r}"
+            )
+        return settings
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for logs: secrets masked."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
+                value = "***"
+            out[f.name] = str(value)
+        return out
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind is int:
+            value: Any = int(raw)
+        elif kind is float:
+            value = float(raw)
+        elif issubclass(kind, Path):
+            return Path(raw).expanduser()
+        else:
+            return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r}: must not be negative")
+    return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (parsed once)."""
+    return Settings.from_env()
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        default = f.default
+        if isinstance(default, Path):
+            try:
+                default = default.relative_to(REPO_ROOT)
+            except ValueError:
+                pass
+        rows.append(f"| `{Settings.env_name(f)}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,162 @@
+"""Model and training configuration: JSON files loaded into dataclasses.
+
+Like open_clip's ``model_configs/``, every architecture size lives in a JSON file
+(``model/model_configs/*.json``); code never hard-codes a width.  A checkpoint folder
+carries its own ``config.json`` so that any version can be rebuilt from that folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+OPEN_CLIP_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
+
+T = TypeVar("T")
+
+
+@dataclass
+class VisionConfig:
+    """Frozen open_clip vision tower.
+
+    ``open_clip_model`` names an open_clip architecture (built-in such as ``ViT-L-14`` or one of
+    ``model/open_clip_configs``).  ``checkpoint`` is a local open_clip checkpoint file
+    (.safetensors preferred; a path relative to the checkpoint folder is resolved there).
+    Layer indices follow the Hugging Face ``hidden_states`` convention: 0 is the embedding output,
+    ``-2`` the penultimate block.
+    """
+
+    open_clip_model: str = "roi-vit-tiny"
+    checkpoint: str | None = None
+    image_size: int = 112
+    width: int = 128
+    image_token_layer: int = -2
+    region_layers: list[int] = field(default_factory=lambda: [-5, -4, -3, -2])
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+@dataclass
+class RegionEncoderConfig:
+    """GPT4RoI's multi-level RoI module (``MLVLROIQueryModule``) with every size configurable.
+
+    ``level_sizes`` are the feature-map sides of the pyramid, one per entry of
+    ``VisionConfig.region_layers`` (GPT4RoI: 128, 64, 32, 16 for a 16x16 ViT grid).
+    """
+
+    fuse_channels: int = 64
+    level_sizes: list[int] = field(default_factory=lambda: [32, 16, 8, 8])
+    num_fuse: int = 3
+    gn_groups: int = 8
+    roi_output_size: int = 7
+    sampling_ratio: int = 2
+    hidden_dim: int = 128
+    pos_hidden_dim: int = 64
+
+
+@dataclass
+class LMConfig:
+    """Causal language model: a local Hugging Face folder or an architecture built from ``hf_config``."""
+
+    pretrained_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    tokenizer_path: str | None = None
+    lora: dict[str, Any] | None = None
+    max_length: int = 512
+
+
+@dataclass
+class PromptConfig:
+    """Conversation template (GPT4RoI / LLaVA-v0 style); see ``model.prompt``."""
+
+    system: str = "A chat between a curious human and an artificial intelligence assistant."
+    image_intro: str = "The <image> provides an overview of the picture."
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a :class:`model.mllm.RegionMLLM`."""
+
+    name: str = "roi-tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    region: RegionEncoderConfig = field(default_factory=RegionEncoderConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class TrainConfig:
+    """One training run (stage 1, stage 2 or a fine-tuning job)."""
+
+    stage: int = 2
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    lm_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    num_workers: int = 0
+    replay_fraction: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys with a clear message."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = (
+            known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        )
+        sub = default() if default is not None else None
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = _from_dict(type(sub), value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """Load a model config by file path, checkpoint folder, or bundled name (``roi-tiny``)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"model config {name_or_path!r} not found; bundled configs: {available}")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically enough for config files (write then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

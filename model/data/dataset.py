@@ -1,0 +1,91 @@
+"""Region-text records -> model-ready training samples.
+
+A record is the JSONL format of ``model.data.converters`` (image path, pixel boxes, conversation);
+synthetic records carry an in-memory PIL image instead of a path.  Boxes go through
+``model.geometry.boxes_tensor``, the single pixel -> normalised conversion.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from model.geometry import boxes_tensor
+from model.mllm import RegionMLLM
+from model.prompt import EncodedPrompt
+
+
+@dataclass
+class Sample:
+    """``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised; ``prompt``: ids/labels/region order."""
+
+    pixels: torch.Tensor
+    boxes: torch.Tensor
+    prompt: EncodedPrompt
+
+
+def record_turns(record: dict) -> list[tuple[str, str]]:
+    """Conversation list -> [(question, answer), ...] (roles must alternate human/gpt)."""
+    conv = record["conversations"]
+    turns = []
+    for i in range(0, len(conv) - 1, 2):
+        if conv[i]["from"] != "human" or conv[i + 1]["from"] != "gpt":
+            raise ValueError(f"record {record.get('id')}: turns must alternate human/gpt")
+        turns.append((conv[i]["value"], conv[i + 1]["value"]))
+    return turns
+
+
+def load_record_image(record: dict, root: Path | None = None) -> Image.Image:
+    image = record["image"]
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if root is not None and not path.is_absolute():
+        path = root / path
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset over in-memory records; ``max_turns`` caps the sequence length."""
+
+    def __init__(
+        self,
+        records: Sequence[dict],
+        model: RegionMLLM,
+        root: Path | None = None,
+        max_turns: int | None = None,
+    ) -> None:
+        self.records = records  # any Sequence: synthetic sets render lazily
+        self.model = model
+        self.root = root
+        self.max_turns = max_turns
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        image = load_record_image(rec, self.root)
+        w, h = rec.get("width") or image.width, rec.get("height") or image.height
+        turns = record_turns(rec)
+        if self.max_turns is not None and len(turns) > self.max_turns:
+            turns = random.Random(index).sample(turns, self.max_turns)
+        boxes = boxes_tensor(rec["boxes"], w, h)
+        prompt = self.model.prompts.encode_conversation(turns, num_boxes=len(boxes))
+        return Sample(self.model.processor(image), boxes, prompt)
+
+
+def collate_samples(model: RegionMLLM, samples: Sequence[Sample]) -> dict:
+    """Samples -> keyword arguments of :meth:`RegionMLLM.forward`."""
+    batch = model.collate([s.prompt for s in samples])
+    batch["pixels"] = torch.stack([s.pixels for s in samples])
+    batch["boxes"] = [s.boxes for s in samples]
+    batch["region_orders"] = [s.prompt.region_order for s in samples]
+    return batch

@@ -1,0 +1,210 @@
+"""The region-level multimodal LLM (GPT4RoI architecture).
+
+Vision tower (frozen open_clip ViT) -> image tokens through a linear ``projector`` and a
+multi-level ``region_encoder`` giving one token per box -> Hugging Face causal LM.  Placeholder
+tokens in the prompt (``<im_patch>``, ``<bbox>``) have their embeddings replaced, vectorised,
+by those features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model.config import ModelConfig
+from model.prompt import BBOX, IGNORE_INDEX, IM_PATCH, EncodedPrompt, PromptBuilder
+from model.region_encoder import RegionEncoder
+from model.vision import ImageProcessor, VisionFeatures, VisionTower
+
+
+class PlaceholderError(ValueError):
+    """The number of placeholder tokens does not match the number of features to put there."""
+
+
+def merge_placeholders(
+    embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, expected: Sequence[int], what: str
+) -> torch.Tensor:
+    """Replace the embeddings at ``mask`` by ``features`` in row-major order.
+
+    ``embeds``: ``(R, L, D)``; ``mask``: ``(R, L)`` bool; ``features``: ``(sum(expected), D)``;
+    ``expected[r]``: how many placeholders row r must hold.  Raises :class:`PlaceholderError`
+    naming the first row whose count differs.
+    """
+    counts = mask.sum(dim=1).tolist()
+    for row, (have, want) in enumerate(zip(counts, expected)):
+        if have != want:
+            raise PlaceholderError(
+                f"prompt {row} has {have} {what} placeholder tokens but {want} {what} features"
+            )
+    if features.shape[0] != sum(counts):
+        raise PlaceholderError(f"{sum(counts)} {what} placeholders but {features.shape[0]} {what} features")
+    return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+class RegionMLLM(nn.Module):
+    """GPT4RoI-style model.  Build it with :func:`model.checkpoint.build_model` / ``load_model``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        lm: PreTrainedModel,
+        checkpoint_root: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.vision = VisionTower(cfg.vision, checkpoint_root)
+        hidden = int(lm.get_input_embeddings().weight.shape[1])
+        self.projector = nn.Linear(self.vision.width, hidden)
+        self.region_encoder = RegionEncoder(self.vision.width, hidden, cfg.vision.image_size, cfg.region)
+        self.lm = lm
+        self.processor = ImageProcessor(cfg.vision)
+        self.prompts = PromptBuilder(tokenizer, cfg.prompt, self.vision.grid**2)
+        self.image_patch_id = int(tokenizer.convert_tokens_to_ids(IM_PATCH))
+        self.bbox_id = int(tokenizer.convert_tokens_to_ids(BBOX))
+        self.stage = 2
+
+    # ------------------------------------------------------------------ freeze policy
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: region encoder only.  Stage 2: region encoder + projector + LM (LoRA adapters
+        only when the LM is a peft model).  The vision tower is never trained."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.stage = stage
+        self.requires_grad_(False)
+        self.region_encoder.requires_grad_(True)
+        if stage == 2:
+            self.projector.requires_grad_(True)
+            if hasattr(self.lm, "peft_config"):
+                for name, param in self.lm.named_parameters():
+                    param.requires_grad_("lora_" in name)
+            else:
+                self.lm.requires_grad_(True)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ features
+    @property
+    def device(self) -> torch.device:
+        return self.projector.weight.device
+
+    def encode_images(self, pixels: torch.Tensor) -> VisionFeatures:
+        """``(I, 3, S, S)`` -> frozen vision features (computed without gradients)."""
+        return self.vision(pixels.to(self.device))
+
+    def region_features(self, vision: VisionFeatures, boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image ``(N_i, 4)`` normalised boxes -> per image ``(N_i, D)`` region tokens (one
+        RoIAlign call per level for all boxes of all images)."""
+        boxes = [b.to(self.device, torch.float32).reshape(-1, 4) for b in boxes]
+        feats = self.region_encoder(vision.levels, boxes)
+        return list(feats.split([len(b) for b in boxes]))
+
+    def embed_prompts(
+        self,
+        input_ids: torch.Tensor,
+        vision: VisionFeatures,
+        region_feats: Sequence[torch.Tensor],
+        row_image: Sequence[int],
+        region_orders: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Token embeddings with image and region placeholders filled in.
+
+        ``input_ids``: ``(R, L)``; row r belongs to image ``row_image[r]`` of ``vision`` /
+        ``region_feats`` and its ``<bbox>`` tokens take boxes ``region_orders[r]`` in order.
+        Returns ``(R, L, D)``.
+        """
+        input_ids = input_ids.to(self.device)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        rows = torch.as_tensor(list(row_image), device=self.device)
+        image_tokens = self.projector(vision.image_tokens.to(self.device))[rows]  # (R, P, D)
+        p = image_tokens.shape[1]
+        embeds = merge_placeholders(
+            embeds, input_ids == self.image_patch_id, image_tokens.flatten(0, 1), [p] * len(rows), "image"
+        )
+        for r, order in enumerate(region_orders):
+            n = len(region_feats[row_image[r]])
+            bad = [i for i in order if i >= n]
+            if bad:
+                raise PlaceholderError(
+                    f"prompt {r} refers to region {bad[0] + 1} but its image has {n} boxes"
+                )
+        ordered = [region_feats[row_image[r]][list(order)] for r, order in enumerate(region_orders)]
+        dim = embeds.shape[-1]
+        flat = torch.cat(ordered) if ordered else embeds.new_zeros(0, dim)
+        return merge_placeholders(
+            embeds, input_ids == self.bbox_id, flat, [len(o) for o in region_orders], "region"
+        )
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        boxes: Sequence[torch.Tensor],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        region_orders: Sequence[Sequence[int]],
+    ):
+        """One prompt per image.  ``pixels`` ``(B, 3, S, S)``, ``input_ids``/``labels`` ``(B, L)``.
+        Returns the LM output; ``loss`` is the mean cross-entropy over answer tokens."""
+        vision = self.encode_images(pixels)
+        feats = self.region_features(vision, boxes)
+        embeds = self.embed_prompts(input_ids, vision, feats, list(range(len(boxes))), region_orders)
+        return self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask.to(self.device),
+            labels=None if labels is None else labels.to(self.device),
+        )
+
+    def collate(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
+        """Right-pad encoded prompts into ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)``."""
+        length = max(len(p.input_ids) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            n = len(p.input_ids)
+            ids[i, :n] = torch.tensor(p.input_ids)
+            labels[i, :n] = torch.tensor(p.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    # ------------------------------------------------------------------ reference inference
+    @torch.inference_mode()
+    def generate_naive(
+        self, pixels: torch.Tensor, boxes: torch.Tensor, question: str, max_new_tokens: int = 24
+    ) -> tuple[str, float]:
+        """The plain path: encode the image, build the prompt, call ``generate`` (greedy).
+
+        ``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
+        probability).  The batched engine (``model.engine``) must give the same answers.
+        """
+        enc = self.prompts.encode_question(question, num_boxes=len(boxes))
+        vision = self.encode_images(pixels.unsqueeze(0))
+        feats = self.region_features(vision, [boxes])
+        ids = torch.tensor([enc.input_ids], device=self.device)
+        embeds = self.embed_prompts(ids, vision, feats, [0], [enc.region_order])
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        tokens = out.sequences[0].tolist()
+        probs = [torch.softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+        if self.tokenizer.eos_token_id in tokens:
+            cut = tokens.index(self.tokenizer.eos_token_id)
+            tokens, probs = tokens[:cut], probs[: cut + 1]
+        score = sum(probs) / max(len(probs), 1)
+        return self.prompts.decode(tokens), score

@@ -1,0 +1,155 @@
+"""GPT4RoI's multi-level region encoder: one LM-width token per box.
+
+Pipeline (sizes from :class:`model.config.RegionEncoderConfig`):
+
+1. ViT block outputs ``(B, C, g, g)`` (one per level) are resized to a pyramid ``level_sizes``.
+2. :class:`MultiLevelFuse`: CoordConv (x, y channels) + per-level 1x1 conv to ``F`` channels, then
+   ``num_fuse`` "scale shuffle" rounds.  Each round rebuilds a level from its own first half of
+   channels, the upper (coarser) level's last quarter and the lower (finer) level's third quarter,
+   and runs one 3x3 conv + GroupNorm + ReLU shared across levels.
+3. :class:`RegionFeatureExtractor`: ``torchvision.ops.roi_align`` (float32, ``aligned=True``) per
+   level, a 3x3 conv per level, sum over levels, ReLU, flatten, linear, plus an MLP embedding of the
+   normalised box.
+4. ``updims`` linear to the LM width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from model.config import RegionEncoderConfig
+from model.geometry import input_to_feature_scale, normalized_to_input
+
+
+def _coord_channels(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C + 2, H, W)`` with x, y in [-1, 1] appended (CoordConv)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([xx, yy]).expand(b, 2, h, w)
+    return torch.cat([x, coords], dim=1)
+
+
+class MultiLevelFuse(nn.Module):
+    """CoordConv + 1x1 conv per level, then scale-shuffle fusion rounds (GPT4RoI ``MLVLFuseModule``)."""
+
+    def __init__(self, in_channels: int, cfg: RegionEncoderConfig) -> None:
+        super().__init__()
+        f = cfg.fuse_channels
+        if f % 4:
+            raise ValueError(f"fuse_channels must be divisible by 4, got {f}")
+        self.num_levels = len(cfg.level_sizes)
+        self.level_sizes = list(cfg.level_sizes)
+        self.remain = f // 2
+        self.shuffle = f // 4
+        self.input_conv = nn.ModuleList(nn.Conv2d(in_channels + 2, f, 1) for _ in range(self.num_levels))
+        self.fuse_convs = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(f, f, 3, padding=1, bias=False), nn.GroupNorm(cfg.gn_groups, f), nn.ReLU()
+            )
+            for _ in range(cfg.num_fuse)
+        )
+
+    def _shuffle(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for lvl, target in enumerate(levels):
+            top = levels[min(lvl + 1, self.num_levels - 1)]
+            down = levels[max(lvl - 1, 0)]
+            size = target.shape[-2:]
+            from_top = F.interpolate(
+                top[:, self.remain + self.shuffle :], size, mode="bilinear", align_corners=True
+            )
+            from_down = F.interpolate(
+                down[:, self.remain : self.remain + self.shuffle], size, mode="bilinear", align_corners=True
+            )
+            out.append(torch.cat([target[:, : self.remain], from_top, from_down], dim=1))
+        return out
+
+    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``levels``: list of ``(B, C, g, g)`` -> list of ``(B, F, s_l, s_l)``, ``s_l = level_sizes[l]``."""
+        if len(levels) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} feature levels, got {len(levels)}")
+        feats = []
+        for lvl, x in enumerate(levels):
+            size = self.level_sizes[lvl]
+            if x.shape[-1] != size:
+                x = F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
+            feats.append(self.input_conv[lvl](_coord_channels(x)))
+        for conv in self.fuse_convs:
+            feats = [conv(x) for x in self._shuffle(feats)]
+        return feats
+
+
+class RegionFeatureExtractor(nn.Module):
+    """RoIAlign per level + per-level conv, summed, flattened, plus a box-position MLP."""
+
+    def __init__(self, cfg: RegionEncoderConfig, input_size: int) -> None:
+        super().__init__()
+        f, o = cfg.fuse_channels, cfg.roi_output_size
+        self.cfg = cfg
+        self.input_size = input_size
+        self.pconvs = nn.ModuleList(nn.Conv2d(f, f, 3, padding=1) for _ in cfg.level_sizes)
+        self.flatten_linear = nn.Linear(f * o * o, cfg.hidden_dim)
+        self.pos_embedd = nn.Sequential(
+            nn.Linear(4, cfg.pos_hidden_dim),
+            nn.ReLU(),
+            nn.LayerNorm(cfg.pos_hidden_dim),
+            nn.Linear(cfg.pos_hidden_dim, cfg.hidden_dim),
+            nn.ReLU(),
+            nn.LayerNorm(cfg.hidden_dim),
+        )
+
+    def forward(self, feats: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """``feats``: pyramid ``(B, F, s, s)``; ``boxes``: per image ``(N_i, 4)`` normalised xyxy.
+
+        Returns ``(sum N_i, hidden_dim)`` in image-major, box order.  All boxes of all images go
+        through one ``roi_align`` call per level.
+        """
+        rois = [normalized_to_input(b.float(), self.input_size) for b in boxes]
+        summed = None
+        for lvl, fmap in enumerate(feats):
+            scale = input_to_feature_scale(fmap.shape[-1], self.input_size)
+            pooled = roi_align(
+                fmap.float(),
+                rois,
+                output_size=self.cfg.roi_output_size,
+                spatial_scale=scale,
+                sampling_ratio=self.cfg.sampling_ratio,
+                aligned=True,
+            )
+            pooled = self.pconvs[lvl](pooled.to(fmap.dtype))
+            summed = pooled if summed is None else summed + pooled
+        assert summed is not None
+        flat = F.relu(summed).flatten(1)
+        pos = self.pos_embedd(torch.cat(boxes).to(flat.dtype))
+        return self.flatten_linear(flat) + pos
+
+
+class RegionEncoder(nn.Module):
+    """Multi-level RoI module: vision levels + boxes -> one ``out_dim`` token per box."""
+
+    def __init__(self, in_channels: int, out_dim: int, input_size: int, cfg: RegionEncoderConfig) -> None:
+        super().__init__()
+        self.mlvl_fuse = MultiLevelFuse(in_channels, cfg)
+        self.roi_align = RegionFeatureExtractor(cfg, input_size)
+        self.updims = nn.Linear(cfg.hidden_dim, out_dim)
+
+    def fuse(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Box-independent part: ``(B, C, g, g)`` levels -> fused pyramid (cacheable per image)."""
+        return self.mlvl_fuse(levels)
+
+    def encode_boxes(self, pyramid: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """Fused pyramid + B tensors ``(N_i, 4)`` of normalised boxes -> ``(sum N_i, out_dim)``."""
+        if len(boxes) != pyramid[0].shape[0]:
+            raise ValueError(f"{len(boxes)} box lists for a batch of {pyramid[0].shape[0]} images")
+        if sum(len(b) for b in boxes) == 0:
+            return pyramid[0].new_zeros(0, self.updims.out_features)
+        return self.updims(self.roi_align(pyramid, boxes))
+
+    def forward(self, levels: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``."""
+        return self.encode_boxes(self.fuse(levels), boxes)

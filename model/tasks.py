@@ -1,0 +1,84 @@
+"""The region tasks the embedded default model answers: questions, answer formats, parsing.
+
+Training data, evaluation and the Label Studio backend all use these definitions, so a relation
+word means the same thing everywhere.  Relations are computed from boxes alone, in normalised
+coordinates (see ``model.geometry``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from model.geometry import box_center, pixels_to_normalized
+
+CAPTION_QUESTIONS = ("What is {a}?", "Describe {a} briefly.", "What can you see in {a}?")
+ATTRIBUTE_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": ("What colour is {a}?", "What is the colour of {a}?"),
+    "shape": ("What shape is {a}?", "What is the shape of {a}?"),
+    "size": ("What size is {a}?", "How big is {a}?"),
+}
+RELATION_QUESTIONS = ("How is {a} related to {b}?", "Where is {a} relative to {b}?")
+
+# Canonical questions the backend and the evaluation ask.
+CAPTION_QUESTION = CAPTION_QUESTIONS[0]
+ATTRIBUTE_QUESTION = {name: qs[0] for name, qs in ATTRIBUTE_QUESTIONS.items()}
+RELATION_QUESTION = RELATION_QUESTIONS[0]
+
+RELATION_LABELS = ("left of", "right of", "above", "below", "larger than", "smaller than")
+POSITION_MARGIN = 0.15  # normalised centre distance below which no left/right/above/below is said
+SIZE_THRESHOLDS = (0.20, 0.28)  # max(w, h) normalised: small < 0.20 <= medium < 0.28 <= large
+SIZE_ORDER = ("small", "medium", "large")
+
+
+def caption_text(size: str, color: str, shape: str) -> str:
+    return f"a {size} {color} {shape}"
+
+
+def size_class(box: Sequence[float], image_w: int, image_h: int) -> str:
+    """Size word of a pixel box: relative to the shorter image side (= max normalised side)."""
+    x0, y0, x1, y1 = pixels_to_normalized(box, image_w, image_h)
+    side = max(x1 - x0, y1 - y0)
+    if side < SIZE_THRESHOLDS[0]:
+        return "small"
+    return "medium" if side < SIZE_THRESHOLDS[1] else "large"
+
+
+def relation_labels(a: Sequence[float], b: Sequence[float], image_w: int, image_h: int) -> list[str]:
+    """Relation words that hold for pixel box ``a`` relative to pixel box ``b`` (fixed order)."""
+    ax, ay = box_center(pixels_to_normalized(a, image_w, image_h))
+    bx, by = box_center(pixels_to_normalized(b, image_w, image_h))
+    labels = []
+    if bx - ax > POSITION_MARGIN:
+        labels.append("left of")
+    elif ax - bx > POSITION_MARGIN:
+        labels.append("right of")
+    if by - ay > POSITION_MARGIN:
+        labels.append("above")
+    elif ay - by > POSITION_MARGIN:
+        labels.append("below")
+    sa = SIZE_ORDER.index(size_class(a, image_w, image_h))
+    sb = SIZE_ORDER.index(size_class(b, image_w, image_h))
+    if sa > sb:
+        labels.append("larger than")
+    elif sa < sb:
+        labels.append("smaller than")
+    return labels
+
+
+def relation_text(a: Sequence[float], b: Sequence[float], image_w: int, image_h: int) -> str:
+    labels = relation_labels(a, b, image_w, image_h)
+    return ", ".join(labels) if labels else "near"
+
+
+def parse_relation(answer: str) -> list[str]:
+    """Model answer -> known relation labels, in canonical order (unknown words dropped)."""
+    parts = {p.strip() for p in answer.split(",")}
+    return [label for label in RELATION_LABELS if label in parts]
+
+
+def parse_caption(answer: str) -> dict[str, str] | None:
+    """``"a small red triangle"`` -> ``{"size": "small", "color": "red", "shape": "triangle"}``."""
+    words = answer.strip().split()
+    if len(words) != 4 or words[0] != "a":
+        return None
+    return {"size": words[1], "color": words[2], "shape": words[3]}

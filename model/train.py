@@ -1,0 +1,185 @@
+"""Training loop shared by the CLI, the default-model build and the RQ fine-tuning job.
+
+``python -m model.train --init CKPT --data data.jsonl --stage 2 --steps 500 --out OUT`` continues
+training from a checkpoint folder on region-text JSONL records.  Runs unchanged under
+``torchrun --nproc_per_node N`` (DDP; each rank draws a disjoint shard of every global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.config import TrainConfig
+from model.data.dataset import RecordDataset, collate_samples
+from model.mllm import RegionMLLM
+
+ProgressFn = Callable[[dict], None]
+
+
+def lm_only_loss(model: RegionMLLM, batch: dict) -> torch.Tensor:
+    """Text-only LM loss (placeholders keep their token embeddings); used to pre-train a fresh LM."""
+    out = model.lm(
+        input_ids=batch["input_ids"].to(model.device),
+        attention_mask=batch["attention_mask"].to(model.device),
+        labels=batch["labels"].to(model.device),
+    )
+    return out.loss
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def train(
+    model: RegionMLLM,
+    records: Sequence[dict],
+    cfg: TrainConfig,
+    root: Path | None = None,
+    progress: ProgressFn | None = None,
+    text_only: bool = False,
+    max_turns: int | None = 4,
+    show_bar: bool = True,
+) -> list[dict]:
+    """Train ``model`` in place for ``cfg.steps`` steps of global batch ``cfg.batch_size``.
+
+    Sampling is with replacement from ``records`` using ``cfg.seed``, so a run is reproducible and
+    the global batch is the same for any number of DDP ranks.  ``progress`` receives
+    ``{"step", "steps", "loss", "lr", "eta_s"}`` every ``log_every`` steps.  Returns the history.
+    """
+    if not records:
+        raise ValueError("no training records")
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    torch.manual_seed(cfg.seed)
+    model.set_stage(1 if text_only else cfg.stage)
+    if text_only:
+        model.requires_grad_(False)
+        model.lm.requires_grad_(True)
+    dataset = RecordDataset(records, model, root=root, max_turns=max_turns)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lm_params = {id(p) for p in model.lm.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
+        {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    step_fn = DistributedDataParallel(model) if world > 1 else model
+    rng = random.Random(cfg.seed)
+    local = cfg.batch_size // world
+    history: list[dict] = []
+    model.train()
+    start = time.monotonic()
+    bar = tqdm(
+        range(cfg.steps), desc=f"stage {0 if text_only else cfg.stage}", disable=not show_bar or rank != 0
+    )
+    for step in bar:
+        indices = [rng.randrange(len(dataset)) for _ in range(cfg.batch_size)]
+        batch = collate_samples(model, [dataset[i] for i in indices[rank * local : (rank + 1) * local]])
+        if text_only:
+            loss = lm_only_loss(model, batch)
+        else:
+            loss = step_fn(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        value = loss.detach()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        entry = {"step": step + 1, "loss": float(value), "lr": sched.get_last_lr()[0]}
+        history.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        if progress and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            elapsed = time.monotonic() - start
+            eta = elapsed / (step + 1) * (cfg.steps - step - 1)
+            progress({**entry, "steps": cfg.steps, "eta_s": round(eta, 1)})
+    model.eval()
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.checkpoint import load_model, read_metadata, save_checkpoint
+    from model.data.converters import read_jsonl
+
+    ap = argparse.ArgumentParser(description="Continue training a checkpoint on region-text JSONL")
+    ap.add_argument("--init", required=True, help="checkpoint folder to start from")
+    ap.add_argument("--data", required=True, nargs="+", help="region-text JSONL file(s)")
+    ap.add_argument("--out", required=True, help="output checkpoint folder")
+    ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    distributed = init_distributed()
+    model = load_model(args.init)
+    records: list[dict] = []
+    for path in args.data:
+        recs = list(read_jsonl(path))
+        for r in recs:
+            if not str(r["image"]).startswith(("http://", "https://", "/")):
+                r["image"] = str(Path(path).parent / r["image"])
+        records += recs
+    cfg = TrainConfig(
+        stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    history = train(model, records, cfg)
+    if _world()[0] == 0:
+        parent = read_metadata(args.init)
+        save_checkpoint(
+            model,
+            args.out,
+            cfg,
+            {
+                "parent": parent.get("version"),
+                "stage": args.stage,
+                "records": len(records),
+                "final_loss": history[-1]["loss"],
+            },
+            vision_source=Path(args.init) / "vision.safetensors",
+        )
+        print(f"saved {args.out}; final loss {history[-1]['loss']:.4f}")
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
