@@ -82,3 +82,25 @@ def parse_caption(answer: str) -> dict[str, str] | None:
     if len(words) != 4 or words[0] != "a":
         return None
     return {"size": words[1], "color": words[2], "shape": words[3]}
+
+
+def attribute_vocabulary() -> dict[str, tuple[str, ...]]:
+    """Answer words of each attribute question (every colour the renderer knows, held-out included)."""
+    from model.synthetic import COLORS, SHAPES, SIZE_FRACTIONS
+
+    return {"color": tuple(COLORS), "shape": tuple(SHAPES), "size": tuple(SIZE_FRACTIONS)}
+
+
+def attribute_of_value(value: str) -> str | None:
+    """Which attribute a word such as ``"red"`` or ``"triangle"`` is a value of (``None``: none)."""
+    word = value.strip().lower()
+    for name, words in attribute_vocabulary().items():
+        if word in words:
+            return name
+    return None
+
+
+def normalize_relation_label(label: str) -> str | None:
+    """``"left_of"``/``"Left-of"`` -> ``"left of"`` if it is a known relation label, else ``None``."""
+    text = " ".join(label.strip().lower().replace("_", " ").replace("-", " ").split())
+    return text if text in RELATION_LABELS else None
