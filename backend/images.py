@@ -1,0 +1,333 @@
+"""Fetch and decode task images safely.
+
+Accepted image references (``task.data[<image var>]``):
+
+* Label Studio paths: ``/data/upload/<project>/<file>`` and ``/data/local-files/?d=<path>`` — fetched
+  from ``LABEL_STUDIO_URL`` with the API key (legacy token as ``Token``; a personal access token is
+  exchanged for an access token and sent as ``Bearer``).  Local files are read from
+  ``LOCAL_FILES_DOCUMENT_ROOT`` when it is set; the path must stay inside that root.
+* absolute ``http://`` / ``https://`` URLs (redirects followed by hand, each hop checked);
+* ``data:image/...;base64,...`` URLs.
+
+Protections: download timeout, byte limit while streaming, pixel limit checked before decoding
+(decompression bombs), content check (not an image -> 415), SSRF guard (no other schemes; hosts
+resolving to private, loopback, link-local or reserved addresses are refused unless they are the
+Label Studio host or ``ALLOW_PRIVATE_URLS`` is on).  Downloaded bytes are kept in a bounded LRU
+keyed by URL.  Every failure is an :class:`ImageError` carrying an HTTP status and a clear message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.settings import Settings
+
+MAX_REDIRECTS = 3
+CHUNK = 64 * 1024
+
+
+class ImageError(Exception):
+    """An image that cannot be used; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BytesLRU:
+    """Thread-safe LRU of ``url -> bytes`` bounded by total size."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = capacity_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.capacity:
+            return
+        with self._lock:
+            if key in self._items:
+                self._used -= len(self._items.pop(key))
+            self._items[key] = data
+            self._used += len(data)
+            while self._used > self.capacity:
+                _, old = self._items.popitem(last=False)
+                self._used -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
+
+
+def _same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port or _default_port(pa.scheme)) == (
+        pb.scheme,
+        pb.hostname,
+        pb.port or _default_port(pb.scheme),
+    )
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def _looks_like_jwt(token: str) -> bool:
+    parts = token.split(".")
+    return len(parts) == 3 and all(parts)
+
+
+class ImageFetcher:
+    """Resolves image references to decoded RGB images (see the module docstring)."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self.session = session or requests.Session()
+        self.cache = BytesLRU(int(settings.image_cache_mb * 2**20))
+        self.max_bytes = int(settings.max_image_mb * 2**20)
+        self.ls_url = settings.label_studio_url.rstrip("/")
+        self._access_token: str | None = None
+        self._token_lock = threading.Lock()
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+
+    # ------------------------------------------------------------------ public
+    def fetch(self, ref: object, task_id: object = None) -> Image.Image:
+        """Image reference -> RGB image with EXIF orientation applied (as browsers show it)."""
+        where = f" (task {task_id})" if task_id is not None else ""
+        if not isinstance(ref, str) or not ref.strip():
+            raise ImageError(400, f"image reference{where} must be a non-empty string URL, got {ref!r}")
+        ref = ref.strip()
+        try:
+            data = self._cached_bytes(ref)
+            return self.decode(data)
+        except ImageError as exc:
+            raise ImageError(exc.status, f"{exc.message}{where}") from None
+
+    def fetch_bytes(self, ref: str) -> bytes:
+        """Raw bytes for a reference (no decoding), with the same checks as :meth:`fetch`."""
+        return self._cached_bytes(ref)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Bytes -> RGB image; checks content and pixel count before decoding pixels."""
+        try:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = image.size
+            if w * h > self.settings.max_image_pixels:
+                raise ImageError(
+                    413,
+                    f"image is {w}x{h} = {w * h} pixels, more than the limit of "
+                    f"{self.settings.max_image_pixels} (MAX_IMAGE_PIXELS); refusing to decode",
+                )
+            if w <= 0 or h <= 0:
+                raise ImageError(422, f"image has an empty size {w}x{h}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(413, f"image refused as a decompression bomb: {exc}") from None
+        except UnidentifiedImageError:
+            head = data[:16]
+            raise ImageError(
+                415, f"content is not an image this server can read (starts with {head!r})"
+            ) from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(422, f"image data is truncated or corrupt: {exc}") from None
+
+    # ------------------------------------------------------------------ sources
+    def _cached_bytes(self, ref: str) -> bytes:
+        cached = self.cache.get(ref)
+        if cached is not None:
+            return cached
+        data = self._load(ref)
+        self.cache.put(ref, data)
+        return data
+
+    def _load(self, ref: str) -> bytes:
+        low = ref[:16].lower()
+        if low.startswith("data:"):
+            return self._data_url(ref)
+        if low.startswith(("http://", "https://")):
+            return self._download(ref)
+        if "://" in ref[:16] or low.startswith("file:"):
+            scheme = ref.split(":", 1)[0]
+            raise ImageError(400, f"image URL scheme {scheme!r} is not allowed (only http, https, data)")
+        if ref.startswith("/data/local-files") and self.settings.local_files_root:
+            return self._local_file(ref)
+        if ref.startswith("/"):
+            if not self.ls_url:
+                raise ImageError(
+                    400,
+                    f"image {ref!r} is a Label Studio path but LABEL_STUDIO_URL is not set on the backend",
+                )
+            return self._download(self.ls_url + ref)
+        raise ImageError(400, f"image reference {ref[:100]!r} is not an http(s), data or Label Studio URL")
+
+    def _data_url(self, ref: str) -> bytes:
+        header, sep, payload = ref.partition(",")
+        if not sep:
+            raise ImageError(400, "data URL has no ',' separating header and data")
+        if len(payload) * 3 // 4 > self.max_bytes:
+            raise ImageError(413, f"data URL image is larger than {self.settings.max_image_mb} MiB")
+        if header.lower().endswith(";base64"):
+            try:
+                return base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as exc:
+                raise ImageError(400, f"data URL is not valid base64: {exc}") from None
+        return unquote(payload).encode("latin-1", errors="replace")
+
+    def _local_file(self, ref: str) -> bytes:
+        query = parse_qs(urlsplit(ref).query)
+        rel = (query.get("d") or [""])[0]
+        if not rel:
+            raise ImageError(400, f"local-files URL {ref!r} has no ?d=<path>")
+        root = Path(self.settings.local_files_root).resolve()
+        path = (root / rel.lstrip("/")).resolve()
+        if not path.is_relative_to(root):
+            raise ImageError(403, f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+        if not path.is_file():
+            raise ImageError(404, f"local file {rel!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise ImageError(
+                413, f"local file {rel!r} is {size} bytes, over {self.settings.max_image_mb} MiB"
+            )
+        return path.read_bytes()
+
+    # ------------------------------------------------------------------ http
+    def _check_host(self, url: str) -> bool:
+        """SSRF guard; returns True when the URL is on the Label Studio host (send the API key)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageError(400, f"image URL {url[:200]!r} must be http(s) with a host")
+        if self.ls_url and _same_origin(url, self.ls_url):
+            return True
+        if self.settings.allow_private_urls:
+            return False
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port or _default_port(parts.scheme))
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ImageError(422, f"image host {parts.hostname!r} cannot be resolved: {exc}") from None
+        blocked = sorted({str(info[4][0]) for info in infos if not _is_public(str(info[4][0]))})
+        if blocked:
+            raise ImageError(
+                403,
+                f"image host {parts.hostname!r} resolves to a private/loopback address ({blocked[0]}); "
+                "refused (set ALLOW_PRIVATE_URLS=true to allow)",
+            )
+        return False
+
+    def _auth_header(self, refresh: bool = False) -> dict[str, str]:
+        key = self.settings.label_studio_api_key
+        if not key:
+            return {}
+        if not _looks_like_jwt(key):
+            return {"Authorization": f"Token {key}"}
+        with self._token_lock:
+            if self._access_token is None or refresh:
+                self._access_token = self._exchange_pat(key)
+            return {"Authorization": f"Bearer {self._access_token}"}
+
+    def _exchange_pat(self, refresh_token: str) -> str:
+        """Personal access token (a JWT refresh token) -> short-lived access token."""
+        try:
+            resp = self.session.post(
+                f"{self.ls_url}/api/token/refresh",
+                json={"refresh": refresh_token},
+                timeout=self.settings.image_timeout,
+            )
+            resp.raise_for_status()
+            return str(resp.json()["access"])
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            raise ImageError(
+                502, f"cannot exchange LABEL_STUDIO_API_KEY for an access token: {exc}"
+            ) from None
+
+    def _download(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.settings.image_timeout
+        for _ in range(MAX_REDIRECTS + 1):
+            on_ls = self._check_host(url)
+            resp = self._get(url, on_ls)
+            if resp.status_code == 401 and on_ls and _looks_like_jwt(self.settings.label_studio_api_key):
+                resp.close()
+                self._auth_header(refresh=True)
+                resp = self._get(url, on_ls)
+            if resp.is_redirect and resp.headers.get("location"):
+                url = urljoin(url, resp.headers["location"])
+                resp.close()
+                continue
+            with resp:
+                return self._read_body(url, resp, deadline)
+        raise ImageError(422, f"image URL redirected more than {MAX_REDIRECTS} times")
+
+    def _get(self, url: str, on_ls: bool) -> requests.Response:
+        headers = self._auth_header() if on_ls else {}
+        try:
+            return self.session.get(
+                url, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.image_timeout
+            )
+        except requests.Timeout:
+            raise ImageError(
+                504, f"timed out after {self.settings.image_timeout} s fetching image {url[:200]}"
+            ) from None
+        except requests.RequestException as exc:
+            raise ImageError(502, f"cannot fetch image {url[:200]}: {type(exc).__name__}") from None
+
+    def _read_body(self, url: str, resp: requests.Response, deadline: float) -> bytes:
+        if resp.status_code >= 400:
+            hint = " (check LABEL_STUDIO_API_KEY)" if resp.status_code in (401, 403) else ""
+            raise ImageError(422, f"image URL {url[:200]} answered HTTP {resp.status_code}{hint}")
+        length = resp.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            raise ImageError(413, f"image is {length} bytes, over the {self.settings.max_image_mb} MiB limit")
+        buf = bytearray()
+        try:
+            for chunk in resp.iter_content(CHUNK):
+                buf += chunk
+                if len(buf) > self.max_bytes:
+                    raise ImageError(413, f"image is larger than the {self.settings.max_image_mb} MiB limit")
+                if time.monotonic() > deadline:
+                    raise ImageError(504, f"image download took longer than {self.settings.image_timeout} s")
+        except requests.RequestException as exc:
+            raise ImageError(502, f"image download from {url[:200]} failed: {type(exc).__name__}") from None
+        return bytes(buf)

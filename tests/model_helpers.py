@@ -1,0 +1,28 @@
+"""Tiny models for fast unit tests (built once per process)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from model.checkpoint import build_model
+from model.config import load_model_config
+from model.mllm import RegionMLLM
+from model.synthetic import SyntheticRecords, corpus_texts
+from model.tokenizer import train_tokenizer
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    return train_tokenizer(corpus_texts(count=200), vocab_size=280)
+
+
+def tiny_model(seed: int = 0) -> RegionMLLM:
+    """A fresh random ``roi-test`` model (about 0.3 M parameters)."""
+    torch.manual_seed(seed)
+    return build_model(load_model_config("roi-test"), tiny_tokenizer())
+
+
+def tiny_records(count: int = 64, seed: int = 3) -> SyntheticRecords:
+    return SyntheticRecords(seed=seed, count=count)

@@ -1,0 +1,188 @@
+"""Placeholder merge, geometry, freeze policy, training smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import roi_align
+
+from model.config import TrainConfig
+from model.data.dataset import RecordDataset, collate_samples
+from model.geometry import (
+    BoxError,
+    boxes_tensor,
+    check_pixel_box,
+    input_to_feature_scale,
+    normalized_to_input,
+    normalized_to_pixels,
+    percent_to_pixels,
+    pixels_to_normalized,
+    pixels_to_percent,
+)
+from model.mllm import PlaceholderError
+from model.prompt import BBOX, IGNORE_INDEX, PromptError, expand_regions
+from model.train import train
+from tests.model_helpers import tiny_model, tiny_records
+
+# ---------------------------------------------------------------- placeholder merge
+
+
+def test_expand_regions_order_and_text():
+    text, order = expand_regions("Is <region2> left of <region1>? And <region2>?", num_boxes=2)
+    assert text == f"Is region2 {BBOX} left of region1 {BBOX}? And region2 {BBOX}?"
+    assert order == [1, 0, 1]
+    with pytest.raises(PromptError, match="region3"):
+        expand_regions("<region3>", num_boxes=2)
+    with pytest.raises(PromptError, match="<regionN>"):
+        expand_regions(f"raw {BBOX}")
+
+
+def test_region_features_replace_bbox_embeddings_in_order():
+    m = tiny_model()
+    rec = tiny_records(1)[0]
+    boxes = boxes_tensor(rec["boxes"], rec["width"], rec["height"])
+    enc = m.prompts.encode_question("Compare <region2> with <region1>.", num_boxes=len(boxes))
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        vision = m.encode_images(m.processor(rec["image"]).unsqueeze(0))
+        feats = m.region_features(vision, [boxes])
+        embeds = m.embed_prompts(ids, vision, feats, [0], [enc.region_order])
+    pos = (ids[0] == m.bbox_id).nonzero()[:, 0]
+    assert len(pos) == 2
+    assert torch.allclose(embeds[0, pos[0]], feats[0][1])
+    assert torch.allclose(embeds[0, pos[1]], feats[0][0])
+    patch = (ids[0] == m.image_patch_id).nonzero()[:, 0]
+    assert torch.allclose(embeds[0, patch], m.projector(vision.image_tokens)[0])
+    text = m.lm.get_input_embeddings()(ids)
+    other = (ids[0] != m.bbox_id) & (ids[0] != m.image_patch_id)
+    assert torch.equal(embeds[0, other], text[0, other])
+
+
+def test_placeholder_count_mismatch_raises_clear_error():
+    m = tiny_model()
+    rec = tiny_records(1)[0]
+    boxes = boxes_tensor(rec["boxes"], rec["width"], rec["height"])
+    enc = m.prompts.encode_question("What is <region1>?", num_boxes=len(boxes))
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        vision = m.encode_images(m.processor(rec["image"]).unsqueeze(0))
+        feats = m.region_features(vision, [boxes])
+        with pytest.raises(PlaceholderError, match="1 region placeholder tokens but 2 region features"):
+            m.embed_prompts(ids, vision, feats, [0], [[0, 1]])
+        with pytest.raises(PlaceholderError, match="refers to region 9"):
+            m.embed_prompts(ids, vision, feats, [0], [[8]])
+        first_patch = int((ids[0] == m.image_patch_id).nonzero()[0, 0])
+        cut = ids[:, : first_patch + 3]  # only 3 of the image's patch tokens remain
+        with pytest.raises(PlaceholderError, match="3 image placeholder tokens but 16 image features"):
+            m.embed_prompts(cut, vision, feats, [0], [[]])
+
+
+def test_loss_only_on_answer_tokens():
+    m = tiny_model()
+    enc = m.prompts.encode_conversation([("What is <region1>?", "a small red circle")], num_boxes=1)
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    assert trained[-1] == m.tokenizer.eos_token_id
+    assert m.tokenizer.decode(trained[:-1]).strip() == "a small red circle"
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def test_geometry_round_trip_non_square():
+    w, h = 320, 180
+    px = percent_to_pixels(10.0, 20.0, 30.0, 50.0, w, h)
+    assert px == pytest.approx((32.0, 36.0, 128.0, 126.0))
+    assert pixels_to_percent(px, w, h) == pytest.approx({"x": 10.0, "y": 20.0, "width": 30.0, "height": 50.0})
+    norm = pixels_to_normalized(px, w, h)
+    assert norm == pytest.approx((0.1, 0.2, 0.4, 0.7))
+    assert normalized_to_pixels(norm, w, h) == pytest.approx(px)
+    inp = normalized_to_input(torch.tensor([norm]), 112)
+    assert inp[0].tolist() == pytest.approx([11.2, 22.4, 44.8, 78.4], abs=1e-4)
+    assert input_to_feature_scale(8, 112) == pytest.approx(1 / 14)
+
+
+def test_roi_align_reads_the_box_region_of_a_squashed_non_square_image():
+    """A feature map whose value is the x (or y) coordinate: pooling a box returns its centre."""
+    w, h, size, fmap_side = 300, 150, 112, 16
+    box_px = (60.0, 30.0, 150.0, 120.0)  # centre (105, 75) -> normalised (0.35, 0.5)
+    boxes = boxes_tensor([box_px], w, h)
+    coords = (torch.arange(fmap_side, dtype=torch.float32) + 0.5) / fmap_side  # normalised cell centres
+    xmap = coords.view(1, 1, 1, -1).expand(1, 1, fmap_side, fmap_side)
+    ymap = coords.view(1, 1, -1, 1).expand(1, 1, fmap_side, fmap_side)
+    fmap = torch.cat([xmap, ymap], dim=1).contiguous()
+    rois = [normalized_to_input(boxes, size)]
+    out = roi_align(fmap, rois, 4, spatial_scale=input_to_feature_scale(fmap_side, size), aligned=True)
+    cx, cy = out[0, 0].mean().item(), out[0, 1].mean().item()
+    assert cx == pytest.approx(105 / w, abs=0.01)
+    assert cy == pytest.approx(75 / h, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "box,match",
+    [
+        ((float("nan"), 0, 10, 10), "NaN"),
+        ((10, 10, 10, 20), "zero or negative area"),
+        ((500, 500, 600, 600), "outside"),
+        ((1, 2, 3), "4 numbers"),
+    ],
+)
+def test_bad_boxes_raise(box, match):
+    with pytest.raises(BoxError, match=match):
+        check_pixel_box(box, 320, 180)
+
+
+def test_overhanging_box_is_clipped():
+    assert check_pixel_box((-10, -5, 50, 400), 320, 180) == (0.0, 0.0, 50.0, 180.0)
+
+
+# ---------------------------------------------------------------- freeze policy
+
+
+def _grads_after_step(stage: int) -> tuple[set[str], set[str]]:
+    m = tiny_model()
+    m.set_stage(stage)
+    ds = RecordDataset(tiny_records(4), m)
+    batch = collate_samples(m, [ds[i] for i in range(4)])
+    m.train()
+    m(**batch).loss.backward()
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    return with_grad, trainable
+
+
+def test_stage1_trains_region_encoder_only():
+    with_grad, trainable = _grads_after_step(1)
+    assert trainable and all(n.startswith("region_encoder.") for n in trainable)
+    assert with_grad == trainable
+
+
+def test_stage2_trains_region_encoder_projector_and_lm_never_vision():
+    with_grad, trainable = _grads_after_step(2)
+    prefixes = {n.split(".")[0] for n in trainable}
+    assert prefixes == {"region_encoder", "projector", "lm"}
+    assert not any(n.startswith("vision.") for n in with_grad)
+    assert any(n.startswith("projector.") for n in with_grad)
+    assert any(n.startswith("lm.") for n in with_grad)
+    # Every trainable parameter but unused embedding rows' owners receives a gradient.
+    assert {n for n in trainable if not n.startswith("lm.")} <= with_grad
+
+
+def test_vision_tower_stays_in_eval_mode():
+    m = tiny_model()
+    m.train()
+    assert not m.vision.training and not m.vision.visual.training
+
+
+# ---------------------------------------------------------------- training smoke test
+
+
+def test_training_loss_falls():
+    m = tiny_model()
+    cfg = TrainConfig(stage=2, steps=40, batch_size=8, lr=3e-3, warmup_steps=5, seed=0, log_every=10)
+    seen: list[dict] = []
+    hist = train(m, tiny_records(64), cfg, progress=seen.append, show_bar=False)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert [s["step"] for s in seen] == [10, 20, 30, 40]
+    assert {"loss", "lr", "eta_s", "steps"} <= set(seen[0])
