@@ -11,6 +11,7 @@ projector + LM) -> checkpoint folder + held-out evaluation.  ``--scale`` shrinks
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -36,6 +37,7 @@ def build_default(
     seed: int = 0,
     threads: int | None = None,
     show_bar: bool = True,
+    vision: Path | None = None,
 ) -> dict:
     """Run every stage and write the checkpoint folder ``out``; returns the figures recorded."""
     if threads:
@@ -47,10 +49,16 @@ def build_default(
     def steps(n: int) -> int:
         return max(2, int(n * scale))
 
-    tokenizer = train_tokenizer(corpus_texts(), vocab_size=int(cfg.lm.hf_config["vocab_size"]) - 16)
+    # The template text goes into the tokenizer corpus so the shared prompt prefix stays short.
+    template = [cfg.prompt.system, cfg.prompt.image_intro, "\n### Human: ", "\n### Assistant:"] * 200
+    texts = itertools.chain(corpus_texts(), template)
+    tokenizer = train_tokenizer(texts, vocab_size=int(cfg.lm.hf_config["vocab_size"]) - 16)
     with tempfile.TemporaryDirectory() as tmp:
-        vision_file = Path(tmp) / "vision.safetensors"
-        clip_losses = train_clip(cfg.vision, vision_file, steps=steps(600), seed=seed, spec=spec)
+        if vision is None:
+            vision_file = Path(tmp) / "vision.safetensors"
+            clip_losses = train_clip(cfg.vision, vision_file, steps=steps(600), seed=seed, spec=spec)
+        else:
+            vision_file, clip_losses = Path(vision), [float("nan")]
         cfg.vision.checkpoint = str(vision_file)
         model = build_model(cfg, tokenizer)
         records = SyntheticRecords(seed=seed + 100, count=50_000, spec=spec)
@@ -63,7 +71,7 @@ def build_default(
             (
                 "stage1",
                 TrainConfig(
-                    stage=1, steps=steps(500), batch_size=16, lr=1e-3, warmup_steps=30, seed=seed + 1
+                    stage=1, steps=steps(400), batch_size=16, lr=1e-3, warmup_steps=30, seed=seed + 1
                 ),
             ),
             (
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
     args = ap.parse_args(argv)
-    figures = build_default(args.out, args.config, args.scale, args.seed, args.threads)
+    figures = build_default(args.out, args.config, args.scale, args.seed, args.threads, vision=args.vision)
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")
     return 0

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import ModelConfig, TrainConfig, load_model_config, save_json
+from model.device import pick_dtype
 from model.mllm import RegionMLLM
 from model.tokenizer import load_tokenizer
 
@@ -132,9 +133,12 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu") -> RegionMLLM:
-    """Rebuild a model from its checkpoint folder alone.  Raises :class:`CheckpointError` with a
-    clear message for a missing, truncated or tampered folder."""
+def load_model(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> RegionMLLM:
+    """Rebuild a model from its checkpoint folder alone, on ``device`` in ``dtype`` (default: bf16
+    on CUDA, float32 on CPU; RoIAlign always runs in float32).  Raises :class:`CheckpointError`
+    with a clear message for a missing, truncated or tampered folder."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
@@ -163,7 +167,8 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu") -> Region
         raise CheckpointError(f"checkpoint {folder}: tensor shapes differ from the config for {bad[:5]}")
     model.load_state_dict(state, strict=False)
     model.lm.tie_weights()
-    return model.to(device).eval()
+    device = torch.device(device)
+    return model.to(device=device, dtype=dtype or pick_dtype(device)).eval()
 
 
 def _is_tied(model: RegionMLLM, key: str, state: dict[str, torch.Tensor]) -> bool:

@@ -22,6 +22,9 @@ from transformers import DynamicCache
 
 from model.mllm import RegionMLLM
 
+STOP_STRING = "###"
+STOP_WINDOW = 4  # tokens decoded to look for the stop string
+
 
 @dataclass
 class Answer:
@@ -85,7 +88,7 @@ class InferenceEngine:
         m = self.model
         pixels = m.processor.batch(list(images)).to(m.device)
         vision = m.encode_images(pixels)
-        pyramid = m.region_encoder.fuse(vision.levels)
+        pyramid = m.region_encoder.fuse(m.cast_levels(vision))
         prefix = torch.tensor([m.prompts.prefix_ids] * len(images), device=m.device)
         no_regions = [pyramid[0].new_zeros(0, m.projector.out_features)] * len(images)
         embeds = m.embed_prompts(prefix, vision, no_regions, list(range(len(images))), [[] for _ in images])
@@ -224,6 +227,9 @@ class InferenceEngine:
                     done.append(j)
                 else:
                     tokens[r].append(t)
+                    # The template's turn separator ends an answer too (models that skip EOS).
+                    if STOP_STRING in m.tokenizer.decode(tokens[r][-STOP_WINDOW:]):
+                        done.append(j)
             self.stats.generated_tokens += len(active)
             if step + 1 == self.max_new_tokens:
                 break

@@ -96,14 +96,23 @@ class RegionMLLM(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> VisionFeatures:
         """``(I, 3, S, S)`` -> frozen vision features (computed without gradients)."""
-        return self.vision(pixels.to(self.device))
+        return self.vision(pixels.to(self.device, self.vision.visual.conv1.weight.dtype))
 
     def region_features(self, vision: VisionFeatures, boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per image ``(N_i, 4)`` normalised boxes -> per image ``(N_i, D)`` region tokens (one
         RoIAlign call per level for all boxes of all images)."""
         boxes = [b.to(self.device, torch.float32).reshape(-1, 4) for b in boxes]
-        feats = self.region_encoder(vision.levels, boxes)
+        feats = self.region_encoder(self.cast_levels(vision), boxes)
         return list(feats.split([len(b) for b in boxes]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the trainable parts (bf16 on CUDA, float32 on CPU)."""
+        return self.projector.weight.dtype
+
+    def cast_levels(self, vision: VisionFeatures) -> list[torch.Tensor]:
+        """Vision levels in the region encoder's dtype (the tower returns float32)."""
+        return [lvl.to(self.device, self.dtype) for lvl in vision.levels]
 
     def embed_prompts(
         self,
@@ -122,7 +131,7 @@ class RegionMLLM(nn.Module):
         input_ids = input_ids.to(self.device)
         embeds = self.lm.get_input_embeddings()(input_ids)
         rows = torch.as_tensor(list(row_image), device=self.device)
-        image_tokens = self.projector(vision.image_tokens.to(self.device))[rows]  # (R, P, D)
+        image_tokens = self.projector(vision.image_tokens.to(self.device, self.dtype))[rows]  # (R, P, D)
         p = image_tokens.shape[1]
         embeds = merge_placeholders(
             embeds, input_ids == self.image_patch_id, image_tokens.flatten(0, 1), [p] * len(rows), "image"

@@ -87,7 +87,7 @@ def train(
     if text_only:
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
-    dataset = RecordDataset(records, model, root=root, max_turns=max_turns)
+    dataset = RecordDataset(records, model, root=root, max_turns=max_turns, text_only=text_only)
     params = [p for p in model.parameters() if p.requires_grad]
     lm_params = {id(p) for p in model.lm.parameters()}
     groups = [

@@ -94,8 +94,15 @@ def _save_hf_lm(folder):
     torch.manual_seed(7)
     tok = tiny_tokenizer()
     lm = AutoModelForCausalLM.from_config(
-        LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
     )
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)

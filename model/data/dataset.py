@@ -61,22 +61,28 @@ class RecordDataset(Dataset):
         model: RegionMLLM,
         root: Path | None = None,
         max_turns: int | None = None,
+        text_only: bool = False,
     ) -> None:
         self.records = records  # any Sequence: synthetic sets render lazily
         self.model = model
         self.root = root
         self.max_turns = max_turns
+        self.text_only = text_only  # LM pre-training: prompts only, the image is never decoded
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]
-        image = load_record_image(rec, self.root)
-        w, h = rec.get("width") or image.width, rec.get("height") or image.height
         turns = record_turns(rec)
         if self.max_turns is not None and len(turns) > self.max_turns:
             turns = random.Random(index).sample(turns, self.max_turns)
+        if self.text_only:
+            prompt = self.model.prompts.encode_conversation(turns, num_boxes=len(rec["boxes"]))
+            size = self.model.cfg.vision.image_size
+            return Sample(torch.zeros(3, size, size), torch.zeros(len(rec["boxes"]), 4), prompt)
+        image = load_record_image(rec, self.root)
+        w, h = rec.get("width") or image.width, rec.get("height") or image.height
         boxes = boxes_tensor(rec["boxes"], w, h)
         prompt = self.model.prompts.encode_conversation(turns, num_boxes=len(boxes))
         return Sample(self.model.processor(image), boxes, prompt)

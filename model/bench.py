@@ -1,0 +1,173 @@
+"""Inference benchmark: batched engine vs the naive per-box loop, measured side by side.
+
+    python -m model.bench [--model model/default] [--repeats 3] [--json out.json]
+
+Prints (median of ``--repeats``):
+* K = 1, 4, 16, 64 boxes on one image, one caption question per box: engine (cold image cache)
+  vs naive loop (per box: encode the image, build the prompt, ``generate``) - time and ratio;
+* interactive: a new box on an image already seen vs on a cold image - latency ratio;
+* decode throughput (generated tokens/s) at batch 1 and 16, and the share of the machine's
+  measured float32 matmul FLOP/s that it reaches (2 x LM parameters FLOPs per token);
+* peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from model.engine import InferenceEngine
+from model.geometry import boxes_tensor
+from model.synthetic import SceneSpec, make_scene
+from model.tasks import CAPTION_QUESTION
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured float32 matmul FLOP/s of this machine (all torch threads)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]]:
+    boxes = []
+    for _ in range(k):
+        bw, bh = rng.uniform(0.1, 0.4) * w, rng.uniform(0.1, 0.4) * h
+        x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        boxes.append([x0, y0, x0 + bw, y0 + bh])
+    return boxes
+
+
+def run(model_dir: str, repeats: int = 3, ks: tuple[int, ...] = (1, 4, 16, 64)) -> dict:
+    from model.checkpoint import load_model, read_metadata
+
+    model = load_model(model_dir)
+    version = read_metadata(model_dir).get("version", "?")
+    rng = random.Random(0)
+    scene = make_scene(rng, SceneSpec())
+    image = scene.image
+    results: dict = {"boxes": [], "threads": torch.get_num_threads()}
+    max_new = 16
+
+    for k in ks:
+        boxes = boxes_tensor(random_boxes(rng, k, image.width, image.height), image.width, image.height)
+        queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(k)]
+
+        def engine_run(boxes=boxes, queries=queries) -> None:
+            InferenceEngine(model, version, max_new_tokens=max_new).answer([image], [boxes], queries)
+
+        def naive_run(boxes=boxes, queries=queries) -> None:
+            for _, q in queries:
+                model.generate_naive(model.processor(image), boxes, q, max_new_tokens=max_new)
+
+        t_engine = _median_time(engine_run, repeats)
+        t_naive = _median_time(naive_run, repeats)
+        results["boxes"].append(
+            {"k": k, "engine_s": t_engine, "naive_s": t_naive, "speedup": t_naive / t_engine}
+        )
+
+    # Interactive: one new box on an image whose prefix is cached vs on a cold image.
+    engine = InferenceEngine(model, version, max_new_tokens=max_new)
+    base = boxes_tensor(random_boxes(rng, 4, image.width, image.height), image.width, image.height)
+    engine.answer([image], [base], [(0, CAPTION_QUESTION.format(a="<region1>"))])
+    warm_times, cold_times = [], []
+    for _ in range(max(5, repeats)):
+        new_box = boxes_tensor(random_boxes(rng, 1, image.width, image.height), image.width, image.height)
+        boxes = torch.cat([base, new_box])
+        q = [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))]
+        t0 = time.perf_counter()
+        engine.answer([image], [boxes], q)
+        warm_times.append(time.perf_counter() - t0)
+        cold = InferenceEngine(model, version, max_new_tokens=max_new)
+        t0 = time.perf_counter()
+        cold.answer([image], [boxes], q)
+        cold_times.append(time.perf_counter() - t0)
+    warm, cold_t = statistics.median(warm_times), statistics.median(cold_times)
+    results["interactive"] = {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
+
+    # Decode throughput at batch 1 and 16 (prefix cached, so this is decode-dominated).
+    flops = matmul_flops()
+    lm = model.lm
+    lm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    results["matmul_gflops"] = flops / 1e9
+    results["decode"] = []
+    boxes16 = boxes_tensor(random_boxes(rng, 16, image.width, image.height), image.width, image.height)
+    for batch in (1, 16):
+        eng = InferenceEngine(model, version, max_new_tokens=max_new)
+        queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(batch)]
+        eng.answer([image], [boxes16], queries)  # warm the image cache
+        before = eng.stats.generated_tokens
+        t = _median_time(lambda eng=eng, queries=queries: eng.answer([image], [boxes16], queries), repeats)
+        tokens = (eng.stats.generated_tokens - before) / repeats
+        tps = tokens / t
+        results["decode"].append(
+            {"batch": batch, "tokens_per_s": tps, "flops_fraction": tps * 2 * lm_params / flops}
+        )
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return results
+
+
+def format_results(r: dict) -> str:
+    lines = [f"torch threads: {r['threads']}; measured matmul: {r['matmul_gflops']:.1f} GFLOP/s", ""]
+    lines.append(f"{'boxes':>6s} {'engine ms':>10s} {'naive ms':>10s} {'speedup':>8s}")
+    for row in r["boxes"]:
+        lines.append(
+            f"{row['k']:6d} {row['engine_s'] * 1e3:10.1f} {row['naive_s'] * 1e3:10.1f} {row['speedup']:7.1f}x"
+        )
+    it = r["interactive"]
+    lines += [
+        "",
+        f"interactive new box: warm {it['warm_s'] * 1e3:.1f} ms, cold {it['cold_s'] * 1e3:.1f} ms, "
+        f"ratio {it['ratio']:.2f}",
+        "",
+        f"{'batch':>6s} {'tokens/s':>10s} {'of matmul peak':>15s}",
+    ]
+    for row in r["decode"]:
+        lines.append(f"{row['batch']:6d} {row['tokens_per_s']:10.1f} {row['flops_fraction']:14.2%}")
+    lines.append(f"\npeak RSS: {r['peak_rss_mib']:.0f} MiB")
+    if "peak_cuda_mib" in r:
+        lines.append(f"peak CUDA memory: {r['peak_cuda_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.build_default import DEFAULT_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_DIR))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    with torch.inference_mode():
+        results = run(args.model, args.repeats)
+    print(format_results(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

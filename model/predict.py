@@ -1,0 +1,85 @@
+"""One-off question about regions of an image.
+
+    python -m model.predict img.png --box 10,20,80,90 --box 100,20,150,60 \
+        "How is <region1> related to <region2>?"
+
+Boxes are ``x0,y0,x1,y1`` in pixels of the image; ``<regionN>`` refers to the N-th ``--box``.
+Without a question, every box gets a caption and attributes (and relations between boxes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from model.geometry import BoxError, boxes_tensor
+from model.prompt import PromptError
+
+
+def _parse_box(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"box {text!r} is not four comma-separated numbers") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"box {text!r} needs 4 numbers x0,y0,x1,y1")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.build_default import DEFAULT_DIR
+    from model.checkpoint import load_model, read_metadata
+    from model.describe import describe_regions
+    from model.device import pick_device
+    from model.engine import InferenceEngine
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("image", type=Path)
+    ap.add_argument("question", nargs="?", default=None)
+    ap.add_argument("--box", type=_parse_box, action="append", required=True, help="x0,y0,x1,y1 in pixels")
+    ap.add_argument("--model", default=str(DEFAULT_DIR), help="checkpoint folder")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        ap.error(f"cannot read image {args.image}: {exc}")
+    try:
+        boxes = boxes_tensor(args.box, image.width, image.height)
+    except BoxError as exc:
+        ap.error(str(exc))
+    model = load_model(args.model, device=pick_device(args.device))
+    engine = InferenceEngine(
+        model, read_metadata(args.model).get("version", "?"), max_new_tokens=args.max_new_tokens
+    )
+    if args.question:
+        try:
+            (answer,) = engine.answer([image], [boxes], [(0, args.question)])
+        except (PromptError, ValueError) as exc:
+            ap.error(str(exc))
+        print(answer.text)
+        print(f"(confidence {answer.score:.3f})", file=sys.stderr)
+        return 0
+    (report,) = describe_regions(engine, [image], [boxes])
+    out = {
+        "regions": [
+            {"region": i + 1, "caption": r.caption.text, **{k: a.text for k, a in r.attributes.items()}}
+            for i, r in enumerate(report.regions)
+        ],
+        "relations": [
+            {"from": rel.source + 1, "to": rel.target + 1, "labels": rel.labels} for rel in report.relations
+        ],
+        "score": round(report.score, 4),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The batched engine gives exactly the naive path's greedy answers, and its caches behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.engine import InferenceEngine, image_key
+from model.geometry import boxes_tensor
+from tests.model_helpers import tiny_model, tiny_records
+
+
+def _inputs(n_images: int):
+    recs = [tiny_records(n_images, seed=11)[i] for i in range(n_images)]
+    images = [r["image"] for r in recs]
+    boxes = [boxes_tensor(r["boxes"], r["width"], r["height"]) for r in recs]
+    return images, boxes
+
+
+QUESTIONS = [
+    "What is <region1>?",
+    "How is <region2> related to <region1>?",
+    "What colour is <region2>?",
+    "Describe <region1> briefly.",
+]
+
+
+def _scrambled_model():
+    """Random weights large enough that every prompt yields a different long token string."""
+    m = tiny_model(seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in list(m.lm.parameters()) + list(m.projector.parameters()):
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=g)
+    return m
+
+
+@pytest.fixture(scope="module")
+def scrambled():
+    return _scrambled_model()
+
+
+def test_engine_equals_naive_greedy(scrambled):
+    # Long, varied token strings test KV cache, positions and the padding gap over many steps;
+    # EOS handling with rows finishing at different steps is tested on the default model
+    # (tests/test_default_model.py).
+    m = scrambled
+    images, boxes = _inputs(3)
+    queries = [(i, q) for i in range(3) for q in QUESTIONS]
+    engine = InferenceEngine(m, "t", max_new_tokens=12)
+    got = engine.answer(images, boxes, queries)
+    for (i, q), ans in zip(queries, got):
+        text, score = m.generate_naive(m.processor(images[i]), boxes[i], q, max_new_tokens=12)
+        assert ans.text == text, (i, q)
+        assert ans.score == pytest.approx(score, abs=1e-4)
+    assert len({a.text for a in got}) == len(got)  # every prompt gives its own answer
+
+
+def test_image_cache_hits_and_lru_bound(scrambled):
+    images, boxes = _inputs(3)
+    engine = InferenceEngine(scrambled, "t")
+    engine.answer(images[:1], boxes[:1], [(0, QUESTIONS[0])])
+    assert engine.stats.image_cache_misses == 1
+    first = engine.answer(images[:1], boxes[:1], [(0, QUESTIONS[1])])
+    assert engine.stats.image_cache_hits == 1
+    one_entry = engine.cache_info["bytes"]
+    small = InferenceEngine(scrambled, "t", cache_bytes=int(one_entry * 1.5))
+    small.answer(images, boxes, [(i, QUESTIONS[0]) for i in range(3)])
+    assert small.cache_info["entries"] == 1 and small.cache_info["bytes"] <= small.cache_bytes
+    assert small.answer(images[:1], boxes[:1], [(0, QUESTIONS[1])]) == first
+    # A new model version never reuses another version's cached prefix.
+    engine.version = "t2"
+    engine.answer(images[:1], boxes[:1], [(0, QUESTIONS[0])])
+    assert engine.stats.image_cache_misses == 2
+
+
+def test_image_key_depends_on_content():
+    images, _ = _inputs(2)
+    assert image_key(images[0]) == image_key(images[0].copy())
+    assert image_key(images[0]) != image_key(images[1])
+
+
+def test_engine_rejects_unknown_region(scrambled):
+    images, boxes = _inputs(1)
+    with pytest.raises(ValueError, match="region"):
+        InferenceEngine(scrambled).answer(images, boxes, [(0, "What is <region9>?")])
+
+
+def test_engine_handles_boxes_tensor_on_any_dtype(scrambled):
+    images, boxes = _inputs(1)
+    eng = InferenceEngine(scrambled)
+    a = eng.answer(images, [boxes[0].double()], [(0, QUESTIONS[0])])
+    b = eng.answer(images, [boxes[0]], [(0, QUESTIONS[0])])
+    assert a == b and isinstance(a[0].score, float) and torch.is_tensor(boxes[0])
+
+
+def test_engine_runs_in_bfloat16(tmp_path):
+    """The CUDA path uses bf16 weights (RoIAlign stays float32); exercise the casts on CPU."""
+    from model.checkpoint import load_model, save_checkpoint
+
+    folder = save_checkpoint(_scrambled_model(), tmp_path / "ckpt")
+    m = load_model(folder, dtype=torch.bfloat16)
+    assert m.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    images, boxes = _inputs(2)
+    got = InferenceEngine(m, max_new_tokens=4).answer(images, boxes, [(0, QUESTIONS[0]), (1, QUESTIONS[1])])
+    assert len(got) == 2 and all(0.0 <= a.score <= 1.0 for a in got)
