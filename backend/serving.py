@@ -52,7 +52,7 @@ class ModelHolder:
         self.loader = loader or default_loader(settings)
         self._current: tuple[InferenceEngine, str] | None = None
         self._load_lock = threading.Lock()  # one load at a time
-        self._ready = threading.Event()
+        self._tried = False
         self._last_poll = 0.0
         self._loading: str | None = None
         self._failed: dict[str, float] = {}  # version -> time of the last failed load
@@ -64,15 +64,14 @@ class ModelHolder:
         """Begin loading the current version in the background (returns at once)."""
         threading.Thread(target=self._initial_load, name="model-load", daemon=True).start()
 
-    def get(self, timeout: float | None = None) -> tuple[InferenceEngine, str]:
-        """The current ``(engine, version)``; waits for the first load only."""
+    def get(self) -> tuple[InferenceEngine, str]:
+        """The current ``(engine, version)``; blocks only while the first load runs."""
         current = self._current
         if current is None:
-            self._initial_load()
-            if not self._ready.wait(timeout):
-                raise ModelUnavailable("the model is still loading; try again shortly")
+            self._initial_load()  # waits for a load already running in the background
             current = self._current
             if current is None:
+                self.poll()  # a later registry fix is picked up by a background load
                 raise ModelUnavailable(f"no model could be loaded: {self._error}")
         self.poll()
         return current
@@ -147,7 +146,7 @@ class ModelHolder:
 
     def _initial_load(self) -> None:
         with self._load_lock:
-            if self._current is not None or self._ready.is_set():
+            if self._current is not None or self._tried:
                 return
             try:
                 self.registry.ensure_initialized()
@@ -159,7 +158,7 @@ class ModelHolder:
                 log.exception("initial model load failed")
             finally:
                 self._last_poll = time.monotonic()
-                self._ready.set()
+                self._tried = True
 
     def _swap_to(self, version: str) -> None:
         try:
@@ -171,7 +170,6 @@ class ModelHolder:
                 old = current[1] if current else None
                 self._current = (engine, version)  # one reference assignment: atomic for readers
                 self._error = None
-                self._ready.set()
                 self.swaps += 1
                 self._failed.pop(version, None)
                 log.info("model swapped", extra={"version": version, "previous": old})

@@ -60,6 +60,11 @@ class Settings:
     train_batch_size: int = _setting(16, "fine-tuning global batch size")
     train_lr: float = _setting(3e-4, "fine-tuning learning rate")
     replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
+    train_max_turns: int = _setting(4, "question/answer turns sampled per record per training step")
+    heldout_fraction: float = _setting(0.2, "share of corrected images kept out of training for the gate")
+    heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")
+    gate_eval_images: int = _setting(100, "base evaluation scenes scored by the promotion gate")
+    outbox_poll_seconds: float = _setting(5.0, "how often the worker hands stored training requests to Redis")
     promote_tolerance: float = _setting(0.02, "max accuracy drop on the base set allowed for promotion")
     job_timeout: int = _setting(3600, "RQ job timeout, seconds")
     job_retries: int = _setting(2, "RQ retries of a failed fine-tuning job")
@@ -84,6 +89,8 @@ class Settings:
         settings = cls(**values)
         if (settings.basic_auth_user == "") != (settings.basic_auth_pass == ""):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if not 0.0 <= settings.heldout_fraction < 1.0:
+            raise SettingsError(f"HELDOUT_FRACTION must be in [0, 1), got {settings.heldout_fraction}")
         if not 0.0 <= settings.replay_fraction < 1.0:
             raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
         if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):

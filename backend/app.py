@@ -1,0 +1,237 @@
+"""Flask app speaking Label Studio's ML backend protocol (see shared reference, LS 1.23.2).
+
+Endpoints: ``GET /health`` (and ``/``), ``POST /setup``, ``POST /predict``, ``POST /webhook``,
+``GET /versions``, ``GET /metrics``.  Every error is JSON ``{"status": code, "detail": message}``;
+bad input gets a 4xx with a clear message, unexpected failures a 500 without traceback (the
+traceback goes to the log).  Optional HTTP basic auth guards everything but ``/health``.
+
+Gunicorn entry point: ``backend.wsgi:app`` (the model starts loading in the background when the
+app is created, so ``/health`` and ``/setup`` answer at once).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from backend import webhooks
+from backend.images import ImageError, ImageFetcher
+from backend.label_config import ConfigError, LabelConfig, parse_label_config
+from backend.observability import Metrics, setup_logging
+from backend.predictions import PredictionError, predict_tasks
+from backend.serving import ModelHolder, ModelUnavailable
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger("backend.app")
+MODEL_CLASS = "RegionCaptionBackend"
+OPEN_PATHS = {"/health", "/"}
+
+
+class BadRequest(Exception):
+    """A request the client must fix (status 4xx)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, detail: str) -> tuple[Response, int]:
+    return jsonify({"status": status, "detail": detail}), status
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object (413 if over MAX_BODY_MB, 400 if malformed)."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"JSON body must be an object, got {type(payload).__name__}")
+    return payload
+
+
+def config_from(payload: dict[str, Any], key: str) -> LabelConfig:
+    xml = payload.get(key)
+    if not isinstance(xml, str) or not xml.strip():
+        raise BadRequest(f"'{key}' (the project's label config XML) is missing")
+    try:
+        return parse_label_config(xml)
+    except ConfigError as exc:
+        raise BadRequest(f"label config cannot be served: {exc}") from None
+
+
+def _check_basic_auth(settings: Settings) -> Response | None:
+    if not settings.basic_auth_user or request.path in OPEN_PATHS:
+        return None
+    header = request.headers.get("Authorization", "")
+    user = password = ""
+    if header.startswith("Basic "):
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
+    ok &= hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
+    if ok:
+        return None
+    resp, _ = error_response(401, "authentication required (HTTP basic auth)")
+    resp.status_code = 401
+    resp.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+    return resp
+
+
+def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> Flask:
+    """Build the backend app; the model starts loading in the background."""
+    settings = settings or get_settings()
+    setup_logging(settings.log_level)
+    holder = holder or ModelHolder(settings)
+    fetcher = ImageFetcher(settings)
+    metrics = Metrics()
+    metrics.attach_engine(holder.engine_if_loaded, lambda: holder.version)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 2**20)
+    app.extensions["roi"] = {"settings": settings, "holder": holder, "fetcher": fetcher, "metrics": metrics}
+    log.info("backend starting", extra={"settings": settings.redacted()})
+    holder.start()
+
+    @app.before_request
+    def _before() -> Response | None:
+        g.started = time.perf_counter()
+        return _check_basic_auth(settings)
+
+    @app.after_request
+    def _after(resp: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.requests.labels(endpoint, request.method, str(resp.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(elapsed)
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": resp.status_code,
+                "ms": round(elapsed * 1000, 1),
+            },
+        )
+        return resp
+
+    # ------------------------------------------------------------------ errors
+    @app.errorhandler(BadRequest)
+    def _bad(exc: BadRequest):
+        return error_response(exc.status, exc.message)
+
+    @app.errorhandler(PredictionError)
+    def _bad_prediction(exc: PredictionError):
+        return error_response(exc.status, exc.message)
+
+    @app.errorhandler(ImageError)
+    def _bad_image(exc: ImageError):
+        metrics.images.labels(str(exc.status)).inc()
+        return error_response(exc.status, exc.message)
+
+    @app.errorhandler(ModelUnavailable)
+    def _unavailable(exc: ModelUnavailable):
+        return error_response(503, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        detail = exc.description or exc.name
+        if exc.code == 413:
+            detail = f"request body is larger than the {settings.max_body_mb} MiB limit (MAX_BODY_MB)"
+        return error_response(exc.code or 500, detail)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error", extra={"error_id": error_id, "path": request.path})
+        return error_response(
+            500, f"internal error ({type(exc).__name__}); see the server log, error id {error_id}"
+        )
+
+    # ------------------------------------------------------------------ endpoints
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        body = {
+            "status": "UP",
+            "model_class": MODEL_CLASS,
+            "model_version": holder.version,
+            "loaded": holder.loaded,
+        }
+        if holder.error and not holder.loaded:
+            return jsonify({**body, "status": "DOWN", "detail": holder.error}), 503
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup():
+        payload = json_body()
+        config = config_from(payload, "schema")
+        for warning in config.warnings:
+            log.warning("label config: %s", warning, extra={"project": payload.get("project")})
+        log.info("setup", extra={"project": payload.get("project"), "serves": config.summary()})
+        return jsonify({"model_version": holder.version})
+
+    @app.post("/predict")
+    def predict():
+        payload = json_body()
+        tasks = payload.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+        config = config_from(payload, "label_config")
+        params = payload.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'params' must be an object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest("'params.context' must be an object or null")
+        engine, version = holder.get()
+        results, stats = predict_tasks(tasks, config, context, engine, version, fetcher, settings)
+        metrics.regions.inc(stats.regions)
+        metrics.tasks.labels("interactive" if context else "batch").inc(stats.tasks)
+        log.info(
+            "predicted",
+            extra={
+                "tasks": stats.tasks,
+                "regions": stats.regions,
+                "sources": stats.sources,
+                "version": version,
+            },
+        )
+        return jsonify({"results": results})
+
+    @app.post("/webhook")
+    def webhook():
+        payload = json_body()
+        action = str(payload.get("action") or "none")
+        status, body = webhooks.handle_webhook(payload, settings)
+        label = re.sub(r"[^A-Z_]", "", action.upper())[:40] or "OTHER"
+        metrics.webhooks.labels(label, str(status)).inc()
+        log.info("webhook", extra={"action": label, "status": status})
+        return jsonify(body), status
+
+    @app.get("/versions")
+    def versions():
+        names = [info.version for info in holder.registry.versions()]
+        return jsonify({"versions": names, "current": holder.version})
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,235 @@
+"""Fine-tuning jobs on RQ: one pending job per project, durable requests, progress, schedules.
+
+* Every project has one deterministic job id, ``finetune-<project>``.  :func:`request_training`
+  (under a short Redis lock) leaves a queued job alone, so a burst of webhooks collapses into one
+  job; a finished or failed job of that id is replaced by a fresh one; a *running* job is not
+  disturbed: the request stays in the store's outbox, and the running job picks it up as a
+  follow-up round when it finishes its current one (or the next flush enqueues it).
+* Requests go through the store's outbox (SQLite): if Redis is down when a webhook arrives, the
+  correction and the request are already on disk and :func:`flush_outbox` hands them to Redis
+  later (next webhook, worker start and every ``OUTBOX_POLL_SECONDS`` in the worker, the schedule,
+  or ``python -m backend.jobs flush``).
+* Jobs get ``Retry(max=JOB_RETRIES)`` and ``job_timeout=JOB_TIMEOUT``; progress (phase, step,
+  steps, loss, eta_s) is kept in ``job.meta`` via :func:`progress_reporter`.
+* Scheduled retraining uses RQ's own cron (``rq.cron.CronScheduler``): ``RETRAIN_CRON`` (cron
+  expression, local time) or ``RETRAIN_INTERVAL`` (seconds) runs :func:`scheduled_retrain`, which
+  requests training for every project with corrections newer than its last job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import LockError, RedisError
+from rq import Queue, Retry, get_current_job
+from rq.cron import CronScheduler
+from rq.exceptions import DuplicateJobError
+from rq.job import Job, JobStatus
+
+from backend.settings import Settings, get_settings
+from backend.store import CorrectionStore, open_store
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "backend.finetune.run_finetune_job"
+PENDING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED}
+RESULT_TTL = 7 * 86_400  # keep a finished job's result and meta for a week (for /jobs views)
+
+
+def job_id(project_id: int) -> str:
+    return f"finetune-{project_id}"
+
+
+_clients: dict[tuple[str, bool], Redis] = {}
+
+
+def redis_connection(settings: Settings, fast: bool = False) -> Redis:
+    """Redis client for ``REDIS_URL`` (one connection pool per URL and kind, reused).  ``fast``: short
+    timeouts for the webhook path, which must answer within Label Studio's 1 s even when Redis is
+    unreachable; the other kind has no read timeout (workers block on the queue)."""
+    key = (settings.redis_url, fast)
+    client = _clients.get(key)
+    if client is None:
+        if fast:
+            client = Redis.from_url(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.5)
+        else:
+            client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        _clients[key] = client
+    return client
+
+
+def training_queue(settings: Settings, connection: Redis) -> Queue:
+    return Queue(settings.queue_name, connection=connection)
+
+
+@dataclass
+class Outcome:
+    """``state``: ``enqueued`` (new job), ``queued`` (collapsed into the pending job) or
+    ``running`` (a job is running; the request waits in the outbox for its follow-up round)."""
+
+    state: str
+    job_id: str
+
+
+def request_training(project_id: int, settings: Settings, connection: Redis, reason: str = "") -> Outcome:
+    """Make sure a fine-tuning job for the project will run (see module doc).  Raises RedisError."""
+    jid = job_id(project_id)
+    queue = training_queue(settings, connection)
+    lock = connection.lock(f"{settings.key_prefix}:lock:{jid}", timeout=10, blocking_timeout=5)
+    if not lock.acquire():
+        raise LockError(f"could not lock {jid}")
+    try:
+        # Jobs whose worker died are retried (or failed) by RQ's own registry cleanup.
+        queue.started_job_registry.cleanup()
+        job = queue.fetch_job(jid)
+        status = job.get_status(refresh=False) if job is not None else None
+        if status in PENDING:
+            return Outcome("queued", jid)
+        if status == JobStatus.STARTED:
+            return Outcome("running", jid)
+        if job is not None:
+            job.delete()  # finished/failed/stopped: the id is reused for the next run
+        try:
+            queue.enqueue(
+                JOB_FUNCTION,
+                kwargs={"project_id": project_id, "reason": reason},
+                job_id=jid,
+                unique=True,
+                job_timeout=settings.job_timeout,
+                retry=Retry(max=settings.job_retries) if settings.job_retries else None,
+                result_ttl=RESULT_TTL,
+                failure_ttl=RESULT_TTL,
+                description=f"fine-tune project {project_id} ({reason or 'requested'})",
+                meta={"project": project_id, "reason": reason, "phase": "queued", "requested": time.time()},
+            )
+        except DuplicateJobError:
+            return Outcome("queued", jid)
+        log.info("enqueued %s (%s)", jid, reason)
+        return Outcome("enqueued", jid)
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            pass  # expired while we worked: harmless, the enqueue itself is atomic
+
+
+def flush_outbox(
+    settings: Settings, store: CorrectionStore | None = None, connection: Redis | None = None
+) -> dict[int, str]:
+    """Hand every pending request of the outbox to Redis.  Returns ``{project: state}`` where state
+    is an :class:`Outcome` state or ``error: ...``; never raises for Redis trouble (requests stay)."""
+    store = store or open_store(settings.data_dir)
+    rows = store.pending_requests()
+    if not rows:
+        return {}
+    connection = connection or redis_connection(settings, fast=True)
+    done: dict[int, str] = {}
+    for row in rows:
+        try:
+            outcome = request_training(row.project_id, settings, connection, row.reason)
+        except (RedisError, OSError) as exc:
+            store.note_attempt(row.project_id, f"{type(exc).__name__}: {exc}")
+            log.warning("training request for project %s kept in the outbox: %s", row.project_id, exc)
+            done[row.project_id] = f"error: {exc}"
+            continue
+        if outcome.state != "running":
+            store.resolve_request(row.project_id, row.requested_at)
+        done[row.project_id] = outcome.state
+    return done
+
+
+def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None) -> Callable[[dict], None]:
+    """A ``model.train.train`` progress callback that saves ``job.meta`` (and logs)."""
+    job = get_current_job()
+
+    def report(entry: dict) -> None:
+        meta = {"phase": phase, **(extra or {})}
+        meta.update({k: entry[k] for k in ("step", "steps", "loss", "eta_s") if k in entry})
+        log.info("progress %s", json.dumps(meta))
+        if job is not None:
+            job.meta.update(meta)
+            job.save_meta()
+
+    return report
+
+
+def set_phase(phase: str, **fields: Any) -> None:
+    """Record the job's current phase (``load``, ``train``, ``evaluate``, ``commit``...) in meta."""
+    job = get_current_job()
+    log.info("phase %s %s", phase, json.dumps(fields, default=str))
+    if job is not None:
+        job.meta.update({"phase": phase, **fields})
+        job.save_meta()
+
+
+def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[str, Any] | None:
+    """Status and progress of the project's job (``None``: no job known)."""
+    try:
+        job = Job.fetch(job_id(project_id), connection=connection)
+    except Exception:  # NoSuchJobError, or a job hash an older version wrote
+        return None
+    return {"id": job.id, "status": job.get_status().value, "meta": job.get_meta(refresh=False)}
+
+
+# ---------------------------------------------------------------------- scheduled retraining
+def scheduled_retrain(min_corrections: int = 1) -> dict[int, str]:
+    """Cron job: request training for every project with at least ``min_corrections`` corrections
+    newer than its last job, then flush (runs on a worker)."""
+    settings = get_settings()
+    store = open_store(settings.data_dir)
+    for project in store.projects():
+        new = store.new_corrections(project)
+        if new >= min_corrections:
+            store.request_training(project, f"schedule: {new} new corrections")
+    return flush_outbox(settings, store, redis_connection(settings))
+
+
+def build_cron(settings: Settings, connection: Redis) -> CronScheduler | None:
+    """A CronScheduler for ``RETRAIN_CRON`` / ``RETRAIN_INTERVAL`` (``None`` when both are off)."""
+    if not settings.retrain_cron and not settings.retrain_interval:
+        return None
+    if settings.retrain_cron and settings.retrain_interval:
+        raise ValueError("set RETRAIN_CRON or RETRAIN_INTERVAL, not both")
+    cron = CronScheduler(connection=connection, logging_level=settings.log_level)
+    cron.register(
+        scheduled_retrain,
+        queue_name=settings.queue_name,
+        cron=settings.retrain_cron or None,
+        interval=settings.retrain_interval or None,
+        job_timeout=300,
+        name=f"{settings.key_prefix}-scheduled-retrain",
+    )
+    return cron
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="fine-tuning jobs: flush the outbox, request, status")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("flush", help="hand pending training requests to Redis")
+    tr = sub.add_parser("train", help="request a fine-tuning job for a project")
+    tr.add_argument("project", type=int)
+    st = sub.add_parser("status", help="show a project's job and store counters")
+    st.add_argument("project", type=int)
+    args = ap.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    store = open_store(settings.data_dir)
+    if args.cmd == "train":
+        store.request_training(args.project, "cli")
+    if args.cmd in ("flush", "train"):
+        print(json.dumps(flush_outbox(settings, store, redis_connection(settings)), indent=2))
+    else:
+        status = job_status(args.project, settings, redis_connection(settings))
+        print(json.dumps({"job": status, "store": store.project_status(args.project)}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Label Studio result items for described regions (shapes of protocol reference §1.7).
+
+The rectangle itself comes first, then per-region TextArea / Choices / Taxonomy results that reuse
+the rectangle's ``id`` and repeat its geometry (so Label Studio attaches them to the box), then
+relations ``{"type": "relation", "from_id", "to_id", "direction", "labels"}`` or, for configs
+without ``<Relations>``, relation text in a non-per-region TextArea.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from backend.label_config import AttributeControl, LabelConfig
+from model.describe import ImageReport, RegionReport
+from model.geometry import percent_to_pixels, pixels_to_percent
+
+
+@dataclass
+class Region:
+    """One box of a task: Label Studio identity plus geometry (percent or pixels)."""
+
+    id: str
+    from_name: str
+    type: str
+    labels: list[str]
+    percent: dict[str, float] | None = None  # x, y, width, height, rotation
+    pixels: tuple[float, float, float, float] | None = None
+
+    def geometry(self, width: int, height: int) -> dict[str, float]:
+        if self.percent is not None:
+            return dict(self.percent)
+        assert self.pixels is not None
+        return {**pixels_to_percent(self.pixels, width, height), "rotation": 0}
+
+    def pixel_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        if self.pixels is not None:
+            return self.pixels
+        assert self.percent is not None
+        p = self.percent
+        return percent_to_pixels(p["x"], p["y"], p["width"], p["height"], width, height)
+
+
+@dataclass
+class TaskPlan:
+    """What to do for one task: its image, its boxes and which of them to answer for."""
+
+    task_id: Any
+    image_ref: str
+    regions: list[Region]
+    focus: list[int] | None = None  # None: every region
+    source: str = "none"
+
+
+def _base(region: Region, from_name: str, kind: str, to_name: str, w: int, h: int) -> dict:
+    return {
+        "id": region.id,
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": kind,
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+    }
+
+
+def _region_score(report: RegionReport) -> float | None:
+    scores = [report.caption.score] if report.caption else []
+    scores += [a.score for a in report.attributes.values()]
+    return round(sum(scores) / len(scores), 4) if scores else None
+
+
+def _control_value(control: AttributeControl, report: RegionReport) -> list | None:
+    picked = []
+    for attr, mapping in control.values.items():
+        answer = report.attributes.get(attr)
+        if answer is None:
+            continue
+        out = mapping.get(answer.text.strip().lower())
+        if out is not None:
+            picked.append(list(out) if isinstance(out, tuple) else out)
+    if not picked:
+        return None
+    return picked if control.multiple else picked[:1]
+
+
+def region_results(region: Region, report: RegionReport, config: LabelConfig, w: int, h: int) -> list[dict]:
+    """The rectangle plus its per-region caption and attribute results (all sharing its id)."""
+    geo = region.geometry(w, h)
+    score = _region_score(report)
+    rect = _base(region, region.from_name, region.type, config.image_name, w, h)
+    rect["value"] = {**geo, **({region.type: region.labels} if region.type == "rectanglelabels" else {})}
+    if score is not None:
+        rect["score"] = score
+    out = [rect]
+    if config.caption and report.caption is not None:
+        item = _base(region, config.caption, "textarea", config.image_name, w, h)
+        item["value"] = {**geo, "text": [report.caption.text]}
+        item["score"] = round(report.caption.score, 4)
+        out.append(item)
+    for control in config.attributes:
+        picked = _control_value(control, report)
+        if picked is None:
+            continue
+        item = _base(region, control.name, control.type, config.image_name, w, h)
+        item["value"] = {**geo, control.type: picked}
+        answers = [report.attributes[a].score for a in control.attributes if a in report.attributes]
+        item["score"] = round(sum(answers) / len(answers), 4)
+        out.append(item)
+    return out
+
+
+def relation_results(plan: TaskPlan, report: ImageReport, config: LabelConfig) -> list[dict]:
+    """Relations between boxes (``<Relations>``), or relation text (a ``relations`` TextArea)."""
+    ids = [r.id for r in plan.regions]
+    out: list[dict] = []
+    lines: list[str] = []
+    for rel in report.relations:
+        if config.relation_labels:
+            labels = [config.relation_labels[x] for x in rel.labels if x in config.relation_labels]
+            if labels:
+                out.append(
+                    {
+                        "type": "relation",
+                        "from_id": ids[rel.source],
+                        "to_id": ids[rel.target],
+                        "direction": "right",
+                        "labels": labels,
+                    }
+                )
+        elif config.relation_text:
+            text = ", ".join(rel.labels) if rel.labels else rel.answer.text.strip()
+            lines.append(
+                f"{_region_name(plan, report, rel.source)} {text} {_region_name(plan, report, rel.target)}"
+            )
+    if lines:
+        out.append(
+            {
+                "id": f"relations-{plan.task_id}",
+                "from_name": config.relation_text,
+                "to_name": config.image_name,
+                "type": "textarea",
+                "value": {"text": lines},
+            }
+        )
+    return out
+
+
+def _region_name(plan: TaskPlan, report: ImageReport, k: int) -> str:
+    caption = report.regions[k].caption
+    return f"box {k + 1} ({caption.text})" if caption else f"box {k + 1}"

@@ -1,0 +1,422 @@
+"""Durable corrections store: SQLite (WAL, ``synchronous=FULL``), one transaction per webhook.
+
+Tables::
+
+    annotations  one row per Label Studio annotation id: project, task, image reference, original
+                 size, ``updated_us`` (ordering key) and ``seq`` (store-wide change counter);
+                 ``deleted=1`` rows are tombstones (no regions) so a late delivery cannot revive them
+    regions      the annotation's region-text pairs: pixel box, caption, attributes, relations
+    projects     per project ``trained_seq``: changes up to it were taken by a training job
+    outbox       per project, a training request not yet handed to Redis (or waiting for a running
+                 job); survives a Redis outage and is flushed by the next webhook, the worker,
+                 the scheduler or ``python -m backend.jobs flush``
+
+Idempotency: an annotation write is applied only if its ``updated_at`` is newer than the stored one;
+an equal one (replay, duplicate delivery) and an older one (out-of-order delivery) change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from backend.corrections import Region, Relation, annotation_record
+from model.data.converters import validate_record, write_jsonl
+
+DB_NAME = "corrections.sqlite3"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS annotations (
+    annotation_id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    task_id INTEGER,
+    updated_us INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    image TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id, seq);
+CREATE TABLE IF NOT EXISTS regions (
+    annotation_id INTEGER NOT NULL REFERENCES annotations (annotation_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    region_id TEXT NOT NULL,
+    x0 REAL NOT NULL, y0 REAL NOT NULL, x1 REAL NOT NULL, y1 REAL NOT NULL,
+    caption TEXT,
+    attributes TEXT NOT NULL,
+    relations TEXT NOT NULL,
+    PRIMARY KEY (annotation_id, idx)
+);
+CREATE TABLE IF NOT EXISTS projects (
+    project_id INTEGER PRIMARY KEY,
+    trained_seq INTEGER NOT NULL DEFAULT 0,
+    last_version TEXT,
+    last_decision TEXT,
+    last_trained_at REAL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    project_id INTEGER PRIMARY KEY,
+    reason TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+    """Input the store cannot record (bad timestamp, ids)."""
+
+
+def parse_timestamp(value: Any) -> int:
+    """Label Studio ``updated_at`` (ISO 8601, ``Z`` or offset; or epoch seconds) -> UTC microseconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(round(float(value) * 1_000_000))
+    if not isinstance(value, str) or not value.strip():
+        raise StoreError(f"timestamp must be an ISO 8601 string, got {value!r}")
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise StoreError(f"timestamp {value!r} is not ISO 8601") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)  # Label Studio stores UTC
+    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+@dataclass
+class WriteResult:
+    """What one webhook changed: ``status`` is created, updated, duplicate, stale or deleted."""
+
+    status: str
+    regions: int
+    new_corrections: int
+    training_requested: bool
+
+
+@dataclass
+class OutboxRow:
+    project_id: int
+    reason: str
+    requested_at: float
+    attempts: int
+    last_error: str | None
+
+
+@dataclass
+class Annotation:
+    annotation_id: int
+    project_id: int
+    task_id: int | None
+    image: str
+    width: int
+    height: int
+    seq: int
+    regions: list[Region]
+
+
+class CorrectionStore:
+    """Thread- and process-safe: every call opens its own short-lived connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.path = path / DB_NAME if path.suffix == "" else path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            # WAL is a property of the database file: set once, every later connection inherits it.
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            con.row_factory = sqlite3.Row
+            # FULL: a commit is on disk (WAL fsynced) before we acknowledge the webhook.
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=ON")
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time, all or nothing."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writes
+    @staticmethod
+    def _next_seq(con: sqlite3.Connection) -> int:
+        con.execute(
+            "INSERT INTO counters (name, value) VALUES ('seq', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1"
+        )
+        return con.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+    def apply_annotation(
+        self,
+        project_id: int,
+        annotation_id: int,
+        updated_at: Any,
+        image: str,
+        width: int,
+        height: int,
+        regions: Sequence[Region],
+        task_id: int | None = None,
+        train_threshold: int | None = None,
+    ) -> WriteResult:
+        """Record one annotation version (created or updated) in one transaction.
+
+        When ``train_threshold`` is given and the project's new corrections reach it, a training
+        request is put in the outbox in the same transaction.
+        """
+        updated_us = parse_timestamp(updated_at)
+        with self.transaction() as con:
+            row = con.execute(
+                "SELECT updated_us, deleted, project_id FROM annotations WHERE annotation_id = ?",
+                (annotation_id,),
+            ).fetchone()
+            if row is not None and row["deleted"]:
+                status = "deleted"  # Label Studio never reuses ids: a late delivery must not revive it
+            elif row is not None and updated_us <= row["updated_us"]:
+                status = "duplicate" if updated_us == row["updated_us"] else "stale"
+            else:
+                status = "created" if row is None else "updated"
+                seq = self._next_seq(con)
+                con.execute(
+                    "INSERT INTO annotations (annotation_id, project_id, task_id, updated_us, updated_at,"
+                    " image, width, height, deleted, seq, received_at) VALUES (?,?,?,?,?,?,?,?,0,?,?)"
+                    " ON CONFLICT (annotation_id) DO UPDATE SET project_id=excluded.project_id,"
+                    " task_id=excluded.task_id, updated_us=excluded.updated_us,"
+                    " updated_at=excluded.updated_at, image=excluded.image, width=excluded.width,"
+                    " height=excluded.height, seq=excluded.seq, received_at=excluded.received_at",
+                    (annotation_id, project_id, task_id, updated_us, str(updated_at), image, width, height,
+                     seq, time.time()),
+                )  # fmt: skip
+                con.execute("DELETE FROM regions WHERE annotation_id = ?", (annotation_id,))
+                con.executemany(
+                    "INSERT INTO regions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [_region_row(annotation_id, i, r) for i, r in enumerate(regions)],
+                )
+            new = self._new_corrections(con, project_id)
+            requested = False
+            if train_threshold is not None and status in ("created", "updated") and new >= train_threshold:
+                self._request(con, project_id, f"{new} new corrections")
+                requested = True
+        return WriteResult(status, len(regions), new, requested)
+
+    def delete_annotations(self, project_id: int, annotation_ids: Sequence[int]) -> int:
+        """Remove annotations (tombstones keep late deliveries out); returns how many had data."""
+        removed = 0
+        with self.transaction() as con:
+            for aid in annotation_ids:
+                row = con.execute(
+                    "SELECT deleted FROM annotations WHERE annotation_id = ?", (aid,)
+                ).fetchone()
+                if row is not None and row["deleted"]:
+                    continue
+                removed += row is not None
+                con.execute("DELETE FROM regions WHERE annotation_id = ?", (aid,))
+                con.execute(
+                    "INSERT INTO annotations (annotation_id, project_id, updated_us, updated_at, image,"
+                    " width, height, deleted, seq, received_at) VALUES (?, ?, 0, '', '', 0, 0, 1, ?, ?)"
+                    " ON CONFLICT (annotation_id) DO UPDATE SET deleted = 1, seq = excluded.seq,"
+                    " received_at = excluded.received_at",
+                    (aid, project_id, self._next_seq(con), time.time()),
+                )
+        return removed
+
+    # ------------------------------------------------------------------ outbox
+    @staticmethod
+    def _request(con: sqlite3.Connection, project_id: int, reason: str) -> None:
+        con.execute(
+            "INSERT INTO outbox (project_id, reason, requested_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (project_id) DO UPDATE SET reason = excluded.reason,"
+            " requested_at = excluded.requested_at",
+            (project_id, reason, time.time()),
+        )
+
+    def request_training(self, project_id: int, reason: str) -> None:
+        """Put a training request for the project in the outbox (idempotent: one row per project)."""
+        with self.transaction() as con:
+            self._request(con, project_id, reason)
+
+    def pending_requests(self) -> list[OutboxRow]:
+        with self._connect() as con:
+            rows = con.execute("SELECT * FROM outbox ORDER BY requested_at").fetchall()
+        return [OutboxRow(**dict(r)) for r in rows]
+
+    def resolve_request(self, project_id: int, requested_at: float) -> bool:
+        """Drop the request once handed over; a newer request (other ``requested_at``) stays."""
+        with self.transaction() as con:
+            cur = con.execute(
+                "DELETE FROM outbox WHERE project_id = ? AND requested_at = ?", (project_id, requested_at)
+            )
+        return cur.rowcount > 0
+
+    def note_attempt(self, project_id: int, error: str | None) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE project_id = ?",
+                (error, project_id),
+            )
+
+    def take_followup(self, project_id: int) -> bool:
+        """Called by a running job between rounds: consume a request that arrived meanwhile."""
+        with self.transaction() as con:
+            cur = con.execute("DELETE FROM outbox WHERE project_id = ?", (project_id,))
+        return cur.rowcount > 0
+
+    # ------------------------------------------------------------------ training bookkeeping
+    @staticmethod
+    def _new_corrections(con: sqlite3.Connection, project_id: int) -> int:
+        row = con.execute(
+            "SELECT COUNT(*) FROM regions r JOIN annotations a USING (annotation_id)"
+            " WHERE a.project_id = ? AND a.deleted = 0 AND a.seq >"
+            " COALESCE((SELECT trained_seq FROM projects WHERE project_id = ?), 0)",
+            (project_id, project_id),
+        ).fetchone()
+        return int(row[0])
+
+    def new_corrections(self, project_id: int) -> int:
+        """Corrected regions changed since the last training job took its snapshot."""
+        with self._connect() as con:
+            return self._new_corrections(con, project_id)
+
+    def projects(self) -> list[int]:
+        with self._connect() as con:
+            rows = con.execute("SELECT DISTINCT project_id FROM annotations WHERE deleted = 0").fetchall()
+        return sorted(r[0] for r in rows)
+
+    def begin_training(self, project_id: int) -> tuple[int, int]:
+        """Snapshot for a training job: returns ``(previous trained_seq, snapshot seq)`` and moves the
+        project's watermark to the snapshot, so corrections arriving from now on count as new."""
+        with self.transaction() as con:
+            prev = con.execute(
+                "SELECT trained_seq FROM projects WHERE project_id = ?", (project_id,)
+            ).fetchone()
+            prev_seq = int(prev[0]) if prev else 0
+            snap = con.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
+            snap_seq = int(snap[0]) if snap else 0
+            con.execute(
+                "INSERT INTO projects (project_id, trained_seq) VALUES (?, ?)"
+                " ON CONFLICT (project_id) DO UPDATE SET trained_seq = excluded.trained_seq",
+                (project_id, snap_seq),
+            )
+        return prev_seq, snap_seq
+
+    def abort_training(self, project_id: int, previous_seq: int, snapshot_seq: int) -> None:
+        """A failed job gives its snapshot back, so its corrections still count as new."""
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE projects SET trained_seq = ? WHERE project_id = ? AND trained_seq = ?",
+                (previous_seq, project_id, snapshot_seq),
+            )
+
+    def finish_training(self, project_id: int, version: str | None, decision: str) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE projects SET last_version = ?, last_decision = ?, last_trained_at = ?"
+                " WHERE project_id = ?",
+                (version, decision, time.time(), project_id),
+            )
+
+    def project_status(self, project_id: int) -> dict[str, Any]:
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM projects WHERE project_id = ?", (project_id,)).fetchone()
+            count = con.execute(
+                "SELECT COUNT(*) FROM regions r JOIN annotations a USING (annotation_id)"
+                " WHERE a.project_id = ? AND a.deleted = 0",
+                (project_id,),
+            ).fetchone()[0]
+            new = self._new_corrections(con, project_id)
+        return {**(dict(row) if row else {"project_id": project_id}), "regions": count, "new": new}
+
+    # ------------------------------------------------------------------ reads / export
+    def annotations(self, project_id: int | None = None, since_seq: int = 0) -> list[Annotation]:
+        """Live annotations (optionally of one project, changed after ``since_seq``), by id."""
+        where = "a.deleted = 0 AND a.seq > ?"
+        args: list[Any] = [since_seq]
+        if project_id is not None:
+            where += " AND a.project_id = ?"
+            args.append(project_id)
+        with self._connect() as con:
+            con.execute("BEGIN")  # one consistent snapshot for both tables
+            rows = con.execute(f"SELECT a.* FROM annotations a WHERE {where} ORDER BY a.annotation_id", args)
+            rows = rows.fetchall()
+            regions: dict[int, list[Region]] = {}
+            for r in con.execute(
+                f"SELECT r.* FROM regions r JOIN annotations a USING (annotation_id) WHERE {where}"
+                " ORDER BY r.annotation_id, r.idx",
+                args,
+            ):
+                regions.setdefault(r["annotation_id"], []).append(_row_region(r))
+            con.execute("COMMIT")
+        return [
+            Annotation(
+                r["annotation_id"], r["project_id"], r["task_id"], r["image"], r["width"], r["height"],
+                r["seq"], regions.get(r["annotation_id"], []),
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    def export_records(self, project_id: int | None = None, since_seq: int = 0) -> list[dict[str, Any]]:
+        """Region-text records (``model.data.converters`` JSONL format), one per annotation that has
+        at least one usable region-text pair; every record passes ``validate_record``."""
+        records = []
+        for ann in self.annotations(project_id, since_seq):
+            rec = annotation_record(
+                ann.annotation_id, ann.project_id, ann.task_id, ann.image, ann.width, ann.height, ann.regions
+            )
+            if rec is not None:
+                validate_record(rec)
+                records.append(rec)
+        return records
+
+    def export_jsonl(self, path: str | Path, project_id: int | None = None) -> int:
+        return write_jsonl(self.export_records(project_id), path)
+
+
+def _region_row(annotation_id: int, idx: int, r: Region) -> tuple:
+    relations = [{"target": rel.target, "labels": list(rel.labels)} for rel in r.relations]
+    return (
+        annotation_id, idx, r.region_id, *r.box, r.caption,
+        json.dumps(r.attributes, sort_keys=True), json.dumps(relations),
+    )  # fmt: skip
+
+
+def _row_region(row: sqlite3.Row) -> Region:
+    relations = [Relation(d["target"], tuple(d["labels"])) for d in json.loads(row["relations"])]
+    box = (row["x0"], row["y0"], row["x1"], row["y1"])
+    return Region(row["region_id"], box, row["caption"], json.loads(row["attributes"]), relations)
+
+
+_stores: dict[Path, CorrectionStore] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(data_dir: str | Path) -> CorrectionStore:
+    """The store under ``data_dir`` (schema created once per process)."""
+    key = Path(data_dir).resolve()
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = CorrectionStore(key)
+        return _stores[key]

@@ -1,0 +1,104 @@
+"""Log in to Label Studio and screenshot a task's labeling page (Selenium + system Chromium).
+
+Runs in ``.venv-ls`` (it has selenium; nothing is downloaded: ``/usr/bin/chromium`` and
+``/usr/bin/chromedriver`` come from Debian).  Called by ``scripts/screenshot_labeling.py``::
+
+    .venv-ls/bin/python scripts/browser_shot.py URL PROJECT TASK CAPTION OUT.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+LS_USER = "admin@example.com"
+LS_PASSWORD = "admin12345"
+
+
+def browser(user_data: str, size: str = "1400,900") -> webdriver.Chrome:
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--window-size={size}",
+        f"--user-data-dir={user_data}",
+    ):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def wait_for_text(driver: webdriver.Chrome, text: str, timeout: float = 60) -> None:
+    """Wait until some input/textarea of the page holds ``text`` (the per-region caption)."""
+    script = "return Array.from(document.querySelectorAll('textarea, input')).map(e => e.value || '')"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(text in value for value in driver.execute_script(script)):
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{text!r} never appeared on the labeling page")
+
+
+def select_first_region(driver: webdriver.Chrome) -> bool:
+    """Click the first entry of the region list so the box is highlighted with its details."""
+    from selenium.common.exceptions import WebDriverException
+
+    for css in (".lsf-outliner-item__title", ".lsf-outliner-item__content", "[class*=outliner-item]"):
+        for node in driver.find_elements(By.CSS_SELECTOR, css):
+            try:
+                node.click()
+                return True
+            except WebDriverException:
+                continue
+    return False
+
+
+def shoot(url: str, project: int, task: int, caption: str, out: Path) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        driver = browser(profile)
+        try:
+            driver.get(f"{url}/user/login")
+            WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(
+                LS_USER
+            )
+            driver.find_element(By.NAME, "password").send_keys(LS_PASSWORD)
+            driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+            WebDriverWait(driver, 30).until(lambda d: "/user/login" not in d.current_url)
+            driver.get(f"{url}/projects/{project}/data?task={task}")
+            wait_for_text(driver, caption)
+            selected = select_first_region(driver)
+            time.sleep(2)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(out))
+            print(f"screenshot {out} (region selected: {selected})")
+        finally:
+            driver.quit()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("url")
+    ap.add_argument("project", type=int)
+    ap.add_argument("task", type=int)
+    ap.add_argument("caption")
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    shoot(args.url.rstrip("/"), args.project, args.task, args.caption, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

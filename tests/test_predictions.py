@@ -1,0 +1,377 @@
+"""Tasks -> boxes -> batched describe -> Label Studio results (shapes of protocol §1.7)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import backend.predictions as predictions
+from backend.label_config import parse_label_config
+from backend.predictions import PredictionError, plan_task, predict_tasks
+from backend.settings import Settings
+from model.checkpoint import load_model
+from model.describe import ImageReport, RegionReport, RelationReport
+from model.engine import Answer, InferenceEngine
+from model.geometry import pixels_to_percent
+from model.synthetic import SceneSpec, make_scene
+from model.tasks import caption_text, relation_labels
+
+CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
+SETTINGS = Settings(max_regions=6, max_relation_regions=8)
+
+
+def config(name: str):
+    return parse_label_config((CONFIGS / f"{name}.xml").read_text())
+
+
+class DictFetcher:
+    """Stands in for ImageFetcher: image references are keys of a dict."""
+
+    def __init__(self, images: dict[str, Image.Image]) -> None:
+        self.images = images
+        self.calls: list[str] = []
+
+    def fetch(self, ref, task_id=None):
+        self.calls.append(ref)
+        return self.images[ref]
+
+
+def scene(seed: int):
+    return make_scene(random.Random(seed), SceneSpec(min_objects=3, max_objects=3))
+
+
+def ls_rect(rid: str, box, w: int, h: int, label: str = "Object") -> dict:
+    """A rectangle result as Label Studio stores it."""
+    value = {**pixels_to_percent(box, w, h), "rotation": 0, "rectanglelabels": [label]}
+    return {
+        "id": rid,
+        "from_name": "bbox",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": value,
+        "origin": "manual",
+    }
+
+
+def ls_task(task_id: int, image: str, **extra) -> dict:
+    """A task as Label Studio 1.23 sends it in a batch /predict."""
+    task = {
+        "id": task_id,
+        "data": {"image": image},
+        "meta": {},
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z",
+        "is_labeled": False,
+        "overlap": 1,
+        "inner_id": task_id,
+        "total_annotations": 0,
+        "cancelled_annotations": 0,
+        "total_predictions": 0,
+        "project": 1,
+        "file_upload": "x.png",
+        "annotations": [],
+        "predictions": [],
+    }
+    task.update(extra)
+    return task
+
+
+class OracleDescribe:
+    """Fake describe_regions that answers from the true scene objects matched by box position."""
+
+    def __init__(self, scenes: dict[tuple, object]) -> None:
+        self.scenes = scenes  # image size -> scene
+        self.calls: list[dict] = []
+
+    def __call__(self, engine, images, boxes, **kw):
+        self.calls.append({"images": len(images), "boxes": [len(b) for b in boxes], **kw})
+        reports = []
+        for i, (image, b) in enumerate(zip(images, boxes)):
+            sc = self.scenes[image.size]
+            w, h = image.size
+            objs = [self._match(sc, row, w, h) for row in b.tolist()]
+            focus = range(len(objs)) if not kw.get("only") or kw["only"][i] is None else kw["only"][i]
+            regions = [RegionReport(None) for _ in objs]
+            for k in focus:
+                o = objs[k]
+                regions[k].caption = Answer(caption_text(o.size, o.color, o.shape), 0.9, 5)
+                regions[k].attributes = {a: Answer(getattr(o, a), 0.8, 1) for a in kw["attributes"]}
+            rels = []
+            if kw["relations"]:
+                for a in range(len(objs)):
+                    for c in range(len(objs)):
+                        if a != c and (a in focus or c in focus):
+                            labels = relation_labels(objs[a].box, objs[c].box, w, h)
+                            rels.append(
+                                RelationReport(a, c, labels, Answer(", ".join(labels) or "near", 0.7, 3))
+                            )
+            reports.append(ImageReport(regions, rels))
+        return reports
+
+    @staticmethod
+    def _match(sc, row, w, h):
+        cx, cy = (row[0] + row[2]) / 2 * w, (row[1] + row[3]) / 2 * h
+        return min(
+            sc.objects,
+            key=lambda o: ((o.box[0] + o.box[2]) / 2 - cx) ** 2 + ((o.box[1] + o.box[3]) / 2 - cy) ** 2,
+        )
+
+
+@pytest.fixture()
+def two_scenes(monkeypatch):
+    scenes = [scene(1), scene(2)]
+    assert scenes[0].image.size != scenes[1].image.size
+    oracle = OracleDescribe({s.image.size: s for s in scenes})
+    monkeypatch.setattr(predictions, "describe_regions", oracle)
+    fetcher = DictFetcher({f"/data/upload/1/s{i}.png": s.image for i, s in enumerate(scenes)})
+    return scenes, oracle, fetcher
+
+
+def by_id(results: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["id"], r["from_name"]): r for r in results if r.get("type") != "relation"}
+
+
+def test_batch_from_annotations_attaches_caption_and_attributes_to_box_ids(two_scenes):
+    scenes, oracle, fetcher = two_scenes
+    tasks = []
+    for i, sc in enumerate(scenes):
+        result = [ls_rect(f"t{i}o{k}", o.box, sc.width, sc.height) for k, o in enumerate(sc.objects)]
+        ann = {"id": 10 + i, "result": result, "was_cancelled": False, "created_at": "2026-01-02T00:00:00Z"}
+        tasks.append(ls_task(i + 1, f"/data/upload/1/s{i}.png", annotations=[ann]))
+    cfg = config("caption_attributes")
+    results, stats = predict_tasks(tasks, cfg, None, None, "1.2.0", fetcher, SETTINGS)
+    assert len(oracle.calls) == 1 and oracle.calls[0]["images"] == 2  # one batched call for all tasks
+    assert oracle.calls[0]["attributes"] == ("color", "shape", "size") and oracle.calls[0]["only"] is None
+    assert stats.regions == 6 and stats.sources == {"annotation": 2}
+    for i, sc in enumerate(scenes):
+        pred = results[i]
+        assert pred["model_version"] == "1.2.0" and 0 < pred["score"] <= 1
+        items = by_id(pred["result"])
+        for k, obj in enumerate(sc.objects):
+            rid = f"t{i}o{k}"
+            rect = items[(rid, "bbox")]
+            src = tasks[i]["annotations"][0]["result"][k]
+            assert rect["value"] == {**src["value"]} and rect["type"] == "rectanglelabels"
+            cap = items[(rid, "caption")]
+            assert cap["type"] == "textarea" and cap["value"]["text"] == [obj.caption]
+            assert {k2: cap["value"][k2] for k2 in ("x", "y", "width", "height")} == {
+                k2: src["value"][k2] for k2 in ("x", "y", "width", "height")
+            }
+            assert (cap["original_width"], cap["original_height"]) == (sc.width, sc.height)
+            for attr in ("color", "shape", "size"):
+                assert items[(rid, attr)]["value"]["choices"] == [getattr(obj, attr)]
+                assert items[(rid, attr)]["type"] == "choices"
+
+
+def test_relations_use_config_labels_and_box_ids(two_scenes):
+    scenes, _, fetcher = two_scenes
+    sc = scenes[0]
+    xml = (CONFIGS / "caption_relations.xml").read_text().replace('value="left of"', 'value="left_of"')
+    cfg = parse_label_config(xml)
+    boxes = [list(o.box) for o in sc.objects]
+    results, _ = predict_tasks(
+        [ls_task(1, "/data/upload/1/s0.png", data={"image": "/data/upload/1/s0.png", "boxes": boxes})],
+        cfg,
+        None,
+        None,
+        "v",
+        fetcher,
+        SETTINGS,
+    )
+    rels = [r for r in results[0]["result"] if r["type"] == "relation"]
+    ids = [f"box{k + 1}" for k in range(3)]
+    expected = {}
+    for a in range(3):
+        for c in range(3):
+            labels = relation_labels(sc.objects[a].box, sc.objects[c].box, sc.width, sc.height)
+            if a != c and labels:
+                expected[(ids[a], ids[c])] = ["left_of" if x == "left of" else x for x in labels]
+    assert {(r["from_id"], r["to_id"]): r["labels"] for r in rels} == expected
+    assert all(r["direction"] == "right" for r in rels)
+    # data.boxes in pixels -> percent geometry computed from the image size
+    rect = by_id(results[0]["result"])[("box1", "bbox")]
+    assert rect["value"]["x"] == pytest.approx(boxes[0][0] / sc.width * 100)
+    assert rect["value"]["rectanglelabels"] == ["Object"]
+
+
+def test_relation_text_fallback(two_scenes):
+    scenes, _, fetcher = two_scenes
+    xml = (
+        (CONFIGS / "region_caption.xml")
+        .read_text()
+        .replace("</View>\n", '<TextArea name="relations" toName="image" rows="4"/></View>\n')
+    )
+    cfg = parse_label_config(xml)
+    sc = scenes[0]
+    task = ls_task(
+        1,
+        "/data/upload/1/s0.png",
+        data={"image": "/data/upload/1/s0.png", "boxes": [list(o.box) for o in sc.objects]},
+    )
+    results, _ = predict_tasks([task], cfg, None, None, "v", fetcher, SETTINGS)
+    (text,) = [r for r in results[0]["result"] if r["from_name"] == "relations"]
+    assert text["type"] == "textarea" and len(text["value"]["text"]) == 6
+    assert "x" not in text["value"]  # not a per-region result
+
+
+def test_interactive_describes_only_the_newest_box(two_scenes):
+    scenes, oracle, fetcher = two_scenes
+    sc = scenes[1]
+    ctx = {"result": [ls_rect(f"u{k}", o.box, sc.width, sc.height) for k, o in enumerate(sc.objects)]}
+    task = ls_task(2, "/data/upload/1/s1.png", drafts=[], allow_skip=True)
+    cfg = config("caption_relations")
+    results, stats = predict_tasks([task], cfg, ctx, None, "v", fetcher, SETTINGS)
+    assert oracle.calls[-1]["only"] == [[0]]  # the newest box is moved first and is the only one asked
+    items = results[0]["result"]
+    regions = {r["id"] for r in items if r["type"] != "relation"}
+    assert regions == {"u2"} and stats.regions == 1
+    assert by_id(items)[("u2", "caption")]["value"]["text"] == [sc.objects[2].caption]
+    for r in (r for r in items if r["type"] == "relation"):
+        assert "u2" in (r["from_id"], r["to_id"])
+
+
+def test_source_priority(two_scenes):
+    scenes, _, _ = two_scenes
+    sc = scenes[0]
+    w, h = sc.width, sc.height
+    cfg = config("region_caption")
+    old = {"id": 1, "result": [ls_rect("old", sc.objects[0].box, w, h)], "created_at": "2026-01-01T00:00:00Z"}
+    new_draft = {
+        "id": 2,
+        "result": [ls_rect("draft", sc.objects[1].box, w, h)],
+        "created_at": "2026-01-03T00:00:00Z",
+    }
+    cancelled = {
+        "id": 3,
+        "result": [ls_rect("cancel", sc.objects[2].box, w, h)],
+        "was_cancelled": True,
+        "created_at": "2026-01-09T00:00:00Z",
+    }
+    pred = {
+        "id": 4,
+        "result": [ls_rect("pred", sc.objects[2].box, w, h)],
+        "created_at": "2026-01-05T00:00:00Z",
+    }
+    task = ls_task(
+        1,
+        "img",
+        annotations=[old, cancelled],
+        drafts=[new_draft],
+        predictions=[pred],
+        data={"image": "img", "boxes": [[1, 1, 5, 5]]},
+    )
+    assert [r.id for r in plan_task(task, cfg, None, SETTINGS).regions] == ["draft"]
+    task["drafts"] = []
+    assert [r.id for r in plan_task(task, cfg, None, SETTINGS).regions] == ["old"]
+    task["annotations"] = []
+    assert [r.id for r in plan_task(task, cfg, None, SETTINGS).regions] == ["pred"]
+    task["predictions"] = []
+    plan = plan_task(task, cfg, None, SETTINGS)
+    assert plan.source == "data" and plan.regions[0].pixels == (1, 1, 5, 5)
+    ctx = {"result": [ls_rect("ctx", sc.objects[0].box, w, h)]}
+    assert [r.id for r in plan_task(task, cfg, ctx, SETTINGS).regions] == ["ctx"]
+
+
+def test_task_without_boxes_gets_an_empty_prediction(two_scenes):
+    _, oracle, fetcher = two_scenes
+    results, _ = predict_tasks(
+        [ls_task(1, "/data/upload/1/s0.png")], config("region_caption"), None, None, "v", fetcher, SETTINGS
+    )
+    assert results == [{"result": [], "model_version": "v"}] and oracle.calls == []
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda t, c: t["data"].pop("image"), "no image"),
+        (lambda t, c: t["data"].update(boxes=[[0, 0, 0, 10]]), "zero or negative area"),
+        (lambda t, c: t["data"].update(boxes=[[float("nan"), 0, 5, 10]]), "NaN"),
+        (lambda t, c: t["data"].update(boxes=[[5000, 5000, 6000, 6000]]), "outside"),
+        (lambda t, c: t["data"].update(boxes=[[0, 0, 5, 5]] * 7), "at most 6"),
+        (lambda t, c: t["data"].update(boxes=[{"x": "a", "y": 1, "width": 2, "height": 3}]), "number"),
+        (lambda t, c: t["data"].update(boxes=[[1, 2, 3]]), "4 numbers"),
+        (lambda t, c: t["data"].update(boxes="nope"), "list"),
+    ],
+)
+def test_bad_boxes_are_clear_4xx(two_scenes, mutate, needle):
+    _, _, fetcher = two_scenes
+    task = ls_task(9, "/data/upload/1/s0.png")
+    task["data"]["boxes"] = [[1, 1, 20, 20]]
+    mutate(task, None)
+    with pytest.raises(PredictionError) as info:
+        predict_tasks([task], config("region_caption"), None, None, "v", fetcher, SETTINGS)
+    assert info.value.status == 400 and needle in info.value.message
+
+
+def test_unknown_from_name_in_context_rejected(two_scenes):
+    _, _, fetcher = two_scenes
+    rect = ls_rect("a", (1, 1, 20, 20), 100, 100)
+    rect["from_name"] = "label"  # not in the config
+    with pytest.raises(PredictionError) as info:
+        predict_tasks(
+            [ls_task(1, "/data/upload/1/s0.png")],
+            config("region_caption"),
+            {"result": [rect]},
+            None,
+            "v",
+            fetcher,
+            SETTINGS,
+        )
+    assert "from_name 'label'" in info.value.message
+
+
+def test_taxonomy_and_values_in_config_only(two_scenes):
+    scenes, _, fetcher = two_scenes
+    sc = scenes[0]
+    xml = (
+        '<View><Image name="image" value="$image"/><RectangleLabels name="bbox" toName="image">'
+        '<Label value="Object"/></RectangleLabels><Taxonomy name="tax" toName="image" perRegion="true">'
+        '<Choice value="Colour">'
+        + "".join(f'<Choice value="{o.color}"/>' for o in sc.objects[:1])
+        + "</Choice>"
+        '<Choice value="Shape"><Choice value="circle"/><Choice value="square"/><Choice value="triangle"/>'
+        '<Choice value="diamond"/></Choice></Taxonomy></View>'
+    )
+    cfg = parse_label_config(xml)
+    task = ls_task(
+        1,
+        "/data/upload/1/s0.png",
+        data={"image": "/data/upload/1/s0.png", "boxes": [list(o.box) for o in sc.objects]},
+    )
+    results, _ = predict_tasks([task], cfg, None, None, "v", fetcher, SETTINGS)
+    tax = {r["id"]: r["value"]["taxonomy"] for r in results[0]["result"] if r["type"] == "taxonomy"}
+    first = sc.objects[0]
+    assert tax["box1"] == [["Colour", first.color], ["Shape", first.shape]]
+    for k, obj in enumerate(sc.objects[1:], start=2):
+        expected = ([["Colour", obj.color]] if obj.color == first.color else []) + [["Shape", obj.shape]]
+        assert tax[f"box{k}"] == expected  # colours the config does not declare are never returned
+
+
+def test_with_a_real_engine_one_encode_per_image(tiny_checkpoint):
+    """Real (random) tiny model: result shapes hold, and a second box on a seen image hits the cache."""
+    engine = InferenceEngine(load_model(tiny_checkpoint), "1.0.0", max_new_tokens=4)
+    sc = scene(3)
+    fetcher = DictFetcher({"img": sc.image})
+    cfg = config("caption_attributes")
+    rects = [ls_rect(f"n{k}", o.box, sc.width, sc.height) for k, o in enumerate(sc.objects)]
+    settings = replace(SETTINGS, max_new_tokens=4)
+    first, _ = predict_tasks(
+        [ls_task(1, "img")], cfg, {"result": rects[:1]}, engine, "1.0.0", fetcher, settings
+    )
+    assert engine.stats.image_cache_misses == 1
+    second, _ = predict_tasks(
+        [ls_task(1, "img")], cfg, {"result": rects[:2]}, engine, "1.0.0", fetcher, settings
+    )
+    assert engine.stats.image_cache_misses == 1 and engine.stats.image_cache_hits == 1
+    for pred, rid in ((first[0], "n0"), (second[0], "n1")):
+        assert {r["id"] for r in pred["result"]} == {rid}
+        assert isinstance(pred["score"], float)
+        caption = by_id(pred["result"])[(rid, "caption")]
+        assert isinstance(caption["value"]["text"][0], str) and caption["score"] >= 0
