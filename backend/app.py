@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend import webhooks
 from backend.images import ImageError, ImageFetcher
+from backend.jobs import queue_figures
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.observability import Metrics, setup_logging
 from backend.predictions import PredictionError, predict_tasks
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     fetcher = ImageFetcher(settings)
     metrics = Metrics()
     metrics.attach_engine(holder.engine_if_loaded, lambda: holder.version)
+    metrics.attach_queue(lambda: queue_figures(settings))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 2**20)
     app.extensions["roi"] = {"settings": settings, "holder": holder, "fetcher": fetcher, "metrics": metrics}

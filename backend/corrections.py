@@ -110,12 +110,21 @@ def _rect_box(item: Mapping[str, Any], width: int, height: int) -> tuple[float, 
     return tuple(round(v, 2) for v in box)  # type: ignore[return-value]
 
 
+def _value(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An item's ``value`` object (``{}`` when it is missing or not an object)."""
+    value = item.get("value")
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _attribute_words(item: Mapping[str, Any]) -> list[str]:
-    value = item.get("value") or {}
+    value = _value(item)
     if item.get("type") == "choices":
-        words = value.get("choices") or []
-        return [w for w in words if isinstance(w, str)]
-    paths = value.get("taxonomy") or []
+        return [w for w in _list(value.get("choices")) if isinstance(w, str)]
+    paths = _list(value.get("taxonomy"))
     # A taxonomy path is root-first (["Colour", "pink"]); the leaf is the value.
     return [p[-1] for p in paths if isinstance(p, list) and p and isinstance(p[-1], str)]
 
@@ -173,7 +182,7 @@ def parse_result(
     pending: dict[tuple[str, str], set[str]] = {}
     for item in items:
         kind = item.get("type")
-        rid = item.get("id")
+        rid = item.get("id") if isinstance(item.get("id"), str) else None
         if kind == "textarea" and rid is not None:
             region = regions.get(rid)
             if region is None:
@@ -181,7 +190,7 @@ def parse_result(
             elif caption_control and item.get("from_name") != caption_control:
                 skipped.append(f"textarea {item.get('from_name')!r} is not the caption control")
             elif region.caption is None:
-                text = _clean_text((item.get("value") or {}).get("text"))
+                text = _clean_text(_value(item).get("text"))
                 if text:
                     region.caption = text
         elif kind in ATTRIBUTE_TYPES and rid is not None:
@@ -215,7 +224,13 @@ def _collect_relation(
 ) -> None:
     src, dst = item.get("from_id"), item.get("to_id")
     name = f"relation {src!r}->{dst!r}"
-    if src not in regions or dst not in regions or src == dst:
+    if (
+        not isinstance(src, str)
+        or not isinstance(dst, str)
+        or src not in regions
+        or dst not in regions
+        or src == dst
+    ):
         skipped.append(f"{name} does not link two usable rectangles")
         return
     direction = item.get("direction", "right")
@@ -225,7 +240,7 @@ def _collect_relation(
         # None of the spatial labels is symmetric, so a two-way arrow cannot be right both ways.
         skipped.append(f"{name} has direction {direction!r}; only 'right' and 'left' are used")
         return
-    raw = item.get("labels") or []
+    raw = _list(item.get("labels"))
     labels = {normalize_relation_label(lbl) for lbl in raw if isinstance(lbl, str)} - {None}
     if not labels:
         skipped.append(f"{name} has no known relation label (got {list(raw)!r})")

@@ -38,6 +38,7 @@ from typing import Any
 
 from backend.images import ImageError, ImageFetcher
 from backend.jobs import progress_reporter, set_phase
+from backend.label_studio import set_project_model_version
 from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
@@ -333,6 +334,7 @@ def _finetune(
     if accepted and registry.current() == parent:
         registry.promote(version, reason=f"fine-tuned on project {project_id} corrections")
         promoted = True
+        summary["label_studio"] = set_project_model_version(settings, project_id, version)
     elif accepted:
         reasons.append(f"not promoted: current moved to {registry.current()} during the job")
     summary["promoted"] = promoted

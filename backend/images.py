@@ -257,7 +257,8 @@ class ImageFetcher:
             )
         return False
 
-    def _auth_header(self, refresh: bool = False) -> dict[str, str]:
+    def auth_header(self, refresh: bool = False) -> dict[str, str]:
+        """``Authorization`` header for Label Studio API calls (``{}`` when no key is set)."""
         key = self.settings.label_studio_api_key
         if not key:
             return {}
@@ -290,7 +291,7 @@ class ImageFetcher:
             resp = self._get(url, on_ls)
             if resp.status_code == 401 and on_ls and _looks_like_jwt(self.settings.label_studio_api_key):
                 resp.close()
-                self._auth_header(refresh=True)
+                self.auth_header(refresh=True)
                 resp = self._get(url, on_ls)
             if resp.is_redirect and resp.headers.get("location"):
                 url = urljoin(url, resp.headers["location"])
@@ -301,7 +302,7 @@ class ImageFetcher:
         raise ImageError(422, f"image URL redirected more than {MAX_REDIRECTS} times")
 
     def _get(self, url: str, on_ls: bool) -> requests.Response:
-        headers = self._auth_header() if on_ls else {}
+        headers = self.auth_header() if on_ls else {}
         try:
             return self.session.get(
                 url, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.image_timeout

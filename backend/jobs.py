@@ -178,6 +178,19 @@ def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[s
     return {"id": job.id, "status": job.get_status().value, "meta": job.get_meta(refresh=False)}
 
 
+def queue_figures(settings: Settings) -> dict[str, int | None]:
+    """Queued and running fine-tuning jobs (``None`` when Redis cannot be reached: a metrics scrape
+    must not fail or wait on it) and training requests waiting in the outbox."""
+    figures: dict[str, int | None] = {"queued": None, "running": None}
+    try:
+        queue = training_queue(settings, redis_connection(settings, fast=True))
+        figures = {"queued": queue.count, "running": queue.started_job_registry.count}
+    except (RedisError, OSError):
+        pass
+    figures["outbox"] = len(open_store(settings.data_dir).pending_requests())
+    return figures
+
+
 # ---------------------------------------------------------------------- scheduled retraining
 def scheduled_retrain(min_corrections: int = 1) -> dict[int, str]:
     """Cron job: request training for every project with at least ``min_corrections`` corrections

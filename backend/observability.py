@@ -84,6 +84,26 @@ class EngineCollector:
         yield from (hits, misses, questions, tokens, entries, used)
 
 
+class QueueCollector:
+    """Fine-tuning queue figures read at scrape time; a figure that cannot be read is left out."""
+
+    def __init__(self, figures: Callable[[], dict[str, int | None]]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Any]:
+        help_text = {
+            "queued": ("roi_training_queue_length", "fine-tuning jobs waiting in the RQ queue"),
+            "running": ("roi_training_jobs_running", "fine-tuning jobs running on workers"),
+            "outbox": ("roi_training_requests_pending", "training requests not yet handed to Redis"),
+        }
+        for key, value in self._figures().items():
+            if value is None or key not in help_text:
+                continue
+            gauge = GaugeMetricFamily(*help_text[key])
+            gauge.add_metric([], value)
+            yield gauge
+
+
 class Metrics:
     """The app's own metrics registry."""
 
@@ -110,3 +130,6 @@ class Metrics:
 
     def attach_engine(self, engine: Callable[[], InferenceEngine | None], version: Callable[[], str]) -> None:
         self.registry.register(EngineCollector(engine, version))  # type: ignore[arg-type]
+
+    def attach_queue(self, figures: Callable[[], dict[str, int | None]]) -> None:
+        self.registry.register(QueueCollector(figures))  # type: ignore[arg-type]

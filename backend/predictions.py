@@ -76,6 +76,12 @@ def _labels(value: dict, rect_type: str) -> list[str]:
     return [str(x) for x in labels] if isinstance(labels, list) else []
 
 
+def _name(item: dict) -> str | None:
+    """An item's ``from_name`` when it is a string (anything else names no control)."""
+    name = item.get("from_name")
+    return name if isinstance(name, str) else None
+
+
 def rects_from_results(results: Any, config: LabelConfig, where: str) -> list[Region]:
     """Rectangles of ``config``'s rectangle controls among Label Studio result items."""
     if not isinstance(results, list):
@@ -84,10 +90,13 @@ def rects_from_results(results: Any, config: LabelConfig, where: str) -> list[Re
     for i, item in enumerate(results):
         if not isinstance(item, dict):
             raise PredictionError(f"{where}: result[{i}] must be an object")
-        if item.get("from_name") not in config.rect_names:
+        name = _name(item)
+        if name not in config.rect_names:
             continue
         rid = item.get("id") or f"r{i}"
-        control = config.rect(item["from_name"])
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise PredictionError(f"{where}: result[{i}].id must be a string, got {rid!r}")
+        control = config.rect(name)
         value = item.get("value")
         geo = _percent_value(value, f"{where} region {rid}")
         regions.append(
@@ -103,12 +112,13 @@ def _check_context(context: dict, config: LabelConfig) -> list[Region]:
     for i, item in enumerate(results):
         if not isinstance(item, dict):
             raise PredictionError(f"params.context.result[{i}] must be an object")
-        name = item.get("from_name")
-        if item.get("type") == "relation" and name is None:
+        if item.get("type") == "relation" and item.get("from_name") is None:
             continue
+        name = _name(item)
         if name not in config.control_names:
             raise PredictionError(
-                f"params.context.result[{i}].from_name {name!r} is not a control of the label config "
+                f"params.context.result[{i}].from_name {item.get('from_name')!r} is not a control of the "
+                "label config "
                 f"(known: {sorted(config.control_names)})"
             )
     regions = rects_from_results(results, config, "params.context")

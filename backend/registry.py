@@ -82,7 +82,12 @@ class ModelRegistry:
             raise RegistryError(f"registry {self.root} is empty and no default model is available")
         version = read_metadata(self.default_model).get("version", "1.0.0")
         if not (self.versions_dir / version).is_dir():
-            self.commit_folder(self.default_model, version, copy=True)
+            try:
+                self.commit_folder(self.default_model, version, copy=True)
+            except RegistryError:
+                # Another thread or process (gunicorn worker, RQ worker) seeded it at the same time.
+                if not (self.versions_dir / version).is_dir():
+                    raise
         self.promote(version, reason="initial default model")
         return version
 
@@ -143,8 +148,16 @@ class ModelRegistry:
         meta_path = folder / "version.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         meta["version"] = version
-        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(folder, target)
+        # Write a new file, never into the old one: it may be a hard link to the source folder.
+        tmp_meta = meta_path.with_name(".version.json.tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp_meta, meta_path)
+        try:
+            os.replace(folder, target)
+        except OSError as exc:  # the target appeared meanwhile (a concurrent commit of that version)
+            if copy:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise RegistryError(f"version {version} already exists ({exc.strerror})") from None
         return target
 
     def promote(self, version: str, reason: str = "") -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,14 +101,26 @@ class Settings:
         return settings
 
     def redacted(self) -> dict[str, Any]:
-        """Settings for logs: secrets masked."""
+        """Settings for logs: secrets masked (API key, auth password, the Redis URL's password)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
                 value = "***"
+            elif f.name == "redis_url":
+                value = redact_url(value)
             out[f.name] = str(value)
         return out
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:
@@ -153,5 +166,33 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def env_example() -> str:
+    """``.env.example``: every variable with its meaning, commented out at its default, plus the
+    variables only docker-compose reads."""
+    lines = [
+        "# Settings of the backend, worker and scheduler (python -m backend.settings --env-example).",
+        "# Uncomment to change a default.  Paths are inside the containers under docker-compose.",
+        "",
+        "# docker-compose only: Label Studio's admin login (its API token is LABEL_STUDIO_API_KEY).",
+        "LABEL_STUDIO_USERNAME=admin@example.com",
+        "LABEL_STUDIO_PASSWORD=change-me-please",
+        "",
+    ]
+    required = {"LABEL_STUDIO_API_KEY": "change-me-to-a-40-character-token-0000000000"}
+    for f in fields(Settings):
+        name = Settings.env_name(f)
+        lines.append(f"# {f.metadata['help']}")
+        if name in required:
+            lines.append(f"{name}={required[name]}")
+            continue
+        default = f.default
+        if isinstance(default, Path):
+            default = default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
+        lines.append(f"# {name}={str(default).lower() if isinstance(default, bool) else default}")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    print(env_example() if "--env-example" in sys.argv[1:] else markdown_table() + "\n", end="")

@@ -8,7 +8,9 @@
 * runs an RQ worker on ``QUEUE_NAME`` (each job in a forked work horse, so ``JOB_TIMEOUT`` can kill
   it and a crash cannot take the worker down).
 
-Options: ``--burst`` (exit when the queue is empty), ``--no-cron``, ``--cron-only``.
+Options: ``--burst`` (exit when the queue is empty), ``--no-cron``, ``--cron-only``;
+``--health worker|scheduler`` exits 0 when a worker (or cron scheduler) of this host is registered
+in Redis (the docker-compose healthchecks).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import socket
 import threading
 
+from redis.exceptions import RedisError
 from rq import Worker
+from rq.cron import CronScheduler
 
 from backend.jobs import build_cron, flush_outbox, redis_connection, training_queue
 from backend.registry import ModelRegistry, RegistryError
@@ -67,14 +72,31 @@ def run_cron(settings: Settings) -> None:
     cron.start()
 
 
+def healthy(settings: Settings, role: str) -> bool:
+    """Is a ``worker`` (on ``QUEUE_NAME``) or a cron ``scheduler`` of this host registered in Redis?"""
+    connection = redis_connection(settings, fast=True)
+    host = socket.gethostname()
+    try:
+        if role == "scheduler":
+            return any(s.hostname == host for s in CronScheduler.all(connection))
+        queue = training_queue(settings, connection)
+        return any(w.hostname == host for w in Worker.all(connection=connection, queue=queue))
+    except (RedisError, OSError) as exc:
+        log.error("health check: Redis unreachable: %s", exc)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     ap.add_argument("--no-cron", action="store_true", help="do not start the retraining scheduler")
     ap.add_argument("--cron-only", action="store_true", help="run only the retraining scheduler")
+    ap.add_argument("--health", choices=["worker", "scheduler"], help="check registration and exit")
     args = ap.parse_args(argv)
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.health:
+        return 0 if healthy(settings, args.health) else 1
     if args.cron_only:
         run_cron(settings)
         return 0

@@ -146,8 +146,13 @@ def load_model(
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS}")
     try:
-        cfg = load_model_config(folder)
         state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {folder}: {WEIGHTS} is damaged (truncated or tampered?): {exc}"
+        ) from exc
+    try:
+        cfg = load_model_config(folder)
         model = build_model(cfg, root=folder)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from exc

@@ -56,6 +56,8 @@ class RegionEncoderConfig:
     sampling_ratio: int = 2
     hidden_dim: int = 128
     pos_hidden_dim: int = 64
+    out_norm: bool = False  # LayerNorm on the region token (GPT4RoI: none); keeps it at the LM's scale
+    feature_norm: bool = False  # LayerNorm on the pooled visual part before the box embedding is added
 
 
 @dataclass

@@ -94,6 +94,9 @@ class RegionFeatureExtractor(nn.Module):
         self.input_size = input_size
         self.pconvs = nn.ModuleList(nn.Conv2d(f, f, 3, padding=1) for _ in cfg.level_sizes)
         self.flatten_linear = nn.Linear(f * o * o, cfg.hidden_dim)
+        # The flattened RoI features are ~100x larger than the box embedding (which ends in a
+        # LayerNorm); without this the box position is a rounding error in the sum.
+        self.feature_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.feature_norm else nn.Identity()
         self.pos_embedd = nn.Sequential(
             nn.Linear(4, cfg.pos_hidden_dim),
             nn.ReLU(),
@@ -126,7 +129,7 @@ class RegionFeatureExtractor(nn.Module):
         assert summed is not None
         flat = F.relu(summed).flatten(1)
         pos = self.pos_embedd(torch.cat(boxes).to(flat.dtype))
-        return self.flatten_linear(flat) + pos
+        return self.feature_norm(self.flatten_linear(flat)) + pos
 
 
 class RegionEncoder(nn.Module):
@@ -137,6 +140,9 @@ class RegionEncoder(nn.Module):
         self.mlvl_fuse = MultiLevelFuse(in_channels, cfg)
         self.roi_align = RegionFeatureExtractor(cfg, input_size)
         self.updims = nn.Linear(cfg.hidden_dim, out_dim)
+        # GPT4RoI has no output norm; a small LM trained from scratch reads tokens of a fixed scale
+        # far more easily (without it the region tokens drift to norms 100x the image tokens').
+        self.out_norm = nn.LayerNorm(out_dim) if cfg.out_norm else nn.Identity()
 
     def fuse(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Box-independent part: ``(B, C, g, g)`` levels -> fused pyramid (cacheable per image)."""
@@ -148,7 +154,7 @@ class RegionEncoder(nn.Module):
             raise ValueError(f"{len(boxes)} box lists for a batch of {pyramid[0].shape[0]} images")
         if sum(len(b) for b in boxes) == 0:
             return pyramid[0].new_zeros(0, self.updims.out_features)
-        return self.updims(self.roi_align(pyramid, boxes))
+        return self.out_norm(self.updims(self.roi_align(pyramid, boxes)))
 
     def forward(self, levels: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``."""

@@ -2,21 +2,29 @@
 
 ``python -m model.train --init CKPT --data data.jsonl --stage 2 --steps 500 --out OUT`` continues
 training from a checkpoint folder on region-text JSONL records.  Runs unchanged under
-``torchrun --nproc_per_node N`` (DDP; each rank draws a disjoint shard of every global batch).
+``torchrun --nproc_per_node N`` (DDP; each rank draws a disjoint shard of every global batch);
+``--fsdp`` shards parameters, gradients and optimizer state instead (models that do not fit one
+device).  Either way the global batch, and so the loss curve, does not depend on N.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -27,12 +35,13 @@ from model.mllm import RegionMLLM
 ProgressFn = Callable[[dict], None]
 
 
-def lm_only_loss(model: RegionMLLM, batch: dict) -> torch.Tensor:
-    """Text-only LM loss (placeholders keep their token embeddings); used to pre-train a fresh LM."""
-    out = model.lm(
-        input_ids=batch["input_ids"].to(model.device),
-        attention_mask=batch["attention_mask"].to(model.device),
-        labels=batch["labels"].to(model.device),
+def lm_only_loss(lm: nn.Module, device: torch.device, batch: dict) -> torch.Tensor:
+    """Text-only LM loss (placeholders keep their token embeddings); used to pre-train a fresh LM.
+    ``lm`` is the causal LM, possibly wrapped for distributed training."""
+    out = lm(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        labels=batch["labels"].to(device),
     )
     return out.loss
 
@@ -49,6 +58,38 @@ def init_distributed() -> bool:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return True
     return False
+
+
+def _shard_copy(module: nn.Module, frozen: Sequence[str]) -> nn.Module:
+    """A copy of ``module`` sharded with FSDP2 (``fully_shard``): every LM transformer block is its
+    own unit, then the rest; parameters named in ``frozen`` (the vision tower) stay whole on every
+    rank.  A copy, so that ``module`` itself stays a plain module for saving and serving."""
+    sharded = copy.deepcopy(module)
+    mesh = init_device_mesh(next(module.parameters()).device.type, (dist.get_world_size(),))
+    names: set[str] = set()
+    for child in sharded.modules():
+        names |= set(getattr(child, "_no_split_modules", None) or [])
+    for child in list(sharded.modules()):
+        if child is not sharded and type(child).__name__ in names:
+            fully_shard(child, mesh=mesh)
+    ignored = {p for n, p in sharded.named_parameters() if n in set(frozen)}
+    fully_shard(sharded, mesh=mesh, ignored_params=ignored or None)
+    return sharded
+
+
+def _gather_into(sharded: nn.Module, module: nn.Module) -> None:
+    """Copy the full (all-gathered) weights of a sharded copy back into the plain ``module``."""
+    state = {}
+    for name, tensor in sharded.state_dict().items():
+        state[name] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    module.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def full_params(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``model``'s parameters are complete.  :func:`train` always leaves a plain
+    model, so this only keeps distributed callers reading the same under DDP and FSDP."""
+    yield model
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -70,12 +111,15 @@ def train(
     text_only: bool = False,
     max_turns: int | None = 4,
     show_bar: bool = True,
+    fsdp: bool = False,
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.steps`` steps of global batch ``cfg.batch_size``.
 
     Sampling is with replacement from ``records`` using ``cfg.seed``, so a run is reproducible and
     the global batch is the same for any number of DDP ranks.  ``progress`` receives
     ``{"step", "steps", "loss", "lr", "eta_s"}`` every ``log_every`` steps.  Returns the history.
+    Under torchrun the trainable part is wrapped in DDP (or FSDP with ``fsdp``); ``model`` is left a
+    plain module with the trained weights on every rank.
     """
     if not records:
         raise ValueError("no training records")
@@ -88,8 +132,18 @@ def train(
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
     dataset = RecordDataset(records, model, root=root, max_turns=max_turns, text_only=text_only)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lm_params = {id(p) for p in model.lm.parameters()}
+    # Text-only pre-training runs the LM alone, so only the LM is wrapped for gradient sync.
+    trained: nn.Module = model.lm if text_only else model
+    wrapped: nn.Module = trained
+    if world > 1 and fsdp:
+        frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
+        wrapped = _shard_copy(trained, frozen)
+    elif world > 1:
+        wrapped = DistributedDataParallel(trained)
+    sharded = wrapped if world > 1 and fsdp else None
+    stepped = sharded if sharded is not None else trained  # the module whose parameters are stepped
+    params = [p for p in stepped.parameters() if p.requires_grad]
+    lm_params = {id(p) for p in (stepped if text_only else stepped.lm).parameters()}
     groups = [
         {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
         {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
@@ -97,11 +151,11 @@ def train(
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    step_fn = DistributedDataParallel(model) if world > 1 else model
     rng = random.Random(cfg.seed)
     local = cfg.batch_size // world
     history: list[dict] = []
     model.train()
+    wrapped.train()  # an FSDP copy has its own modules
     start = time.monotonic()
     bar = tqdm(
         range(cfg.steps), desc=f"stage {0 if text_only else cfg.stage}", disable=not show_bar or rank != 0
@@ -110,12 +164,13 @@ def train(
         indices = [rng.randrange(len(dataset)) for _ in range(cfg.batch_size)]
         batch = collate_samples(model, [dataset[i] for i in indices[rank * local : (rank + 1) * local]])
         if text_only:
-            loss = lm_only_loss(model, batch)
+            loss = lm_only_loss(wrapped, model.device, batch)
         else:
-            loss = step_fn(**batch).loss
+            loss = wrapped(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
+            # With FSDP the gradients are DTensors: the norm is taken over every rank's shard.
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
@@ -130,6 +185,8 @@ def train(
             elapsed = time.monotonic() - start
             eta = elapsed / (step + 1) * (cfg.steps - step - 1)
             progress({**entry, "steps": cfg.steps, "eta_s": round(eta, 1)})
+    if sharded is not None:
+        _gather_into(sharded, trained)
     model.eval()
     return history
 
@@ -147,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
     args = ap.parse_args(argv)
     distributed = init_distributed()
     model = load_model(args.init)
@@ -160,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
     )
-    history = train(model, records, cfg)
+    history = train(model, records, cfg, fsdp=args.fsdp)
     if _world()[0] == 0:
         parent = read_metadata(args.init)
         save_checkpoint(

@@ -357,6 +357,9 @@ def test_versions_and_metrics(env):
         "roi_regions_captioned_total 1.0",
         "roi_engine_cache_misses_total 1.0",
         'roi_model_info{version="1.0.0"} 1.0',
+        "roi_training_queue_length ",
+        "roi_training_jobs_running ",
+        "roi_training_requests_pending ",
     ):
         assert needle in text, needle
 

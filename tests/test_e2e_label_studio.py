@@ -216,3 +216,22 @@ def test_annotation_webhook_reaches_the_backend(projects, stack):
     log = stack["backend"].log.read_text()
     assert re.search(r'"message": "webhook", "action": "ANNOTATION_CREATED"', log)
     assert "0123456789abcdef0123456789abcdef01234567" not in log  # the API key is never logged
+
+
+def test_project_model_version_update_makes_scores_sortable(projects, stack):
+    """What a promoted fine-tuning job does: set the project's model_version in Label Studio; the Data
+    Manager then shows the backend's prediction scores (it filters them by that version)."""
+    from backend.label_studio import set_project_model_version
+    from backend.settings import Settings
+    from scripts.ls_harness import LS_TOKEN
+
+    ls: LabelStudio = stack["client"]
+    info = projects["caption_attributes"]
+    settings = Settings(label_studio_url=ls.url, label_studio_api_key=LS_TOKEN)
+    assert set_project_model_version(settings, info["project"], stack["version"]) == "updated"
+    assert ls.call("GET", f"/api/projects/{info['project']}")["model_version"] == stack["version"]
+    scores = {t["id"]: t.get("predictions_score") for t in ls.tasks(info["project"])}
+    assert set(scores) == set(info["truth"])
+    expected = {p["task"]: p["score"] for p in info["predictions"]}
+    for task_id, score in scores.items():
+        assert score == pytest.approx(expected[task_id], abs=1e-4), (task_id, score)

@@ -1,0 +1,169 @@
+"""Record the requests a real Label Studio sends to this backend, as test fixtures.
+
+Starts Label Studio (``.venv-ls``) and this backend in-process behind a recording WSGI middleware,
+then drives Label Studio through every path that calls a backend: connect (``/health``,
+``/setup``), *Retrieve predictions* (batch ``/predict``), the interactive smart tool (``/predict``
+with ``params.context``), annotation create / update / delete and *Start Training* (``/webhook``),
+and the model-version list (``/versions``).  Each request body is written to
+``tests/fixtures/ls-1.23.2/NN-<path>-<what>.json`` with the uploaded images beside them, and the
+tests replay them (``tests/test_ls_fixtures.py``)::
+
+    .venv/bin/python scripts/capture_ls_payloads.py [--out tests/fixtures/ls-1.23.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from model.synthetic import SceneSpec, make_scene  # noqa: E402
+from scripts.ls_harness import LS_TOKEN, LabelStudio, free_port, png, start_label_studio  # noqa: E402
+
+CONFIG = "caption_attributes"
+SEED = 9_100_000
+
+
+class Recorder:
+    """WSGI middleware that keeps every request body before the app sees it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        import io
+
+        environ["wsgi.input"] = io.BytesIO(body)
+        with self.lock:
+            self.requests.append(
+                {
+                    "method": environ["REQUEST_METHOD"],
+                    "path": environ.get("PATH_INFO", ""),
+                    "query": environ.get("QUERY_STRING", ""),
+                    "content_type": environ.get("CONTENT_TYPE", ""),
+                    "body": body.decode("utf-8", errors="replace"),
+                }
+            )
+        return self.app(environ, start_response)
+
+
+def box_item(rid: str, box, scene, label: str = "Object") -> dict:
+    from model.geometry import pixels_to_percent
+
+    return {
+        "id": rid, "from_name": "bbox", "to_name": "image", "type": "rectanglelabels",
+        "original_width": scene.width, "original_height": scene.height, "image_rotation": 0,
+        "value": {**pixels_to_percent(box, scene.width, scene.height), "rotation": 0,
+                  "rectanglelabels": [label]},
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "ls-1.23.2")
+    ap.add_argument("--model", type=Path, default=REPO / "model" / "default")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="ls-capture-"))
+    ls_server = start_label_studio(work / "ls")
+    try:
+        os.environ.update({
+            "MODEL_DIR": str(work / "models"), "DATA_DIR": str(work / "data"),
+            "DEFAULT_MODEL": str(args.model),
+            "LABEL_STUDIO_URL": ls_server.url, "LABEL_STUDIO_API_KEY": LS_TOKEN,
+            "REDIS_URL": "redis://127.0.0.1:1/0", "TRAIN_MIN_CORRECTIONS": "1000000",
+        })  # fmt: skip
+        from werkzeug.serving import make_server
+
+        from backend.app import create_app
+
+        recorder = Recorder(create_app().wsgi_app)
+        port = free_port()
+        httpd = make_server("127.0.0.1", port, recorder, threaded=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        backend_url = f"http://127.0.0.1:{port}"
+        ls = LabelStudio(ls_server.url)
+        xml = (REPO / "label_config" / f"{CONFIG}.xml").read_text()
+        project = ls.create_project("capture", xml)
+        scenes = [
+            make_scene(random.Random(SEED + i), SceneSpec(min_objects=3, max_objects=3)) for i in range(2)
+        ]
+        tasks = ls.upload_images(project, [(f"scene-{i}.png", png(s.image)) for i, s in enumerate(scenes)])
+        ids = {}
+        for i, scene in enumerate(scenes):
+            task = tasks[f"scene-{i}.png"]
+            ids[i] = task["id"]
+            result = [box_item(f"s{i}b{k}", o.box, scene) for k, o in enumerate(scene.objects)]
+            ls.add_prediction(task["id"], result, "boxes")
+        ml = ls.connect_backend(project, backend_url)
+        while not any(r["path"] == "/setup" for r in recorder.requests):
+            time.sleep(0.2)
+        ls.retrieve_predictions(project)
+        scene = scenes[0]
+        ls.interactive(
+            ml["id"],
+            ids[0],
+            {"result": [{**box_item("smartBox1", scene.objects[1].box, scene), "origin": "manual"}]},
+        )
+        result = [box_item(f"s0b{k}", o.box, scene) for k, o in enumerate(scene.objects)]
+        result += [
+            {**box_item(f"s0b{k}", o.box, scene), "from_name": "caption", "type": "textarea",
+             "value": {**{k2: v for k2, v in box_item(f"s0b{k}", o.box, scene)["value"].items()
+                          if k2 != "rectanglelabels"}, "text": [o.caption]}}
+            for k, o in enumerate(scene.objects)
+        ]  # fmt: skip
+        annotation = ls.create_annotation(ids[0], result)
+        result[-1]["value"]["text"] = ["a corrected caption"]
+        ls.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
+        ls.call("DELETE", f"/api/annotations/{annotation['id']}")
+        ls.call("POST", f"/api/ml/{ml['id']}/train", json={})
+        ls.call("GET", f"/api/ml/{ml['id']}/versions")
+        time.sleep(1.0)
+        httpd.shutdown()
+    finally:
+        ls_server.stop()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*"):
+        old.unlink()
+    for i, scene in enumerate(scenes):
+        name = Path(tasks[f"scene-{i}.png"]["data"]["image"]).name
+        (args.out / name).write_bytes(png(scene.image))
+    kept = 0
+    for req in recorder.requests:
+        body = json.loads(req["body"]) if req["body"].strip() else None
+        what = body.get("action", "") if isinstance(body, dict) else ""
+        if req["path"] == "/predict" and isinstance(body, dict):
+            what = "interactive" if (body.get("params") or {}).get("context") else "batch"
+        suffix = f"-{what.lower()}" if what else ""
+        name = f"{kept:02d}-{req['method'].lower()}{req['path'].replace('/', '-')}{suffix}.json"
+        (args.out / name).write_text(json.dumps({**req, "body": body}, indent=1) + "\n")
+        kept += 1
+    truth = {
+        str(ids[i]): {"image": tasks[f"scene-{i}.png"]["data"]["image"],
+                      "objects": [{"caption": o.caption, "color": o.color, "shape": o.shape, "size": o.size,
+                                   "box": list(o.box)} for o in s.objects]}
+        for i, s in enumerate(scenes)
+    }  # fmt: skip
+    (args.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    print(f"{kept} requests written to {args.out}")
+    for req in recorder.requests:
+        print(req["method"], req["path"], len(req["body"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
