@@ -42,21 +42,20 @@ from backend.label_studio import set_project_model_version
 from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
+from model.build_default import load_recipe, training_records
 from model.checkpoint import VISION_WEIGHTS, load_model, save_checkpoint
 from model.config import TrainConfig
-from model.data.dataset import record_turns
+from model.data.dataset import load_jsonl_records, record_turns
 from model.engine import InferenceEngine
 from model.evaluate import eval_scenes, score_scenes
 from model.geometry import boxes_tensor
-from model.synthetic import SceneSpec, SyntheticRecords
+from model.synthetic import SceneSpec
 from model.tasks import ATTRIBUTE_QUESTIONS, CAPTION_QUESTIONS, RELATION_QUESTIONS
 from model.train import train
 
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 3  # follow-up rounds one job runs for requests that arrive while it trains
-REPLAY_SEED = 100  # the embedded default's stage-2 data (model.build_default: seed + 100)
-REPLAY_COUNT = 50_000
 GATE_SEED = 0
 BASE_METRICS = ("caption_exact_match", "attribute_accuracy", "relation_accuracy")
 CURVE = "training_curve.png"
@@ -174,6 +173,17 @@ def plot_curve(history: Sequence[dict], path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------- data
+def replay_records(settings: Settings) -> Sequence[dict]:
+    """Earlier data mixed into fine-tuning: the embedded default's own synthetic training set, or
+    the region-text JSONL file ``REPLAY_DATA`` names (for real weights and real data)."""
+    if settings.replay_data == "synthetic":
+        return training_records(load_recipe())
+    path = Path(settings.replay_data)
+    if not path.is_file():
+        raise FileNotFoundError(f"REPLAY_DATA {path} is not a file (use 'synthetic' or a JSONL file)")
+    return load_jsonl_records(path)
+
+
 def _held_out(annotation_id: int, fraction: float) -> bool:
     return zlib.crc32(f"heldout-{annotation_id}".encode()) % 10_000 < fraction * 10_000
 
@@ -277,7 +287,7 @@ def _finetune(
         log_every=max(1, settings.train_steps // 20),
         replay_fraction=settings.replay_fraction,
     )
-    replay = SyntheticRecords(seed=REPLAY_SEED, count=REPLAY_COUNT, spec=SceneSpec())
+    replay = replay_records(settings)
     data = MixedRecords(
         train_records, replay if settings.replay_fraction > 0 else [], settings.replay_fraction
     )

@@ -61,6 +61,9 @@ class Settings:
     train_batch_size: int = _setting(16, "fine-tuning global batch size")
     train_lr: float = _setting(3e-4, "fine-tuning learning rate")
     replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
+    replay_data: str = _setting(
+        "synthetic", "earlier data to replay: 'synthetic' (the default's training set) or a JSONL file"
+    )
     train_max_turns: int = _setting(4, "question/answer turns sampled per record per training step")
     heldout_fraction: float = _setting(0.2, "share of corrected images kept out of training for the gate")
     heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")

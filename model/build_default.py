@@ -2,10 +2,11 @@
 
     python -m model.build_default --out model/default
 
-Steps: tokenizer (``tokenizers`` BPE on the synthetic text) -> open_clip vision tower (ClipLoss on
-synthetic pairs) -> LM text pre-training -> stage 1 (region encoder) -> stage 2 (region encoder +
-projector + LM) -> checkpoint folder + held-out evaluation.  ``--scale`` shrinks every step count
-(for smoke tests).
+Steps (sizes and schedules from the recipe ``model/recipes/roi-tiny-default.json``): tokenizer
+(``tokenizers`` BPE on the synthetic text) -> open_clip vision tower (``ClipLoss`` on synthetic
+pairs) -> LM text pre-training -> stage 1 (region encoder) -> stage 2 (region encoder + projector +
+LM) -> checkpoint folder with the figures of every phase.  ``--scale`` shrinks every step count
+(smoke tests); ``--vision`` reuses trained vision weights instead of training them again.
 """
 
 from __future__ import annotations
@@ -15,78 +16,124 @@ import itertools
 import json
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from model.checkpoint import build_model, save_checkpoint
-from model.config import TrainConfig, load_model_config
+from model.config import TrainConfig, _from_dict, load_model_config
 from model.synthetic import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
 from model.train import train
 from model.train_clip import train_clip
 
 DEFAULT_DIR = Path(__file__).parent / "default"
+RECIPE_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "roi-tiny-default"
 DEFAULT_VERSION = "1.0.0"
+
+
+@dataclass
+class ClipRecipe:
+    steps: int = 600
+    batch_size: int = 96
+    lr: float = 1e-3
+
+
+@dataclass
+class BuildRecipe:
+    """How the default model is trained: model config, data and one ``TrainConfig`` per phase."""
+
+    config: str = "roi-tiny"
+    turns: int = 8  # question/answer turns per synthetic scene (all of them are trained on)
+    records: int = 50_000
+    record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
+    clip: ClipRecipe = field(default_factory=ClipRecipe)
+    lm: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
+    stage2: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildRecipe:
+        return _from_dict(cls, data)
+
+
+def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
+    """A recipe by bundled name (``model/recipes/<name>.json``) or file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {name_or_path!r} not found in {RECIPE_DIR}")
+    return BuildRecipe.from_dict(json.loads(path.read_text()))
+
+
+def training_records(recipe: BuildRecipe, seed: int = 0, spec: SceneSpec | None = None) -> SyntheticRecords:
+    """The synthetic records the default is trained on (the fine-tuning job replays them)."""
+    return SyntheticRecords(
+        seed=seed + recipe.record_seed_offset,
+        count=recipe.records,
+        spec=spec or SceneSpec(),
+        num_turns=recipe.turns,
+    )
+
+
+def _scaled(cfg: TrainConfig, scale: float, seed: int) -> TrainConfig:
+    data = cfg.to_dict()
+    data["steps"] = max(2, int(cfg.steps * scale))
+    data["warmup_steps"] = min(cfg.warmup_steps, data["steps"] // 2)
+    data["seed"] = cfg.seed + seed
+    return TrainConfig.from_dict(data)
 
 
 def build_default(
     out: Path,
-    config: str = "roi-tiny",
+    recipe: BuildRecipe | None = None,
     scale: float = 1.0,
     seed: int = 0,
     threads: int | None = None,
     show_bar: bool = True,
     vision: Path | None = None,
 ) -> dict:
-    """Run every stage and write the checkpoint folder ``out``; returns the figures recorded."""
+    """Run every phase and write the checkpoint folder ``out``; returns the figures recorded."""
+    recipe = recipe or load_recipe()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.monotonic()
-    cfg = load_model_config(config)
+    cfg = load_model_config(recipe.config)
     spec = SceneSpec()
-
-    def steps(n: int) -> int:
-        return max(2, int(n * scale))
-
     # The template text goes into the tokenizer corpus so the shared prompt prefix stays short.
     template = [cfg.prompt.system, cfg.prompt.image_intro, "\n### Human: ", "\n### Assistant:"] * 200
     texts = itertools.chain(corpus_texts(), template)
     tokenizer = train_tokenizer(texts, vocab_size=int(cfg.lm.hf_config["vocab_size"]) - 16)
+    figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         if vision is None:
             vision_file = Path(tmp) / "vision.safetensors"
-            clip_losses = train_clip(cfg.vision, vision_file, steps=steps(600), seed=seed, spec=spec)
+            clip = recipe.clip
+            steps = max(2, int(clip.steps * scale))
+            losses = train_clip(
+                cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec
+            )
+            figures["clip_loss"] = [losses[0], losses[-1]]
         else:
-            vision_file, clip_losses = Path(vision), [float("nan")]
+            vision_file = Path(vision)
+            figures["clip_loss"] = f"reused {vision_file}"
         cfg.vision.checkpoint = str(vision_file)
         model = build_model(cfg, tokenizer)
-        records = SyntheticRecords(seed=seed + 100, count=50_000, spec=spec)
-        figures: dict = {"clip_loss": [clip_losses[0], clip_losses[-1]]}
-        runs = [
-            (
-                "lm",
-                TrainConfig(stage=1, steps=steps(300), batch_size=32, lr=2e-3, warmup_steps=20, seed=seed),
-            ),
-            (
-                "stage1",
-                TrainConfig(
-                    stage=1, steps=steps(400), batch_size=16, lr=1e-3, warmup_steps=30, seed=seed + 1
-                ),
-            ),
-            (
-                "stage2",
-                TrainConfig(
-                    stage=2, steps=steps(1500), batch_size=16, lr=6e-4, warmup_steps=50, seed=seed + 2
-                ),
-            ),
-        ]
-        for name, tcfg in runs:
-            hist = train(model, records, tcfg, text_only=name == "lm", show_bar=show_bar)
-            figures[f"{name}_loss"] = [
-                hist[0]["loss"],
-                sum(h["loss"] for h in hist[-20:]) / min(20, len(hist)),
-            ]
+        records = training_records(recipe, seed, spec)
+        phases = [("lm", recipe.lm), ("stage1", recipe.stage1), ("stage2", recipe.stage2)]
+        for name, phase in phases:
+            tcfg = _scaled(phase, scale, seed)
+            started = time.monotonic()
+            hist = train(
+                model, records, tcfg, text_only=name == "lm", show_bar=show_bar, max_turns=recipe.turns
+            )
+            tail = hist[-20:]
+            figures[f"{name}_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
+            figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         figures["build_seconds"] = round(time.monotonic() - t0, 1)
         meta = {
             "version": DEFAULT_VERSION,
@@ -94,24 +141,26 @@ def build_default(
             "stage": 2,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": "model.build_default",
+            "recipe": {"seed": seed, "scale": scale, **asdict(recipe)},
             "held_out_colors": list(HELD_OUT_COLORS),
-            "scale": scale,
             "figures": figures,
         }
-        save_checkpoint(model, out, runs[-1][1], meta, vision_source=vision_file)
+        save_checkpoint(model, out, _scaled(recipe.stage2, scale, seed), meta, vision_source=vision_file)
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    ap.add_argument("--config", default="roi-tiny")
+    ap.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe name or JSON file")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
     args = ap.parse_args(argv)
-    figures = build_default(args.out, args.config, args.scale, args.seed, args.threads, vision=args.vision)
+    figures = build_default(
+        args.out, load_recipe(args.recipe), args.scale, args.seed, args.threads, vision=args.vision
+    )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")
     return 0

@@ -29,7 +29,7 @@ from model.synthetic import (
     make_scene,
     render_scene,
 )
-from model.tasks import relation_labels
+from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
 
 TARGETS = {"caption_exact_match": 0.95, "attribute_accuracy": 0.97, "relation_accuracy": 0.90}
 EVAL_SEED_OFFSET = 7_919_000  # far from every training seed
@@ -94,6 +94,24 @@ def score_scenes(
     }
 
 
+def position_accuracy(engine: InferenceEngine, scenes: Sequence[Scene], batch_images: int = 8) -> float:
+    """Share of regions whose answer to the position question (``"top left"``...) is right."""
+    hits = Counter()
+    for start in range(0, len(scenes), batch_images):
+        chunk = scenes[start : start + batch_images]
+        boxes = [boxes_tensor([o.box for o in s.objects], s.width, s.height) for s in chunk]
+        queries = [
+            (i, POSITION_QUESTIONS[0].format(a=f"<region{k + 1}>"))
+            for i, s in enumerate(chunk)
+            for k in range(len(s.objects))
+        ]
+        answers = iter(engine.answer([s.image for s in chunk], boxes, queries))
+        for s in chunk:
+            for o in s.objects:
+                hits.add(next(answers).text == position_text(o.box, s.width, s.height))
+    return hits.rate
+
+
 def region_reading(engine: InferenceEngine, seed: int, count: int, spec: SceneSpec) -> dict:
     """Same box / different image and different box / same image checks."""
     rng = random.Random(seed + 17)
@@ -124,8 +142,10 @@ def evaluate(
 ) -> dict:
     """All figures for one engine on ``images`` held-out scenes."""
     spec = spec or SceneSpec()
-    result = score_scenes(engine, eval_scenes(seed, images, spec))
+    scenes = eval_scenes(seed, images, spec)
+    result = score_scenes(engine, scenes)
     result.pop("captions")
+    result["position_accuracy"] = position_accuracy(engine, scenes)
     result.update(region_reading(engine, seed, max(20, images // 4), spec))
     return result
 

@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw
 from model.tasks import (
     ATTRIBUTE_QUESTIONS,
     CAPTION_QUESTIONS,
+    POSITION_QUESTIONS,
     RELATION_QUESTIONS,
     caption_text,
+    position_text,
     relation_text,
 )
 
@@ -136,8 +138,11 @@ def scene_turns(scene: Scene, rng: random.Random, num_turns: int = 3) -> list[tu
     for _ in range(num_turns):
         kind = rng.random()
         i = rng.randrange(len(objs))
-        if kind < 0.4:
+        if kind < 0.3:
             turns.append((rng.choice(CAPTION_QUESTIONS).format(a=f"<region{i + 1}>"), objs[i].caption))
+        elif kind < 0.4:
+            question = rng.choice(POSITION_QUESTIONS).format(a=f"<region{i + 1}>")
+            turns.append((question, position_text(objs[i].box, scene.width, scene.height)))
         elif kind < 0.7:
             attr = rng.choice(list(ATTRIBUTE_QUESTIONS))
             question = rng.choice(ATTRIBUTE_QUESTIONS[attr]).format(a=f"<region{i + 1}>")

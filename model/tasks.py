@@ -18,6 +18,11 @@ ATTRIBUTE_QUESTIONS: dict[str, tuple[str, ...]] = {
     "size": ("What size is {a}?", "How big is {a}?"),
 }
 RELATION_QUESTIONS = ("How is {a} related to {b}?", "Where is {a} relative to {b}?")
+# Where a region lies in the image (thirds).  Not an attribute the backend fills in: it teaches the
+# model to read box positions, which relations then compare (as the size answer does for sizes).
+POSITION_QUESTIONS = ("Which part of the image is {a} in?", "In which part of the picture is {a}?")
+POSITION_ROWS = ("top", "middle", "bottom")
+POSITION_COLUMNS = ("left", "centre", "right")
 
 # Canonical questions the backend and the evaluation ask.
 CAPTION_QUESTION = CAPTION_QUESTIONS[0]
@@ -41,6 +46,14 @@ def size_class(box: Sequence[float], image_w: int, image_h: int) -> str:
     if side < SIZE_THRESHOLDS[0]:
         return "small"
     return "medium" if side < SIZE_THRESHOLDS[1] else "large"
+
+
+def position_text(box: Sequence[float], image_w: int, image_h: int) -> str:
+    """``"top left"`` ... ``"bottom right"``: the third of the image holding the box centre."""
+    cx, cy = box_center(pixels_to_normalized(box, image_w, image_h))
+    row = POSITION_ROWS[min(2, max(0, int(cy * 3)))]
+    col = POSITION_COLUMNS[min(2, max(0, int(cx * 3)))]
+    return f"{row} {col}"
 
 
 def relation_labels(a: Sequence[float], b: Sequence[float], image_w: int, image_h: int) -> list[str]:

@@ -193,7 +193,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import load_model, read_metadata, save_checkpoint
-    from model.data.converters import read_jsonl
+    from model.data.dataset import load_jsonl_records
 
     ap = argparse.ArgumentParser(description="Continue training a checkpoint on region-text JSONL")
     ap.add_argument("--init", required=True, help="checkpoint folder to start from")
@@ -208,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     distributed = init_distributed()
     model = load_model(args.init)
-    records: list[dict] = []
-    for path in args.data:
-        recs = list(read_jsonl(path))
-        for r in recs:
-            if not str(r["image"]).startswith(("http://", "https://", "/")):
-                r["image"] = str(Path(path).parent / r["image"])
-        records += recs
+    records = [rec for path in args.data for rec in load_jsonl_records(path)]
     cfg = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
     )

@@ -41,6 +41,19 @@ def record_turns(record: dict) -> list[tuple[str, str]]:
     return turns
 
 
+def load_jsonl_records(path: str | Path) -> list[dict]:
+    """Region-text JSONL records with relative image paths made relative to the file's folder."""
+    from model.data.converters import read_jsonl
+
+    folder = Path(path).parent
+    records = list(read_jsonl(path))
+    for rec in records:
+        image = str(rec["image"])
+        if not image.startswith(("http://", "https://", "/")):
+            rec["image"] = str(folder / image)
+    return records
+
+
 def load_record_image(record: dict, root: Path | None = None) -> Image.Image:
     image = record["image"]
     if isinstance(image, Image.Image):
