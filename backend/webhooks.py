@@ -23,6 +23,7 @@ from typing import Any
 
 from backend.corrections import CorrectionError, image_reference, parse_result
 from backend.jobs import flush_outbox
+from backend.label_config import ConfigError, parse_label_config
 from backend.settings import Settings
 from backend.store import StoreError, open_store
 
@@ -60,10 +61,6 @@ def _label_config(payload: Mapping[str, Any]) -> tuple[str | None, str | None, s
     project = payload.get("project")
     xml = project.get("label_config") if isinstance(project, Mapping) else None
     if not isinstance(xml, str) or not xml.strip():
-        return None, None, None
-    try:
-        from backend.label_config import ConfigError, parse_label_config
-    except ImportError:  # pragma: no cover - the module ships with the backend
         return None, None, None
     try:
         cfg = parse_label_config(xml)

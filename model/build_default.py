@@ -24,6 +24,8 @@ import torch
 
 from model.checkpoint import build_model, save_checkpoint
 from model.config import TrainConfig, _from_dict, load_model_config
+from model.engine import InferenceEngine
+from model.evaluate import evaluate
 from model.synthetic import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
 from model.train import train
@@ -96,6 +98,7 @@ def build_default(
     threads: int | None = None,
     show_bar: bool = True,
     vision: Path | None = None,
+    eval_images: int = 200,
 ) -> dict:
     """Run every phase and write the checkpoint folder ``out``; returns the figures recorded."""
     recipe = recipe or load_recipe()
@@ -135,6 +138,9 @@ def build_default(
             figures[f"{name}_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         figures["build_seconds"] = round(time.monotonic() - t0, 1)
+        if eval_images:
+            result = evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
+            figures["evaluation"] = {k: v for k, v in result.items() if isinstance(v, float)}
         meta = {
             "version": DEFAULT_VERSION,
             "parent": None,
@@ -157,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
+    ap.add_argument("--eval-images", type=int, default=200, help="held-out scenes scored at the end")
     args = ap.parse_args(argv)
     figures = build_default(
-        args.out, load_recipe(args.recipe), args.scale, args.seed, args.threads, vision=args.vision
+        args.out, load_recipe(args.recipe), args.scale, args.seed, args.threads, vision=args.vision,
+        eval_images=args.eval_images,
     )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")

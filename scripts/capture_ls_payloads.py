@@ -28,7 +28,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from model.synthetic import SceneSpec, make_scene  # noqa: E402
-from scripts.ls_harness import LS_TOKEN, LabelStudio, free_port, png, start_label_studio  # noqa: E402
+from scripts.ls_harness import (  # noqa: E402
+    LS_TOKEN,
+    LabelStudio,
+    free_port,
+    png,
+    rectangle_result,
+    start_label_studio,
+)
 
 CONFIG = "caption_attributes"
 SEED = 9_100_000
@@ -61,15 +68,8 @@ class Recorder:
         return self.app(environ, start_response)
 
 
-def box_item(rid: str, box, scene, label: str = "Object") -> dict:
-    from model.geometry import pixels_to_percent
-
-    return {
-        "id": rid, "from_name": "bbox", "to_name": "image", "type": "rectanglelabels",
-        "original_width": scene.width, "original_height": scene.height, "image_rotation": 0,
-        "value": {**pixels_to_percent(box, scene.width, scene.height), "rotation": 0,
-                  "rectanglelabels": [label]},
-    }  # fmt: skip
+def box_item(rid: str, box, scene) -> dict:
+    return rectangle_result(rid, box, scene.width, scene.height)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,22 @@ def start_backend(
     return server
 
 
+def rectangle_result(rid: str, box, width: int, height: int, label: str = "Object") -> dict:
+    """A Label Studio ``rectanglelabels`` result for a pixel ``xyxy`` box (control ``bbox``)."""
+    from model.geometry import pixels_to_percent
+
+    return {
+        "id": rid,
+        "from_name": "bbox",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {**pixels_to_percent(box, width, height), "rotation": 0, "rectanglelabels": [label]},
+    }
+
+
 def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")

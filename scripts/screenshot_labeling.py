@@ -23,9 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from model.geometry import pixels_to_percent  # noqa: E402
 from model.synthetic import SceneSpec, make_scene  # noqa: E402
-from scripts.ls_harness import LS_VENV, LabelStudio, png, start_backend, start_label_studio  # noqa: E402
+from scripts.ls_harness import (  # noqa: E402
+    LS_VENV,
+    LabelStudio,
+    png,
+    rectangle_result,
+    start_backend,
+    start_label_studio,
+)
 
 
 def make_task(ls: LabelStudio, project: int, seed: int) -> tuple[int, list[str]]:
@@ -33,20 +39,7 @@ def make_task(ls: LabelStudio, project: int, seed: int) -> tuple[int, list[str]]
     scene = make_scene(random.Random(seed), SceneSpec(min_objects=3, max_objects=3))
     task = ls.upload_images(project, [("scene-0.png", png(scene.image))])["scene-0.png"]
     result = [
-        {
-            "id": f"box{k + 1}",
-            "from_name": "bbox",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "original_width": scene.width,
-            "original_height": scene.height,
-            "image_rotation": 0,
-            "value": {
-                **pixels_to_percent(obj.box, scene.width, scene.height),
-                "rotation": 0,
-                "rectanglelabels": ["Object"],
-            },
-        }
+        rectangle_result(f"box{k + 1}", obj.box, scene.width, scene.height)
         for k, obj in enumerate(scene.objects)
     ]
     ls.add_prediction(task["id"], result, "boxes")

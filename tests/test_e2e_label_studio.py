@@ -22,7 +22,7 @@ import requests
 from model.geometry import pixels_to_percent
 from model.synthetic import Scene, SceneSpec, make_scene
 from model.tasks import relation_labels
-from scripts.ls_harness import LabelStudio, png, start_backend, start_label_studio
+from scripts.ls_harness import LabelStudio, png, rectangle_result, start_backend, start_label_studio
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -65,21 +65,7 @@ def scenes_for(project_index: int) -> list[Scene]:
 
 
 def box_result(rid: str, box, scene: Scene) -> dict:
-    value = {
-        **pixels_to_percent(box, scene.width, scene.height),
-        "rotation": 0,
-        "rectanglelabels": ["Object"],
-    }
-    return {
-        "id": rid,
-        "from_name": "bbox",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": scene.width,
-        "original_height": scene.height,
-        "image_rotation": 0,
-        "value": value,
-    }
+    return rectangle_result(rid, box, scene.width, scene.height)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
