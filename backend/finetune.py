@@ -299,6 +299,7 @@ def _finetune(
         cfg,
         progress=progress_reporter("train", {"project": project_id}),
         max_turns=settings.train_max_turns,
+        separate_turns=True,  # one question per prompt, as the default was trained and as serving asks
         show_bar=False,
     )
     train_seconds = time.monotonic() - t_train

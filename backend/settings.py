@@ -64,7 +64,7 @@ class Settings:
     replay_data: str = _setting(
         "synthetic", "earlier data to replay: 'synthetic' (the default's training set) or a JSONL file"
     )
-    train_max_turns: int = _setting(4, "question/answer turns sampled per record per training step")
+    train_max_turns: int = _setting(4, "questions per corrected image per training step (one prompt each)")
     heldout_fraction: float = _setting(0.2, "share of corrected images kept out of training for the gate")
     heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")
     gate_eval_images: int = _setting(100, "base evaluation scenes scored by the promotion gate")

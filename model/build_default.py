@@ -49,7 +49,8 @@ class BuildRecipe:
     """How the default model is trained: model config, data and one ``TrainConfig`` per phase."""
 
     config: str = "roi-tiny"
-    turns: int = 8  # question/answer turns per synthetic scene (all of them are trained on)
+    turns: int = 8  # question/answer turns generated per synthetic scene
+    prompts_per_image: int = 4  # stage 1/2: that many of them, each its own single-question prompt
     records: int = 50_000
     record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
     clip: ClipRecipe = field(default_factory=ClipRecipe)
@@ -99,6 +100,7 @@ def build_default(
     show_bar: bool = True,
     vision: Path | None = None,
     eval_images: int = 200,
+    eval_every: int = 0,
 ) -> dict:
     """Run every phase and write the checkpoint folder ``out``; returns the figures recorded."""
     recipe = recipe or load_recipe()
@@ -131,8 +133,17 @@ def build_default(
         for name, phase in phases:
             tcfg = _scaled(phase, scale, seed)
             started = time.monotonic()
+            text_only = name == "lm"  # LM pre-training: whole conversations, no images
+            progress = _eval_progress(model, name, eval_every) if eval_every and not text_only else None
             hist = train(
-                model, records, tcfg, text_only=name == "lm", show_bar=show_bar, max_turns=recipe.turns
+                model,
+                records,
+                tcfg,
+                text_only=text_only,
+                show_bar=show_bar,
+                max_turns=recipe.turns if text_only else recipe.prompts_per_image,
+                separate_turns=not text_only,
+                progress=progress,
             )
             tail = hist[-20:]
             figures[f"{name}_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
@@ -155,6 +166,24 @@ def build_default(
     return figures
 
 
+def _eval_progress(model, phase: str, every: int):
+    """A training progress callback that prints a quick held-out evaluation every ``every`` steps."""
+
+    def report(entry: dict) -> None:
+        if entry["step"] % every and entry["step"] != entry["steps"]:
+            return
+        model.eval()
+        result = evaluate(InferenceEngine(model, "building"), images=60, seed=1)
+        model.train()
+        rates = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+        print(
+            json.dumps({"phase": phase, "step": entry["step"], "loss": round(entry["loss"], 4), **rates}),
+            flush=True,
+        )
+
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
@@ -164,10 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
     ap.add_argument("--eval-images", type=int, default=200, help="held-out scenes scored at the end")
+    ap.add_argument("--eval-every", type=int, default=0, help="quick evaluation every N steps (0: off)")
     args = ap.parse_args(argv)
     figures = build_default(
-        args.out, load_recipe(args.recipe), args.scale, args.seed, args.threads, vision=args.vision,
+        args.out,
+        load_recipe(args.recipe),
+        args.scale,
+        args.seed,
+        args.threads,
+        vision=args.vision,
         eval_images=args.eval_images,
+        eval_every=args.eval_every,
     )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")

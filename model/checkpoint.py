@@ -107,10 +107,14 @@ def save_checkpoint(
     save_file(_trainable_state(model), str(folder / WEIGHTS), metadata={"format": "pt"})
     vision_path = folder / VISION_WEIGHTS
     if vision_source is not None and Path(vision_source).resolve() != vision_path.resolve():
-        try:
-            os.link(vision_source, vision_path)
-        except OSError:
-            shutil.copyfile(vision_source, vision_path)
+        if vision_path.exists() and os.path.samefile(vision_source, vision_path):
+            pass  # already this very file (a hard link from an earlier save into the folder)
+        else:
+            vision_path.unlink(missing_ok=True)
+            try:
+                os.link(vision_source, vision_path)
+            except OSError:
+                shutil.copyfile(vision_source, vision_path)
     elif not vision_path.exists():
         vstate = {f"visual.{k}": v.contiguous() for k, v in model.vision.visual.state_dict().items()}
         save_file(vstate, str(vision_path), metadata={"format": "pt"})

@@ -159,12 +159,16 @@ class RegionMLLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
         region_orders: Sequence[Sequence[int]],
+        row_image: Sequence[int] | None = None,
     ):
-        """One prompt per image.  ``pixels`` ``(B, 3, S, S)``, ``input_ids``/``labels`` ``(B, L)``.
-        Returns the LM output; ``loss`` is the mean cross-entropy over answer tokens."""
+        """``pixels`` ``(B, 3, S, S)``; ``input_ids``/``labels`` ``(R, L)``: R prompts, row r about
+        image ``row_image[r]`` (default: one prompt per image).  Each image is encoded once however
+        many prompts ask about it.  Returns the LM output; ``loss`` is the mean cross-entropy over
+        answer tokens."""
         vision = self.encode_images(pixels)
         feats = self.region_features(vision, boxes)
-        embeds = self.embed_prompts(input_ids, vision, feats, list(range(len(boxes))), region_orders)
+        rows = list(range(len(boxes))) if row_image is None else list(row_image)
+        embeds = self.embed_prompts(input_ids, vision, feats, rows, region_orders)
         return self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask.to(self.device),

@@ -112,6 +112,7 @@ def train(
     max_turns: int | None = 4,
     show_bar: bool = True,
     fsdp: bool = False,
+    separate_turns: bool = False,
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.steps`` steps of global batch ``cfg.batch_size``.
 
@@ -131,7 +132,9 @@ def train(
     if text_only:
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
-    dataset = RecordDataset(records, model, root=root, max_turns=max_turns, text_only=text_only)
+    dataset = RecordDataset(
+        records, model, root=root, max_turns=max_turns, text_only=text_only, separate_turns=separate_turns
+    )
     # Text-only pre-training runs the LM alone, so only the LM is wrapped for gradient sync.
     trained: nn.Module = model.lm if text_only else model
     wrapped: nn.Module = trained

@@ -23,11 +23,12 @@ from model.prompt import EncodedPrompt
 
 @dataclass
 class Sample:
-    """``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised; ``prompt``: ids/labels/region order."""
+    """``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised; ``prompts``: one or more encoded
+    prompts (ids/labels/region order) about this image."""
 
     pixels: torch.Tensor
     boxes: torch.Tensor
-    prompt: EncodedPrompt
+    prompts: list[EncodedPrompt]
 
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
@@ -66,7 +67,13 @@ def load_record_image(record: dict, root: Path | None = None) -> Image.Image:
 
 
 class RecordDataset(Dataset):
-    """Map-style dataset over in-memory records; ``max_turns`` caps the sequence length."""
+    """Map-style dataset over in-memory records.
+
+    ``max_turns`` caps the turns taken from a record (a random subset, fixed per index).  With
+    ``separate_turns`` every turn becomes its own single-question prompt on the shared image (as the
+    inference engine asks them) instead of one multi-turn conversation: a later question can then
+    never be answered by copying an earlier answer about the same region.
+    """
 
     def __init__(
         self,
@@ -75,12 +82,14 @@ class RecordDataset(Dataset):
         root: Path | None = None,
         max_turns: int | None = None,
         text_only: bool = False,
+        separate_turns: bool = False,
     ) -> None:
         self.records = records  # any Sequence: synthetic sets render lazily
         self.model = model
         self.root = root
         self.max_turns = max_turns
         self.text_only = text_only  # LM pre-training: prompts only, the image is never decoded
+        self.separate_turns = separate_turns
 
     def __len__(self) -> int:
         return len(self.records)
@@ -90,21 +99,26 @@ class RecordDataset(Dataset):
         turns = record_turns(rec)
         if self.max_turns is not None and len(turns) > self.max_turns:
             turns = random.Random(index).sample(turns, self.max_turns)
+        groups = [[turn] for turn in turns] if self.separate_turns else [turns]
+        encode = self.model.prompts.encode_conversation
         if self.text_only:
-            prompt = self.model.prompts.encode_conversation(turns, num_boxes=len(rec["boxes"]))
+            prompts = [encode(group, num_boxes=len(rec["boxes"])) for group in groups]
             size = self.model.cfg.vision.image_size
-            return Sample(torch.zeros(3, size, size), torch.zeros(len(rec["boxes"]), 4), prompt)
+            return Sample(torch.zeros(3, size, size), torch.zeros(len(rec["boxes"]), 4), prompts)
         image = load_record_image(rec, self.root)
         w, h = rec.get("width") or image.width, rec.get("height") or image.height
         boxes = boxes_tensor(rec["boxes"], w, h)
-        prompt = self.model.prompts.encode_conversation(turns, num_boxes=len(boxes))
-        return Sample(self.model.processor(image), boxes, prompt)
+        prompts = [encode(group, num_boxes=len(boxes)) for group in groups]
+        return Sample(self.model.processor(image), boxes, prompts)
 
 
 def collate_samples(model: RegionMLLM, samples: Sequence[Sample]) -> dict:
-    """Samples -> keyword arguments of :meth:`RegionMLLM.forward`."""
-    batch = model.collate([s.prompt for s in samples])
+    """Samples -> keyword arguments of :meth:`RegionMLLM.forward` (every prompt is a row; rows of
+    one sample share its image)."""
+    prompts = [p for s in samples for p in s.prompts]
+    batch = model.collate(prompts)
     batch["pixels"] = torch.stack([s.pixels for s in samples])
     batch["boxes"] = [s.boxes for s in samples]
-    batch["region_orders"] = [s.prompt.region_order for s in samples]
+    batch["region_orders"] = [p.region_order for p in prompts]
+    batch["row_image"] = [i for i, s in enumerate(samples) for _ in s.prompts]
     return batch
