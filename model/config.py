@@ -113,6 +113,7 @@ class TrainConfig:
     log_every: int = 25
     num_workers: int = 0
     replay_fraction: float = 0.5
+    image_token_dropout: float = 0.0  # share of prompts whose image tokens are hidden (see model.train)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

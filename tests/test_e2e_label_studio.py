@@ -201,6 +201,14 @@ def test_annotation_webhook_reaches_the_backend(projects, stack):
     )
     log = stack["backend"].log.read_text()
     assert re.search(r'"message": "webhook", "action": "ANNOTATION_CREATED"', log)
+    # The correction was stored durably, each caption on its box (the backend's DATA_DIR).
+    from backend.store import CorrectionStore
+
+    (stored,) = CorrectionStore(stack["backend"].log.parent / "data").annotations(project_id=info["project"])
+    assert stored.task_id == task_id
+    assert {r.region_id: r.caption for r in stored.regions} == {
+        rid: o.caption for rid, o in zip(ids, scene.objects)
+    }
     assert "0123456789abcdef0123456789abcdef01234567" not in log  # the API key is never logged
 
 

@@ -1,0 +1,85 @@
+"""Training data plumbing: separate single-question prompts per image, hidden image tokens, the
+build recipe, position answers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from model.build_default import BuildRecipe, load_recipe, training_records
+from model.data.dataset import RecordDataset, collate_samples
+from model.prompt import IGNORE_INDEX
+from model.tasks import position_text
+from model.train import hide_image_tokens
+from tests.model_helpers import tiny_model, tiny_records
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_separate_turns_make_one_single_question_prompt_each(model):
+    records = tiny_records(4, seed=21)
+    joint = RecordDataset(records, model, max_turns=3)[0]
+    apart = RecordDataset(records, model, max_turns=3, separate_turns=True)[0]
+    assert len(joint.prompts) == 1 and len(apart.prompts) == 3
+    human = model.tokenizer("### Human:", add_special_tokens=False).input_ids
+    for prompt in apart.prompts:
+        ids = prompt.input_ids
+        # One question, one answer: no "### Human:" turn separator after the image intro.
+        occurrences = sum(ids[i : i + len(human)] == human for i in range(len(ids)))
+        assert occurrences == 1
+        assert sum(1 for x in prompt.labels if x != IGNORE_INDEX) > 1
+    # The same three turns, same answers, either way.
+    answers = [model.tokenizer.decode([t for t in p.labels if t != IGNORE_INDEX]) for p in apart.prompts]
+    joint_answers = model.tokenizer.decode([t for t in joint.prompts[0].labels if t != IGNORE_INDEX])
+    assert all(a.strip().removesuffix("</s>").strip() in joint_answers for a in answers)
+
+
+def test_collate_shares_each_image_between_its_prompts_and_forward_runs(model):
+    data = RecordDataset(tiny_records(4, seed=22), model, max_turns=2, separate_turns=True)
+    batch = collate_samples(model, [data[0], data[1], data[2]])
+    assert batch["pixels"].shape[0] == 3 and batch["input_ids"].shape[0] == 6
+    assert batch["row_image"] == [0, 0, 1, 1, 2, 2]
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_hide_image_tokens_masks_only_image_tokens_of_some_rows(model):
+    data = RecordDataset(tiny_records(8, seed=23), model, max_turns=2, separate_turns=True)
+    batch = collate_samples(model, [data[i] for i in range(8)])
+    before = batch["attention_mask"].clone()
+    hide_image_tokens(batch, model.image_patch_id, 0.5, random.Random(0))
+    is_image = batch["input_ids"] == model.image_patch_id
+    hidden_rows = [r for r in range(16) if batch["attention_mask"][r][is_image[r]].sum() == 0]
+    assert 3 <= len(hidden_rows) <= 13
+    assert torch.equal(batch["attention_mask"][~is_image], before[~is_image])  # text untouched
+    for r in set(range(16)) - set(hidden_rows):
+        assert torch.equal(batch["attention_mask"][r], before[r])
+    unchanged = collate_samples(model, [data[0]])
+    hide_image_tokens(unchanged, model.image_patch_id, 0.0, random.Random(0))
+    assert unchanged["attention_mask"][unchanged["input_ids"] == model.image_patch_id].all()
+
+
+def test_bundled_recipe_loads_and_rejects_unknown_keys(tmp_path):
+    recipe = load_recipe()
+    assert recipe.stage2.stage == 2 and recipe.lm.stage == 1 and recipe.prompts_per_image >= 1
+    records = training_records(recipe)
+    assert len(records) == recipe.records and records.num_turns == recipe.turns
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stage2": {"steps": 5, "learning_rate": 1}}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError):
+        load_recipe("no-such-recipe")
+    assert BuildRecipe().config == "roi-tiny"
+
+
+def test_position_text_by_thirds_on_a_non_square_image():
+    assert position_text([0, 0, 20, 10], 300, 90) == "top left"
+    assert position_text([140, 35, 160, 55], 300, 90) == "middle centre"
+    assert position_text([250, 70, 290, 88], 300, 90) == "bottom right"
