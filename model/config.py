@@ -56,6 +56,10 @@ class RegionEncoderConfig:
     sampling_ratio: int = 2
     hidden_dim: int = 128
     pos_hidden_dim: int = 64
+    # Sin/cos features of the box at frequencies pi*1..pi*N before the box MLP (0: raw coordinates,
+    # as GPT4RoI).  A ReLU MLP on 4 raw numbers learns sharp position boundaries slowly (spectral
+    # bias); Fourier features make "which third / left of" readable from the first step.
+    pos_fourier_bands: int = 0
     out_norm: bool = False  # LayerNorm on the region token (GPT4RoI: none); keeps it at the LM's scale
     feature_norm: bool = False  # LayerNorm on the pooled visual part before the box embedding is added
 

@@ -33,6 +33,12 @@ from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
 
 TARGETS = {"caption_exact_match": 0.95, "attribute_accuracy": 0.97, "relation_accuracy": 0.90}
 EVAL_SEED_OFFSET = 7_919_000  # far from every training seed
+# The three independent parts of a relation answer, scored separately to show which one fails.
+RELATION_AXES = {
+    "horizontal": ("left of", "right of"),
+    "vertical": ("above", "below"),
+    "size": ("larger than", "smaller than"),
+}
 
 
 @dataclass
@@ -67,6 +73,7 @@ def score_scenes(
     """Ask every question about every object of ``scenes``; returns rates and counts."""
     cap, attr, rel = Counter(), Counter(), Counter()
     per_attr = {a: Counter() for a in ATTRIBUTES}
+    per_axis = {axis: Counter() for axis in RELATION_AXES}
     answers: list[list[str]] = []
     for start in range(0, len(scenes), batch_images):
         chunk = scenes[start : start + batch_images]
@@ -84,11 +91,15 @@ def score_scenes(
                 a, b = scene.objects[r.source], scene.objects[r.target]
                 truth = relation_labels(a.box, b.box, scene.width, scene.height)
                 rel.add(r.labels == truth and (bool(truth) or r.answer.text == "near"))
+                for axis, words in RELATION_AXES.items():
+                    said, right = ([w for w in ls if w in words] for ls in (r.labels, truth))
+                    per_axis[axis].add(said == right)
     return {
         "caption_exact_match": cap.rate,
         "attribute_accuracy": attr.rate,
         "relation_accuracy": rel.rate,
         **{f"{k}_accuracy": c.rate for k, c in per_attr.items()},
+        **{f"relation_{k}_accuracy": c.rate for k, c in per_axis.items()},
         "counts": {"regions": cap.total, "attribute_questions": attr.total, "relation_questions": rel.total},
         "captions": answers,
     }

@@ -15,6 +15,8 @@ Pipeline (sizes from :class:`model.config.RegionEncoderConfig`):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,14 +99,26 @@ class RegionFeatureExtractor(nn.Module):
         # The flattened RoI features are ~100x larger than the box embedding (which ends in a
         # LayerNorm); without this the box position is a rounding error in the sum.
         self.feature_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.feature_norm else nn.Identity()
+        bands = cfg.pos_fourier_bands
+        self.register_buffer(
+            "pos_freqs", torch.arange(1, bands + 1, dtype=torch.float32) * math.pi, persistent=False
+        )
         self.pos_embedd = nn.Sequential(
-            nn.Linear(4, cfg.pos_hidden_dim),
+            nn.Linear(4 * (1 + 2 * bands), cfg.pos_hidden_dim),
             nn.ReLU(),
             nn.LayerNorm(cfg.pos_hidden_dim),
             nn.Linear(cfg.pos_hidden_dim, cfg.hidden_dim),
             nn.ReLU(),
             nn.LayerNorm(cfg.hidden_dim),
         )
+
+    def box_features(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``(N, 4)`` normalised boxes -> ``(N, 4 * (1 + 2 * bands))``: the box, then sin and cos of
+        every coordinate at every frequency."""
+        if not len(self.pos_freqs):
+            return boxes
+        angles = (boxes[:, :, None] * self.pos_freqs).flatten(1)
+        return torch.cat([boxes, angles.sin(), angles.cos()], dim=1)
 
     def forward(self, feats: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``feats``: pyramid ``(B, F, s, s)``; ``boxes``: per image ``(N_i, 4)`` normalised xyxy.
@@ -128,7 +142,7 @@ class RegionFeatureExtractor(nn.Module):
             summed = pooled if summed is None else summed + pooled
         assert summed is not None
         flat = F.relu(summed).flatten(1)
-        pos = self.pos_embedd(torch.cat(boxes).to(flat.dtype))
+        pos = self.pos_embedd(self.box_features(torch.cat(boxes).float()).to(flat.dtype))
         return self.feature_norm(self.flatten_linear(flat)) + pos
 
 
@@ -143,6 +157,11 @@ class RegionEncoder(nn.Module):
         # GPT4RoI has no output norm; a small LM trained from scratch reads tokens of a fixed scale
         # far more easily (without it the region tokens drift to norms 100x the image tokens').
         self.out_norm = nn.LayerNorm(out_dim) if cfg.out_norm else nn.Identity()
+        if cfg.out_norm:
+            # A constant part in every region token (the norm's bias, started away from zero): the LM's
+            # attention can find "the region token" by content from the first step instead of having
+            # to discover a direction shared by tokens whose content is all about their box.
+            nn.init.normal_(self.out_norm.bias, std=1.0)
 
     def fuse(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Box-independent part: ``(B, C, g, g)`` levels -> fused pyramid (cacheable per image)."""
