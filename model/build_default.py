@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import build_model, save_checkpoint
+from model.checkpoint import build_model, load_model, read_metadata, save_checkpoint
 from model.config import TrainConfig, _from_dict, load_model_config
 from model.engine import InferenceEngine
 from model.evaluate import evaluate
+from model.mllm import RegionMLLM
 from model.synthetic import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
 from model.train import train
@@ -57,6 +58,8 @@ class BuildRecipe:
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
     stage2: TrainConfig = field(default_factory=TrainConfig)
+    # Optional second stage-2 run with a fresh warm-up and cosine schedule (a restart); steps 0: none.
+    stage2_restart: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, steps=0))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecipe:
@@ -101,36 +104,34 @@ def build_default(
     vision: Path | None = None,
     eval_images: int = 200,
     eval_every: int = 0,
+    resume: Path | None = None,
 ) -> dict:
-    """Run every phase and write the checkpoint folder ``out``; returns the figures recorded."""
+    """Run every phase and write the checkpoint folder ``out``; returns the figures recorded.
+
+    ``resume``: a folder an earlier build of the same recipe wrote; its model is loaded and the
+    phases it records as done are skipped (a long build continued instead of started again).
+    """
     recipe = recipe or load_recipe()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.monotonic()
-    cfg = load_model_config(recipe.config)
     spec = SceneSpec()
-    # The template text goes into the tokenizer corpus so the shared prompt prefix stays short.
-    template = [cfg.prompt.system, cfg.prompt.image_intro, "\n### Human: ", "\n### Assistant:"] * 200
-    texts = itertools.chain(corpus_texts(), template)
-    tokenizer = train_tokenizer(texts, vocab_size=int(cfg.lm.hf_config["vocab_size"]) - 16)
     figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if vision is None:
-            vision_file = Path(tmp) / "vision.safetensors"
-            clip = recipe.clip
-            steps = max(2, int(clip.steps * scale))
-            losses = train_clip(
-                cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec
-            )
-            figures["clip_loss"] = [losses[0], losses[-1]]
+        if resume is not None:
+            model = load_model(resume)
+            vision_file = Path(resume) / "vision.safetensors"
+            figures = dict(read_metadata(resume).get("figures", {}))
+            figures.pop("evaluation", None)
         else:
-            vision_file = Path(vision)
-            figures["clip_loss"] = f"reused {vision_file}"
-        cfg.vision.checkpoint = str(vision_file)
-        model = build_model(cfg, tokenizer)
+            model, vision_file = _fresh_model(recipe, Path(tmp), scale, seed, spec, figures, vision)
         records = training_records(recipe, seed, spec)
         phases = [("lm", recipe.lm), ("stage1", recipe.stage1), ("stage2", recipe.stage2)]
+        if recipe.stage2_restart.steps > 0:
+            phases.append(("stage2_restart", recipe.stage2_restart))
         for name, phase in phases:
+            if f"{name}_loss" in figures:
+                continue  # done by the build being resumed
             tcfg = _scaled(phase, scale, seed)
             started = time.monotonic()
             text_only = name == "lm"  # LM pre-training: whole conversations, no images
@@ -148,7 +149,7 @@ def build_default(
             tail = hist[-20:]
             figures[f"{name}_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
-        figures["build_seconds"] = round(time.monotonic() - t0, 1)
+        figures["build_seconds"] = round(figures.get("build_seconds", 0) + time.monotonic() - t0, 1)
         if eval_images:
             result = evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
             figures["evaluation"] = {k: v for k, v in result.items() if isinstance(v, float)}
@@ -164,6 +165,34 @@ def build_default(
         }
         save_checkpoint(model, out, _scaled(recipe.stage2, scale, seed), meta, vision_source=vision_file)
     return figures
+
+
+def _fresh_model(
+    recipe: BuildRecipe,
+    tmp: Path,
+    scale: float,
+    seed: int,
+    spec: SceneSpec,
+    figures: dict,
+    vision: Path | None,
+) -> tuple[RegionMLLM, Path]:
+    """Tokenizer + vision tower (CLIP) + a fresh model around them; returns it and the vision file."""
+    cfg = load_model_config(recipe.config)
+    # The template text goes into the tokenizer corpus so the shared prompt prefix stays short.
+    template = [cfg.prompt.system, cfg.prompt.image_intro, "\n### Human: ", "\n### Assistant:"] * 200
+    texts = itertools.chain(corpus_texts(), template)
+    tokenizer = train_tokenizer(texts, vocab_size=int(cfg.lm.hf_config["vocab_size"]) - 16)
+    if vision is None:
+        vision_file = tmp / "vision.safetensors"
+        clip = recipe.clip
+        steps = max(2, int(clip.steps * scale))
+        losses = train_clip(cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec)
+        figures["clip_loss"] = [losses[0], losses[-1]]
+    else:
+        vision_file = Path(vision)
+        figures["clip_loss"] = f"reused {vision_file}"
+    cfg.vision.checkpoint = str(vision_file)
+    return build_model(cfg, tokenizer), vision_file
 
 
 def _eval_progress(model, phase: str, every: int):
@@ -193,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
     ap.add_argument("--eval-images", type=int, default=200, help="held-out scenes scored at the end")
+    ap.add_argument("--resume", type=Path, default=None, help="continue a build: skip the phases it did")
     ap.add_argument("--eval-every", type=int, default=0, help="quick evaluation every N steps (0: off)")
     args = ap.parse_args(argv)
     figures = build_default(
@@ -204,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         vision=args.vision,
         eval_images=args.eval_images,
         eval_every=args.eval_every,
+        resume=args.resume,
     )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")

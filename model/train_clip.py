@@ -65,7 +65,7 @@ def train_clip(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     state = {f"visual.{k}": v.detach().contiguous() for k, v in model.visual.state_dict().items()}
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)

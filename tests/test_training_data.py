@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.build_default import BuildRecipe, load_recipe, training_records
+from model.config import TrainConfig
 from model.data.dataset import RecordDataset, collate_samples
 from model.prompt import IGNORE_INDEX
 from model.tasks import position_text
@@ -83,3 +84,25 @@ def test_position_text_by_thirds_on_a_non_square_image():
     assert position_text([0, 0, 20, 10], 300, 90) == "top left"
     assert position_text([140, 35, 160, 55], 300, 90) == "middle centre"
     assert position_text([250, 70, 290, 88], 300, 90) == "bottom right"
+
+
+@pytest.mark.slow
+def test_build_runs_every_phase_and_resumes_with_a_restart(tmp_path):
+    """A miniature build (every phase, 2 steps each) writes a loadable folder; resuming it with a
+    ``stage2_restart`` phase runs only that phase and keeps the earlier figures."""
+    from model.build_default import build_default
+    from model.checkpoint import load_model, read_metadata
+
+    recipe = BuildRecipe.from_dict(
+        {"config": "roi-test", "turns": 2, "prompts_per_image": 2, "records": 32,
+         "clip": {"steps": 2, "batch_size": 8}, "lm": {"stage": 1, "batch_size": 4},
+         "stage1": {"stage": 1, "batch_size": 4}, "stage2": {"stage": 2, "batch_size": 4}}
+    )  # fmt: skip
+    first = build_default(tmp_path / "a", recipe, scale=0.001, show_bar=False, eval_images=2)
+    assert {"clip_loss", "lm_loss", "stage1_loss", "stage2_loss"} <= set(first)
+    load_model(tmp_path / "a")
+    recipe.stage2_restart = TrainConfig(stage=2, steps=2, batch_size=4)
+    second = build_default(tmp_path / "b", recipe, show_bar=False, eval_images=2, resume=tmp_path / "a")
+    assert second["stage2_restart_loss"] and second["stage1_loss"] == first["stage1_loss"]
+    assert "stage2_restart_seconds" in read_metadata(tmp_path / "b")["figures"]
+    load_model(tmp_path / "b")
