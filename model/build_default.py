@@ -16,6 +16,7 @@ import itertools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,9 @@ def build_default(
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         figures["build_seconds"] = round(figures.get("build_seconds", 0) + time.monotonic() - t0, 1)
         if eval_images:
-            result = evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
-            figures["evaluation"] = {k: v for k, v in result.items() if isinstance(v, float)}
+            figures["evaluation"] = _rates(
+                evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
+            )
         meta = {
             "version": DEFAULT_VERSION,
             "parent": None,
@@ -195,16 +197,21 @@ def _fresh_model(
     return build_model(cfg, tokenizer), vision_file
 
 
-def _eval_progress(model, phase: str, every: int):
+def _rates(result: dict) -> dict[str, float]:
+    """The rates of an :func:`model.evaluate.evaluate` result (counts and answers left out)."""
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def _eval_progress(model: RegionMLLM, phase: str, every: int) -> Callable[[dict], None]:
     """A training progress callback that prints a quick held-out evaluation every ``every`` steps."""
 
     def report(entry: dict) -> None:
         if entry["step"] % every and entry["step"] != entry["steps"]:
             return
         model.eval()
-        result = evaluate(InferenceEngine(model, "building"), images=60, seed=1)
+        result = _rates(evaluate(InferenceEngine(model, "building"), images=60, seed=1))
         model.train()
-        rates = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+        rates = {k: round(v, 3) for k, v in result.items()}
         print(
             json.dumps({"phase": phase, "step": entry["step"], "loss": round(entry["loss"], 4), **rates}),
             flush=True,
