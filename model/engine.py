@@ -162,33 +162,48 @@ class InferenceEngine:
         """
         with self._lock:
             states = self.image_states(images, keys)
-            feats = self._region_features(states, boxes)
+            m = self.model
+            encoded = [m.prompts.question_ids(q, first=True, num_boxes=len(boxes[i])) for i, q in queries]
+            used: list[set[int]] = [set() for _ in images]
+            for (i, _), (_, order) in zip(queries, encoded):
+                used[i].update(order)
+            feats = self._region_features(states, boxes, used)
             answers: list[Answer] = []
             for start in range(0, len(queries), self.max_batch):
-                answers += self._decode(states, feats, list(queries[start : start + self.max_batch]), boxes)
+                end = start + self.max_batch
+                answers += self._decode(states, feats, list(queries[start:end]), encoded[start:end])
             self.stats.questions += len(queries)
             return answers
 
     def _region_features(
-        self, states: Sequence[ImageState], boxes: Sequence[torch.Tensor]
+        self, states: Sequence[ImageState], boxes: Sequence[torch.Tensor], used: Sequence[set[int]]
     ) -> list[torch.Tensor]:
+        """Region tokens ``(N_i, D)`` per image; only the boxes some question refers to (``used``)
+        are encoded (an interactive request sends every box of the task but asks about one), the
+        other rows stay zero.  Each box's token depends on its own box only."""
         m = self.model
         levels = len(states[0].pyramid)
         pyramid = [torch.cat([s.pyramid[lvl] for s in states]) for lvl in range(levels)]
         boxes = [b.to(m.device, torch.float32).reshape(-1, 4) for b in boxes]
-        feats = m.region_encoder.encode_boxes(pyramid, boxes)
-        return list(feats.split([len(b) for b in boxes]))
+        rows = [sorted(u) for u in used]
+        wanted = [b[r] for b, r in zip(boxes, rows)]
+        encoded = m.region_encoder.encode_boxes(pyramid, wanted).split([len(r) for r in rows])
+        feats = []
+        for b, r, f in zip(boxes, rows, encoded):
+            full = f.new_zeros(len(b), f.shape[-1])
+            full[r] = f
+            feats.append(full)
+        return feats
 
     def _decode(
         self,
         states: Sequence[ImageState],
         feats: Sequence[torch.Tensor],
         queries: list[tuple[int, str]],
-        boxes: Sequence[torch.Tensor],
+        encoded: list[tuple[list[int], list[int]]],
     ) -> list[Answer]:
         m = self.model
         dev = m.device
-        encoded = [m.prompts.question_ids(q, first=True, num_boxes=len(boxes[i])) for i, q in queries]
         rows = len(queries)
         prefix_len = states[0].prefix_kv[0][0].shape[2]
         q_len = max(len(ids) for ids, _ in encoded)
@@ -209,7 +224,16 @@ class InferenceEngine:
             k = torch.cat([states[i].prefix_kv[layer][0] for i in row_image])
             v = torch.cat([states[i].prefix_kv[layer][1] for i in row_image])
             cache.update(k, v, layer)
-        out = m.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        # Rows of equal question length have no gap: no mask to build, in every step (the rows
+        # that finish are dropped whole).  Saves the mask construction of each decode step.
+        padded = any(len(q_ids) < q_len for q_ids, _ in encoded)
+        out = m.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask if padded else None,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+        )
         next_pos = pos[:, -1:] + 1
         tokens: list[list[int]] = [[] for _ in range(rows)]
         probs: list[list[float]] = [[] for _ in range(rows)]
@@ -244,7 +268,7 @@ class InferenceEngine:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             out = m.lm(
                 inputs_embeds=m.lm.get_input_embeddings()(nxt[:, None]),
-                attention_mask=mask,
+                attention_mask=mask if padded else None,
                 position_ids=next_pos,
                 cache=cache,
                 use_cache=True,

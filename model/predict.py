@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_DIR), help="checkpoint folder")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    args = ap.parse_args(argv)
+    # Intermixed: the question may follow the --box options (argparse otherwise binds both
+    # positionals at the first one and rejects a question given after --box).
+    args = ap.parse_intermixed_args(argv)
     try:
         with Image.open(args.image) as im:
             image = im.convert("RGB")

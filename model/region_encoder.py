@@ -8,8 +8,9 @@ Pipeline (sizes from :class:`model.config.RegionEncoderConfig`):
    channels, the upper (coarser) level's last quarter and the lower (finer) level's third quarter,
    and runs one 3x3 conv + GroupNorm + ReLU shared across levels.
 3. :class:`RegionFeatureExtractor`: ``torchvision.ops.roi_align`` (float32, ``aligned=True``) per
-   level, a 3x3 conv per level, sum over levels, ReLU, flatten, linear, plus an MLP embedding of the
-   normalised box.
+   level, a 3x3 conv per level, sum over levels, ReLU, flatten, linear, an optional norm
+   (``feature_norm``; "batch" keeps what differs between boxes, see the config), plus an MLP
+   embedding of the normalised box.
 4. ``updims`` linear to the LM width.
 """
 
@@ -86,6 +87,27 @@ class MultiLevelFuse(nn.Module):
         return feats
 
 
+class BoxBatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` over the boxes of a batch that uses its running statistics when a training
+    batch holds a single box (a one-box correction must not crash a fine-tuning job)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def _feature_norm(kind: str, dim: int) -> nn.Module:
+    """The pooled-feature normalisation named in :attr:`RegionEncoderConfig.feature_norm`."""
+    if kind == "batch":
+        return BoxBatchNorm(dim)
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    return nn.Identity()
+
+
 class RegionFeatureExtractor(nn.Module):
     """RoIAlign per level + per-level conv, summed, flattened, plus a box-position MLP."""
 
@@ -97,8 +119,8 @@ class RegionFeatureExtractor(nn.Module):
         self.pconvs = nn.ModuleList(nn.Conv2d(f, f, 3, padding=1) for _ in cfg.level_sizes)
         self.flatten_linear = nn.Linear(f * o * o, cfg.hidden_dim)
         # The flattened RoI features are ~100x larger than the box embedding (which ends in a
-        # LayerNorm); without this the box position is a rounding error in the sum.
-        self.feature_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.feature_norm else nn.Identity()
+        # LayerNorm); without a norm the box position is a rounding error in the sum.
+        self.feature_norm = _feature_norm(cfg.feature_norm, cfg.hidden_dim)
         bands = cfg.pos_fourier_bands
         self.register_buffer(
             "pos_freqs", torch.arange(1, bands + 1, dtype=torch.float32) * math.pi, persistent=False

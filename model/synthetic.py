@@ -169,6 +169,7 @@ def scene_record(scene: Scene, turns: list[tuple[str, str]], record_id: str) -> 
         "height": scene.height,
         "boxes": [list(o.box) for o in scene.objects],
         "conversations": conv,
+        "box_labels": [{"color": o.color, "shape": o.shape, "size": o.size} for o in scene.objects],
         "source": "synthetic",
     }
 

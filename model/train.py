@@ -31,6 +31,7 @@ from tqdm import tqdm
 from model.config import TrainConfig
 from model.data.dataset import RecordDataset, collate_samples
 from model.mllm import RegionMLLM
+from model.region_aux import RegionAttributeHeads
 
 ProgressFn = Callable[[dict], None]
 
@@ -167,6 +168,12 @@ def train(
         {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
         {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
     ]
+    aux = _aux_heads(model, cfg, text_only)
+    if aux is not None:
+        groups.append({"params": list(aux.heads.parameters()), "lr": cfg.lr})
+        captured: list[torch.Tensor] = []
+        encoder = (sharded if sharded is not None else trained).region_encoder
+        hook = encoder.register_forward_hook(lambda _m, _i, out: captured.append(out))
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -182,15 +189,24 @@ def train(
     )
     for step in bar:
         indices = [rng.randrange(len(dataset)) for _ in range(cfg.batch_size)]
-        batch = collate_samples(model, [dataset[i] for i in indices[rank * local : (rank + 1) * local]])
+        samples = [dataset[i] for i in indices[rank * local : (rank + 1) * local]]
+        batch = collate_samples(model, samples)
         if not text_only:
             hide_image_tokens(batch, model.image_patch_id, cfg.image_token_dropout, hide_rng)
         if text_only:
             loss = lm_only_loss(wrapped, model.device, batch)
         else:
             loss = wrapped(**batch).loss
+        if aux is not None:
+            tokens = captured.pop()
+            captured.clear()
+            aux_loss = aux.loss(tokens, [s.box_labels for s in samples], [len(s.boxes) for s in samples])
+            if aux_loss is not None:
+                loss = loss + cfg.region_aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if aux is not None and world > 1:
+            _average_grads(aux)
         if cfg.grad_clip:
             # With FSDP the gradients are DTensors: the norm is taken over every rank's shard.
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -209,8 +225,27 @@ def train(
             progress({**entry, "steps": cfg.steps, "eta_s": round(eta, 1)})
     if sharded is not None:
         _gather_into(sharded, trained)
+    if aux is not None:
+        hook.remove()
     model.eval()
     return history
+
+
+def _aux_heads(model: RegionMLLM, cfg: TrainConfig, text_only: bool) -> RegionAttributeHeads | None:
+    """The auxiliary attribute heads when ``cfg.region_aux_weight`` asks for them (else ``None``)."""
+    if text_only or cfg.region_aux_weight <= 0:
+        return None
+    dim = model.region_encoder.updims.out_features
+    return RegionAttributeHeads(dim).to(model.device)
+
+
+def _average_grads(module: nn.Module) -> None:
+    """Average the gradients of a module that is not wrapped in DDP (the auxiliary heads)."""
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ class Sample:
     pixels: torch.Tensor
     boxes: torch.Tensor
     prompts: list[EncodedPrompt]
+    box_labels: list[dict[str, str]] | None = None  # per box attributes (synthetic records only)
 
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
@@ -109,7 +110,7 @@ class RecordDataset(Dataset):
         w, h = rec.get("width") or image.width, rec.get("height") or image.height
         boxes = boxes_tensor(rec["boxes"], w, h)
         prompts = [encode(group, num_boxes=len(boxes)) for group in groups]
-        return Sample(self.model.processor(image), boxes, prompts)
+        return Sample(self.model.processor(image), boxes, prompts, rec.get("box_labels"))
 
 
 def collate_samples(model: RegionMLLM, samples: Sequence[Sample]) -> dict:

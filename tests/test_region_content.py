@@ -1,0 +1,111 @@
+"""The region token must carry the box's content: feature-norm choices and the auxiliary heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import RegionEncoderConfig, TrainConfig
+from model.region_aux import RegionAttributeHeads
+from model.region_encoder import BoxBatchNorm, RegionFeatureExtractor
+from model.train import train
+from tests.model_helpers import tiny_model, tiny_records
+
+
+def test_feature_norm_names_and_old_boolean_configs():
+    assert RegionEncoderConfig(feature_norm=True).feature_norm == "layer"  # type: ignore[arg-type]
+    assert RegionEncoderConfig(feature_norm=False).feature_norm == "none"  # type: ignore[arg-type]
+    assert RegionEncoderConfig(feature_norm="batch").feature_norm == "batch"
+    with pytest.raises(ValueError, match="feature_norm"):
+        RegionEncoderConfig(feature_norm="group")
+
+
+def test_layer_norm_erases_the_scale_of_the_pooled_features_batch_norm_keeps_it():
+    """Two boxes whose pooled features differ only in scale (a brighter object): a per-box
+    LayerNorm maps them to the same vector, the batch norm keeps them apart."""
+    pooled = torch.randn(1, 16) * torch.tensor([[1.0], [3.0]])
+    layer = RegionFeatureExtractor(_cfg("layer"), input_size=32).feature_norm
+    batch = RegionFeatureExtractor(_cfg("batch"), input_size=32).feature_norm.train()
+    assert torch.allclose(layer(pooled)[0], layer(pooled)[1], atol=1e-4)
+    assert not torch.allclose(batch(pooled)[0], batch(pooled)[1], atol=1e-2)
+
+
+def _cfg(norm: str) -> RegionEncoderConfig:
+    return RegionEncoderConfig(
+        fuse_channels=8,
+        level_sizes=[8],
+        gn_groups=2,
+        roi_output_size=2,
+        hidden_dim=16,
+        pos_hidden_dim=8,
+        feature_norm=norm,
+    )
+
+
+def test_box_batch_norm_trains_on_a_single_box_with_its_running_statistics():
+    norm = BoxBatchNorm(4).train()
+    with torch.no_grad():
+        norm.running_mean.fill_(1.0)
+        norm.running_var.fill_(4.0)
+    x = torch.full((1, 4), 3.0, requires_grad=True)
+    y = norm(x)
+    assert torch.allclose(y, torch.full((1, 4), 1.0), atol=1e-3)  # (3 - 1) / sqrt(4)
+    y.sum().backward()
+    assert norm.weight.grad is not None
+    many = norm(torch.randn(5, 4))  # two or more boxes: ordinary batch statistics
+    assert torch.allclose(many.mean(0), torch.zeros(4), atol=1e-5)
+
+
+def test_attribute_heads_loss_uses_labelled_images_only_and_checks_counts():
+    heads = RegionAttributeHeads(16)
+    tokens = torch.randn(5, 16)
+    labels = [[{"color": "red", "shape": "circle", "size": "small"}] * 2, None, [{"color": "blue"}]]
+    loss = heads.loss(tokens, labels, [2, 2, 1])
+    assert loss is not None and loss.ndim == 0 and loss > 0
+    assert heads.loss(tokens, [None, None], [3, 2]) is None
+    with pytest.raises(ValueError, match="region tokens"):
+        heads.loss(tokens, labels, [2, 2, 2])
+    with pytest.raises(ValueError, match="box labels"):
+        heads.loss(tokens, [[{"color": "red"}], None, [{"color": "red"}]], [2, 2, 1])
+
+
+def test_synthetic_records_carry_box_labels_matching_their_captions():
+    rec = tiny_records(1)[0]
+    assert len(rec["box_labels"]) == len(rec["boxes"])
+    assert set(rec["box_labels"][0]) == {"color", "shape", "size"}
+
+
+def test_training_with_the_auxiliary_loss_puts_colour_into_the_region_token():
+    """With ``region_aux_weight`` the region tokens of the tiny model become linearly readable for
+    colour; the heads are not part of the model afterwards (checkpoint layout unchanged)."""
+    m = tiny_model()
+    keys = set(m.state_dict())
+    hooks = len(m.region_encoder._forward_hooks)
+    cfg = TrainConfig(stage=1, steps=60, batch_size=8, lr=5e-3, warmup_steps=5, seed=0, region_aux_weight=1.0)
+    hist = train(m, tiny_records(64), cfg, show_bar=False, separate_turns=True)
+    assert set(m.state_dict()) == keys
+    assert len(m.region_encoder._forward_hooks) == hooks
+    assert all(h["loss"] == h["loss"] for h in hist)
+    # A fresh linear probe on held-out boxes reads the colour well above chance (1/6).
+    records = tiny_records(96, seed=9)
+    tokens, colours = [], []
+    with torch.no_grad():
+        for rec in records:
+            pixels = m.processor.batch([rec["image"]])
+            from model.geometry import boxes_tensor
+
+            boxes = boxes_tensor(rec["boxes"], rec["width"], rec["height"])
+            tokens.append(m.region_features(m.encode_images(pixels), [boxes])[0])
+            colours += [b["color"] for b in rec["box_labels"]]
+    x = torch.cat(tokens)
+    names = sorted(set(colours))
+    y = torch.tensor([names.index(c) for c in colours])
+    cut = int(len(y) * 0.7)
+    heads = torch.nn.Linear(x.shape[1], len(names))
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(heads(x[:cut]), y[:cut]).backward()
+        opt.step()
+    accuracy = (heads(x[cut:]).argmax(1) == y[cut:]).float().mean().item()
+    assert accuracy > 0.5, accuracy
