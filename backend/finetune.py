@@ -286,6 +286,7 @@ def _finetune(
         seed=snapshot_seq,
         log_every=max(1, settings.train_steps // 20),
         replay_fraction=settings.replay_fraction,
+        update_norm_stats=False,  # a few skewed correction batches must not renormalise every box
     )
     replay = replay_records(settings)
     data = MixedRecords(

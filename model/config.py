@@ -135,6 +135,9 @@ class TrainConfig:
     # Weight of the per-box attribute loss on the region tokens (model.region_aux; records with
     # ``box_labels`` only, i.e. the synthetic set).  0: the LM loss alone, as GPT4RoI.
     region_aux_weight: float = 0.0
+    # Update the running statistics of the region encoder's batch norm (False: keep the parent's,
+    # as fine-tuning on a few corrections should).
+    update_norm_stats: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -89,14 +89,25 @@ class MultiLevelFuse(nn.Module):
 
 class BoxBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d`` over the boxes of a batch that uses its running statistics when a training
-    batch holds a single box (a one-box correction must not crash a fine-tuning job)."""
+    batch holds a single box (a one-box correction must not crash a fine-tuning job) or when
+    ``frozen_stats`` is set (fine-tuning: a few skewed correction batches must not move the
+    statistics every other box is normalised with; the affine part still trains)."""
+
+    frozen_stats: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:
+        if self.training and (x.shape[0] < 2 or self.frozen_stats):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         return super().forward(x)
+
+
+def freeze_norm_statistics(module: nn.Module, frozen: bool) -> None:
+    """Set :attr:`BoxBatchNorm.frozen_stats` on every box norm inside ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, BoxBatchNorm):
+            sub.frozen_stats = frozen
 
 
 def _feature_norm(kind: str, dim: int) -> nn.Module:

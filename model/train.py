@@ -32,6 +32,7 @@ from model.config import TrainConfig
 from model.data.dataset import RecordDataset, collate_samples
 from model.mllm import RegionMLLM
 from model.region_aux import RegionAttributeHeads
+from model.region_encoder import freeze_norm_statistics
 
 ProgressFn = Callable[[dict], None]
 
@@ -183,6 +184,7 @@ def train(
     history: list[dict] = []
     model.train()
     wrapped.train()  # an FSDP copy has its own modules
+    freeze_norm_statistics(wrapped, not cfg.update_norm_stats)
     start = time.monotonic()
     bar = tqdm(
         range(cfg.steps), desc=f"stage {0 if text_only else cfg.stage}", disable=not show_bar or rank != 0
@@ -227,6 +229,7 @@ def train(
         _gather_into(sharded, trained)
     if aux is not None:
         hook.remove()
+    freeze_norm_statistics(wrapped, False)
     model.eval()
     return history
 

@@ -109,3 +109,25 @@ def test_training_with_the_auxiliary_loss_puts_colour_into_the_region_token():
         opt.step()
     accuracy = (heads(x[cut:]).argmax(1) == y[cut:]).float().mean().item()
     assert accuracy > 0.5, accuracy
+
+
+def test_fine_tuning_keeps_the_batch_norm_statistics_when_asked():
+    """``update_norm_stats=False`` (what fine-tuning jobs use): the running statistics of the box
+    norm stay the parent's while its affine part trains; the default build updates them."""
+    from model.checkpoint import build_model
+    from model.config import load_model_config
+    from tests.model_helpers import tiny_tokenizer
+
+    cfg = load_model_config("roi-test")
+    cfg.region.feature_norm = "batch"
+    for update in (False, True):
+        torch.manual_seed(0)
+        m = build_model(cfg, tiny_tokenizer())
+        norm = m.region_encoder.roi_align.feature_norm
+        assert isinstance(norm, BoxBatchNorm)
+        mean, weight = norm.running_mean.clone(), norm.weight.detach().clone()
+        tcfg = TrainConfig(stage=2, steps=3, batch_size=4, lr=1e-2, warmup_steps=1, update_norm_stats=update)
+        train(m, tiny_records(8), tcfg, show_bar=False)
+        assert torch.equal(norm.running_mean, mean) != update
+        assert not torch.equal(norm.weight.detach(), weight)
+        assert not norm.frozen_stats  # restored after training
