@@ -58,15 +58,28 @@ def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]
     return boxes
 
 
-def run(model_dir: str, repeats: int = 3, ks: tuple[int, ...] = (1, 4, 16, 64)) -> dict:
-    from model.checkpoint import load_model, read_metadata
+def run(
+    model_dir: str, repeats: int = 3, ks: tuple[int, ...] = (1, 4, 16, 64), config: str | None = None
+) -> dict:
+    """Every figure of the module docstring for the checkpoint ``model_dir``; with ``config``, for a
+    model of that config with random weights (and ``model_dir``'s tokenizer) instead: the same
+    engine on a model of realistic proportions, where the image encode and the prefix cost what
+    they cost in practice."""
+    from model.checkpoint import build_model, load_model, read_metadata
 
-    model = load_model(model_dir)
-    version = read_metadata(model_dir).get("version", "?")
+    if config is None:
+        model = load_model(model_dir)
+        version = read_metadata(model_dir).get("version", "?")
+    else:
+        from model.config import load_model_config
+
+        tokenizer = load_model(model_dir).tokenizer
+        model = build_model(load_model_config(config), tokenizer).eval()
+        version = f"{config} (random weights)"
     rng = random.Random(0)
     scene = make_scene(rng, SceneSpec())
     image = scene.image
-    results: dict = {"boxes": [], "threads": torch.get_num_threads()}
+    results: dict = {"boxes": [], "threads": torch.get_num_threads(), "model": version}
     max_new = 16
 
     for k in ks:
@@ -130,7 +143,11 @@ def run(model_dir: str, repeats: int = 3, ks: tuple[int, ...] = (1, 4, 16, 64)) 
 
 
 def format_results(r: dict) -> str:
-    lines = [f"torch threads: {r['threads']}; measured matmul: {r['matmul_gflops']:.1f} GFLOP/s", ""]
+    lines = [
+        f"model: {r.get('model', '?')}",
+        f"torch threads: {r['threads']}; measured matmul: {r['matmul_gflops']:.1f} GFLOP/s",
+        "",
+    ]
     lines.append(f"{'boxes':>6s} {'engine ms':>10s} {'naive ms':>10s} {'speedup':>8s}")
     for row in r["boxes"]:
         lines.append(
@@ -159,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_DIR))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--config", default=None, help="model config: random weights of that size instead")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64], help="box counts to compare")
     args = ap.parse_args(argv)
     with torch.inference_mode():
-        results = run(args.model, args.repeats)
+        results = run(args.model, args.repeats, tuple(args.ks), args.config)
     print(format_results(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,17 @@
+"""The benchmark script runs and reports every figure (its numbers are read, not asserted)."""
+
+from __future__ import annotations
+
+from model.bench import format_results, run
+from model.build_default import DEFAULT_DIR
+
+
+def test_bench_reports_every_figure_for_a_config_with_random_weights():
+    results = run(str(DEFAULT_DIR), repeats=1, ks=(1, 2), config="roi-test")
+    assert results["model"] == "roi-test (random weights)"
+    assert [row["k"] for row in results["boxes"]] == [1, 2]
+    assert all(row["engine_s"] > 0 and row["naive_s"] > 0 for row in results["boxes"])
+    assert results["interactive"]["ratio"] > 0
+    assert [row["batch"] for row in results["decode"]] == [1, 16]
+    text = format_results(results)
+    assert "interactive new box" in text and "peak RSS" in text
