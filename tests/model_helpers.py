@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 
 from model.checkpoint import build_model
-from model.config import load_model_config
+from model.config import RegionEncoderConfig, load_model_config
 from model.mllm import RegionMLLM
 from model.synthetic import SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
@@ -26,3 +26,9 @@ def tiny_model(seed: int = 0) -> RegionMLLM:
 
 def tiny_records(count: int = 64, seed: int = 3) -> SyntheticRecords:
     return SyntheticRecords(seed=seed, count=count)
+
+
+def tiny_region_config(**overrides) -> RegionEncoderConfig:
+    """A one-level region encoder config small enough to run on hand-made feature maps."""
+    sizes = {"fuse_channels": 8, "level_sizes": [8], "gn_groups": 2, "roi_output_size": 2, "hidden_dim": 16}
+    return RegionEncoderConfig(**{**sizes, "pos_hidden_dim": 8, **overrides})

@@ -191,19 +191,10 @@ def test_training_loss_falls():
 def test_fourier_box_features_feed_the_box_mlp():
     """``pos_fourier_bands`` adds sin/cos of every box coordinate; the region token changes with the
     box position even where the image is blank."""
-    from model.config import RegionEncoderConfig
     from model.region_encoder import RegionFeatureExtractor
+    from tests.model_helpers import tiny_region_config
 
-    cfg = RegionEncoderConfig(
-        fuse_channels=8,
-        level_sizes=[8],
-        gn_groups=2,
-        roi_output_size=2,
-        hidden_dim=16,
-        pos_hidden_dim=8,
-        pos_fourier_bands=3,
-    )
-    extractor = RegionFeatureExtractor(cfg, input_size=32)
+    extractor = RegionFeatureExtractor(tiny_region_config(pos_fourier_bands=3), input_size=32)
     boxes = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.6, 0.2, 0.8, 0.4]])
     feats = extractor.box_features(boxes)
     assert feats.shape == (2, 4 * (1 + 2 * 3))

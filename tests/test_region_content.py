@@ -9,7 +9,7 @@ from model.config import RegionEncoderConfig, TrainConfig
 from model.region_aux import RegionAttributeHeads
 from model.region_encoder import BoxBatchNorm, RegionFeatureExtractor
 from model.train import train
-from tests.model_helpers import tiny_model, tiny_records
+from tests.model_helpers import tiny_model, tiny_records, tiny_region_config
 
 
 def test_feature_norm_names_and_old_boolean_configs():
@@ -24,22 +24,12 @@ def test_layer_norm_erases_the_scale_of_the_pooled_features_batch_norm_keeps_it(
     """Two boxes whose pooled features differ only in scale (a brighter object): a per-box
     LayerNorm maps them to the same vector, the batch norm keeps them apart."""
     pooled = torch.randn(1, 16) * torch.tensor([[1.0], [3.0]])
-    layer = RegionFeatureExtractor(_cfg("layer"), input_size=32).feature_norm
-    batch = RegionFeatureExtractor(_cfg("batch"), input_size=32).feature_norm.train()
+    layer = RegionFeatureExtractor(tiny_region_config(feature_norm="layer"), input_size=32).feature_norm
+    batch = RegionFeatureExtractor(
+        tiny_region_config(feature_norm="batch"), input_size=32
+    ).feature_norm.train()
     assert torch.allclose(layer(pooled)[0], layer(pooled)[1], atol=1e-4)
     assert not torch.allclose(batch(pooled)[0], batch(pooled)[1], atol=1e-2)
-
-
-def _cfg(norm: str) -> RegionEncoderConfig:
-    return RegionEncoderConfig(
-        fuse_channels=8,
-        level_sizes=[8],
-        gn_groups=2,
-        roi_output_size=2,
-        hidden_dim=16,
-        pos_hidden_dim=8,
-        feature_norm=norm,
-    )
 
 
 def test_box_batch_norm_trains_on_a_single_box_with_its_running_statistics():
