@@ -20,6 +20,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -72,8 +73,9 @@ def run(
         version = read_metadata(model_dir).get("version", "?")
     else:
         from model.config import load_model_config
+        from model.tokenizer import load_tokenizer
 
-        tokenizer = load_model(model_dir).tokenizer
+        tokenizer = load_tokenizer(Path(model_dir) / "tokenizer")
         model = build_model(load_model_config(config), tokenizer).eval()
         version = f"{config} (random weights)"
     rng = random.Random(0)

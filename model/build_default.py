@@ -147,8 +147,7 @@ def build_default(
                 separate_turns=not text_only,
                 progress=progress,
             )
-            tail = hist[-20:]
-            figures[f"{name}_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
+            figures[f"{name}_loss"] = loss_summary(hist)
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         figures["build_seconds"] = round(figures.get("build_seconds", 0) + time.monotonic() - t0, 1)
         if eval_images:
@@ -195,6 +194,12 @@ def _fresh_model(
         figures["clip_loss"] = f"reused {vision_file}"
     cfg.vision.checkpoint = str(vision_file)
     return build_model(cfg, tokenizer), vision_file
+
+
+def loss_summary(history: list[dict]) -> list[float]:
+    """[first loss, mean of the last 20] of a :func:`model.train.train` history (a phase's figure)."""
+    tail = history[-20:]
+    return [history[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
 
 
 def _rates(result: dict) -> dict[str, float]:

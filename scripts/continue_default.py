@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from model.build_default import DEFAULT_VERSION, _eval_progress, _rates, load_recipe, training_records
+from model.build_default import (
+    DEFAULT_VERSION,
+    _eval_progress,
+    _rates,
+    load_recipe,
+    loss_summary,
+    training_records,
+)
 from model.checkpoint import load_model, read_metadata, save_checkpoint
 from model.config import TrainConfig
 from model.engine import InferenceEngine
@@ -29,6 +36,7 @@ from model.geometry import boxes_tensor
 from model.mllm import RegionMLLM
 from model.region_encoder import BoxBatchNorm
 from model.synthetic import SceneSpec, make_scene, scene_rng
+from model.train import train
 
 
 @torch.no_grad()
@@ -70,8 +78,6 @@ def main() -> int:
     model = load_model(args.init)
     switch_to_batch_norm(model)
     cfg = TrainConfig.from_dict({**recipe.stage2.to_dict(), "steps": args.steps, "seed": 4})
-    from model.train import train
-
     hist = train(
         model,
         training_records(recipe),
@@ -81,10 +87,9 @@ def main() -> int:
         progress=_eval_progress(model, "continue", args.eval_every) if args.eval_every else None,
     )
     parent = read_metadata(args.init)
-    tail = hist[-20:]
     figures = dict(parent.get("figures", {}))
     figures.pop("evaluation", None)
-    figures["continue_loss"] = [hist[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
+    figures["continue_loss"] = loss_summary(hist)
     figures["continue_seconds"] = round(time.monotonic() - started, 1)
     figures["evaluation"] = _rates(
         evaluate(InferenceEngine(model, DEFAULT_VERSION), images=args.eval_images, seed=0)
