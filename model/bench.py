@@ -60,12 +60,18 @@ def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]
 
 
 def run(
-    model_dir: str, repeats: int = 3, ks: tuple[int, ...] = (1, 4, 16, 64), config: str | None = None
+    model_dir: str,
+    repeats: int = 3,
+    ks: tuple[int, ...] = (1, 4, 16, 64),
+    config: str | None = None,
+    lean: bool = True,
+    max_new: int = 16,
 ) -> dict:
     """Every figure of the module docstring for the checkpoint ``model_dir``; with ``config``, for a
     model of that config with random weights (and ``model_dir``'s tokenizer) instead: the same
     engine on a model of realistic proportions, where the image encode and the prefix cost what
-    they cost in practice."""
+    they cost in practice.  ``lean=False`` runs every LM forward through the library (no
+    :class:`model.kv_decode.LlamaSteps`), for comparison."""
     from model.checkpoint import build_model, load_model, read_metadata
 
     if config is None:
@@ -81,15 +87,22 @@ def run(
     rng = random.Random(0)
     scene = make_scene(rng, SceneSpec())
     image = scene.image
-    results: dict = {"boxes": [], "threads": torch.get_num_threads(), "model": version}
-    max_new = 16
+    results: dict = {
+        "boxes": [],
+        "threads": torch.get_num_threads(),
+        "model": version,
+        "lean": lean,
+        "max_new_tokens": max_new,
+    }
 
     for k in ks:
         boxes = boxes_tensor(random_boxes(rng, k, image.width, image.height), image.width, image.height)
         queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(k)]
 
         def engine_run(boxes=boxes, queries=queries) -> None:
-            InferenceEngine(model, version, max_new_tokens=max_new).answer([image], [boxes], queries)
+            InferenceEngine(model, version, max_new_tokens=max_new, lean=lean).answer(
+                [image], [boxes], queries
+            )
 
         def naive_run(boxes=boxes, queries=queries) -> None:
             for _, q in queries:
@@ -102,18 +115,18 @@ def run(
         )
 
     # Interactive: one new box on an image whose prefix is cached vs on a cold image.
-    engine = InferenceEngine(model, version, max_new_tokens=max_new)
+    engine = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
     base = boxes_tensor(random_boxes(rng, 4, image.width, image.height), image.width, image.height)
     engine.answer([image], [base], [(0, CAPTION_QUESTION.format(a="<region1>"))])
     warm_times, cold_times = [], []
-    for _ in range(max(5, repeats)):
+    for _ in range(max(15, 3 * repeats)):  # single requests are short: more samples for a stable median
         new_box = boxes_tensor(random_boxes(rng, 1, image.width, image.height), image.width, image.height)
         boxes = torch.cat([base, new_box])
         q = [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))]
         t0 = time.perf_counter()
         engine.answer([image], [boxes], q)
         warm_times.append(time.perf_counter() - t0)
-        cold = InferenceEngine(model, version, max_new_tokens=max_new)
+        cold = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
         t0 = time.perf_counter()
         cold.answer([image], [boxes], q)
         cold_times.append(time.perf_counter() - t0)
@@ -128,7 +141,7 @@ def run(
     results["decode"] = []
     boxes16 = boxes_tensor(random_boxes(rng, 16, image.width, image.height), image.width, image.height)
     for batch in (1, 16):
-        eng = InferenceEngine(model, version, max_new_tokens=max_new)
+        eng = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
         queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(batch)]
         eng.answer([image], [boxes16], queries)  # warm the image cache
         before = eng.stats.generated_tokens
@@ -146,7 +159,8 @@ def run(
 
 def format_results(r: dict) -> str:
     lines = [
-        f"model: {r.get('model', '?')}",
+        f"model: {r.get('model', '?')}; LM forward: {'lean' if r.get('lean', True) else 'library'}; "
+        f"max new tokens: {r.get('max_new_tokens', 16)}",
         f"torch threads: {r['threads']}; measured matmul: {r['matmul_gflops']:.1f} GFLOP/s",
         "",
     ]
@@ -180,9 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--config", default=None, help="model config: random weights of that size instead")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64], help="box counts to compare")
+    ap.add_argument("--no-lean", action="store_true", help="every LM forward through the library")
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="answer length cap (random weights never emit EOS: every answer runs to the cap)",
+    )
     args = ap.parse_args(argv)
     with torch.inference_mode():
-        results = run(args.model, args.repeats, tuple(args.ks), args.config)
+        results = run(
+            args.model,
+            args.repeats,
+            tuple(args.ks),
+            args.config,
+            lean=not args.no_lean,
+            max_new=args.max_new_tokens,
+        )
     print(format_results(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
+from model.kv_decode import make_steps, prefill
 from model.mllm import RegionMLLM
 
 STOP_STRING = "###"
@@ -69,6 +69,7 @@ class InferenceEngine:
         cache_bytes: int = 256 * 2**20,
         max_new_tokens: int = 24,
         max_batch: int = 64,
+        lean: bool = True,
     ) -> None:
         self.model = model.eval()
         self.version = version
@@ -82,6 +83,9 @@ class InferenceEngine:
         tok = model.tokenizer
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
+        self.lean = lean  # lean Llama decode steps where they apply (model.kv_decode)
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        self._stop_tokens = {i for i, piece in enumerate(pieces) if STOP_STRING[0] in (piece or "")}
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:
@@ -92,9 +96,7 @@ class InferenceEngine:
         prefix = torch.tensor([m.prompts.prefix_ids] * len(images), device=m.device)
         no_regions = [pyramid[0].new_zeros(0, m.projector.out_features)] * len(images)
         embeds = m.embed_prompts(prefix, vision, no_regions, list(range(len(images))), [[] for _ in images])
-        out = m.lm(inputs_embeds=embeds, use_cache=True)
-        cache = out.cache
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = prefill(m.lm, embeds, lean=self.lean)
         states = []
         for i in range(len(images)):
             kv = [(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in layers]
@@ -183,7 +185,10 @@ class InferenceEngine:
         other rows stay zero.  Each box's token depends on its own box only."""
         m = self.model
         levels = len(states[0].pyramid)
-        pyramid = [torch.cat([s.pyramid[lvl] for s in states]) for lvl in range(levels)]
+        if len(states) == 1:
+            pyramid = states[0].pyramid
+        else:
+            pyramid = [torch.cat([s.pyramid[lvl] for s in states]) for lvl in range(levels)]
         boxes = [b.to(m.device, torch.float32).reshape(-1, 4) for b in boxes]
         rows = [sorted(u) for u in used]
         wanted = [b[r] for b, r in zip(boxes, rows)]
@@ -208,73 +213,74 @@ class InferenceEngine:
         prefix_len = states[0].prefix_kv[0][0].shape[2]
         q_len = max(len(ids) for ids, _ in encoded)
         # Suffix right-aligned: [prefix | pad gap | question]; the gap is masked and skipped in positions.
-        ids = torch.full((rows, q_len), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((rows, prefix_len + q_len), dtype=torch.long, device=dev)
-        mask[:, :prefix_len] = 1
-        pos = torch.zeros((rows, q_len), dtype=torch.long, device=dev)
-        for r, (q_ids, _) in enumerate(encoded):
-            n = len(q_ids)
-            ids[r, q_len - n :] = torch.tensor(q_ids, device=dev)
-            mask[r, prefix_len + q_len - n :] = 1
-            pos[r, q_len - n :] = torch.arange(prefix_len, prefix_len + n, device=dev)
+        # (Built as Python lists: one tensor each instead of a few small ops per row.)
+        gaps = [q_len - len(q_ids) for q_ids, _ in encoded]
+        ids = torch.tensor(
+            [[self.pad_id] * g + q_ids for g, (q_ids, _) in zip(gaps, encoded)], dtype=torch.long, device=dev
+        )
+        pos = torch.tensor(
+            [[0] * g + list(range(prefix_len, prefix_len + q_len - g)) for g in gaps],
+            dtype=torch.long,
+            device=dev,
+        )
+        mask = torch.tensor(
+            [[1] * prefix_len + [0] * g + [1] * (q_len - g) for g in gaps], dtype=torch.long, device=dev
+        )
         row_image = [i for i, _ in queries]
         embeds = self._suffix_embeds(ids, feats, row_image, [order for _, order in encoded])
-        cache = DynamicCache()
-        for layer, _ in enumerate(states[0].prefix_kv):
-            k = torch.cat([states[i].prefix_kv[layer][0] for i in row_image])
-            v = torch.cat([states[i].prefix_kv[layer][1] for i in row_image])
-            cache.update(k, v, layer)
+        if len(set(row_image)) == 1:  # one image (the usual request): its prefix, broadcast to every row
+            prefix_kv = [
+                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                for k, v in states[row_image[0]].prefix_kv
+            ]
+        else:
+            prefix_kv = [
+                (
+                    torch.cat([states[i].prefix_kv[layer][0] for i in row_image]),
+                    torch.cat([states[i].prefix_kv[layer][1] for i in row_image]),
+                )
+                for layer in range(len(states[0].prefix_kv))
+            ]
+        steps = make_steps(m.lm, prefix_kv, q_len + self.max_new_tokens, lean=self.lean)
         # Rows of equal question length have no gap: no mask to build, in every step (the rows
         # that finish are dropped whole).  Saves the mask construction of each decode step.
-        padded = any(len(q_ids) < q_len for q_ids, _ in encoded)
-        out = m.lm(
-            inputs_embeds=embeds,
-            attention_mask=mask if padded else None,
-            position_ids=pos,
-            cache=cache,
-            use_cache=True,
-        )
+        padded = any(gaps)
+        logits = steps.forward(embeds, pos, mask if padded else None)
         next_pos = pos[:, -1:] + 1
         tokens: list[list[int]] = [[] for _ in range(rows)]
         probs: list[list[float]] = [[] for _ in range(rows)]
-        active = torch.arange(rows, device=dev)
-        logits = out.logits[:, -1]
+        active = list(range(rows))
+        embed = m.lm.get_input_embeddings()
         for step in range(self.max_new_tokens):
             p = torch.softmax(logits.float(), dim=-1)
-            nxt = p.argmax(dim=-1)
-            chosen = p.gather(1, nxt[:, None])[:, 0]
+            chosen, nxt = p.max(dim=-1)
             done = []
-            for j, r in enumerate(active.tolist()):
-                t = int(nxt[j])
-                probs[r].append(float(chosen[j]))
+            for j, (r, t, c) in enumerate(zip(active, nxt.tolist(), chosen.tolist())):
+                probs[r].append(c)
                 if t == self.eos_id:
                     done.append(j)
                 else:
                     tokens[r].append(t)
-                    # The template's turn separator ends an answer too (models that skip EOS).
-                    if STOP_STRING in m.tokenizer.decode(tokens[r][-STOP_WINDOW:]):
+                    # The template's turn separator ends an answer too (models that skip EOS);
+                    # only tokens that can take part in it are worth a decode.
+                    if t in self._stop_tokens and STOP_STRING in m.tokenizer.decode(tokens[r][-STOP_WINDOW:]):
                         done.append(j)
             self.stats.generated_tokens += len(active)
-            if step + 1 == self.max_new_tokens:
+            if step + 1 == self.max_new_tokens or len(done) == len(active):
                 break
             if done:
-                keep = torch.tensor(
-                    [j for j in range(len(active)) if j not in set(done)], device=dev, dtype=torch.long
-                )
-                if len(keep) == 0:
-                    break
-                active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            out = m.lm(
-                inputs_embeds=m.lm.get_input_embeddings()(nxt[:, None]),
-                attention_mask=mask if padded else None,
-                position_ids=next_pos,
-                cache=cache,
-                use_cache=True,
-            )
+                finished = set(done)
+                keep_rows = [j for j in range(len(active)) if j not in finished]
+                keep = torch.tensor(keep_rows, device=dev, dtype=torch.long)
+                active = [active[j] for j in keep_rows]
+                nxt, next_pos = nxt[keep], next_pos[keep]
+                if padded:
+                    mask = mask[keep]
+                steps.keep(keep)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            logits = steps.forward(embed(nxt[:, None]), next_pos, mask if padded else None)
             next_pos = next_pos + 1
-            logits = out.logits[:, -1]
         return [
             Answer(m.prompts.decode(tokens[r]), sum(probs[r]) / max(1, len(probs[r])), len(tokens[r]))
             for r in range(rows)

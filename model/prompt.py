@@ -76,10 +76,18 @@ class PromptBuilder:
         self.tok = tokenizer
         self.cfg = cfg
         self.num_image_tokens = num_image_tokens
+        self._memo: dict[str, tuple[int, ...]] = {}
         self._prefix = self._build_prefix()
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False).input_ids)
+        # Questions repeat (a few templates over many boxes) and a tokenizer call costs about as
+        # much as a decode step of a small LM, so tokenised texts are memoised (bounded).
+        ids = self._memo.get(text)
+        if ids is None:
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            ids = self._memo[text] = tuple(self.tok(text, add_special_tokens=False).input_ids)
+        return list(ids)
 
     def _build_prefix(self) -> list[int]:
         image = IM_START + IM_PATCH * self.num_image_tokens + IM_END

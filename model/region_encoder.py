@@ -157,23 +157,36 @@ class RegionFeatureExtractor(nn.Module):
         """``feats``: pyramid ``(B, F, s, s)``; ``boxes``: per image ``(N_i, 4)`` normalised xyxy.
 
         Returns ``(sum N_i, hidden_dim)`` in image-major, box order.  All boxes of all images go
-        through one ``roi_align`` call per level.
+        through one ``roi_align`` call per group of same-size levels.
         """
-        rois = [normalized_to_input(b.float(), self.input_size) for b in boxes]
-        summed = None
+        rois = torch.cat([normalized_to_input(b.float(), self.input_size) for b in boxes])
+        batch_index = torch.cat(
+            [torch.full((len(b), 1), i, dtype=rois.dtype, device=rois.device) for i, b in enumerate(boxes)]
+        )
+        rois = torch.cat([batch_index, rois], dim=1)  # (K, 5): torchvision's roi format
+        # RoIAlign pools every channel on its own, so levels of one size go through one call with
+        # their channels stacked; the per-level 3x3 convs, summed, are one conv over all levels'
+        # channels (weights stacked on the input axis, biases summed).
+        f = self.cfg.fuse_channels
+        pooled: list[torch.Tensor | None] = [None] * len(feats)
+        by_size: dict[tuple[int, int], list[int]] = {}
         for lvl, fmap in enumerate(feats):
-            scale = input_to_feature_scale(fmap.shape[-1], self.input_size)
-            pooled = roi_align(
-                fmap.float(),
+            by_size.setdefault(tuple(fmap.shape[-2:]), []).append(lvl)
+        for (_, width), levels in by_size.items():
+            out = roi_align(
+                torch.cat([feats[lvl] for lvl in levels], dim=1).float(),
                 rois,
                 output_size=self.cfg.roi_output_size,
-                spatial_scale=scale,
+                spatial_scale=input_to_feature_scale(width, self.input_size),
                 sampling_ratio=self.cfg.sampling_ratio,
                 aligned=True,
             )
-            pooled = self.pconvs[lvl](pooled.to(fmap.dtype))
-            summed = pooled if summed is None else summed + pooled
-        assert summed is not None
+            for j, lvl in enumerate(levels):
+                pooled[lvl] = out[:, j * f : (j + 1) * f]
+        weight = torch.cat([conv.weight for conv in self.pconvs], dim=1)
+        bias = torch.stack([conv.bias for conv in self.pconvs]).sum(0)
+        stacked = torch.cat(pooled, dim=1).to(weight.dtype)  # type: ignore[arg-type]
+        summed = F.conv2d(stacked, weight, bias, padding=1)
         flat = F.relu(summed).flatten(1)
         pos = self.pos_embedd(self.box_features(torch.cat(boxes).float()).to(flat.dtype))
         return self.feature_norm(self.flatten_linear(flat)) + pos

@@ -41,20 +41,26 @@ def scrambled():
     return _scrambled_model()
 
 
-def test_engine_equals_naive_greedy(scrambled):
+@pytest.mark.parametrize("lean", [True, False])  # lean Llama steps and the library forward
+def test_engine_equals_naive_greedy(scrambled, lean):
     # Long, varied token strings test KV cache, positions and the padding gap over many steps;
     # EOS handling with rows finishing at different steps is tested on the default model
     # (tests/test_default_model.py).
     m = scrambled
     images, boxes = _inputs(3)
     queries = [(i, q) for i in range(3) for q in QUESTIONS]
-    engine = InferenceEngine(m, "t", max_new_tokens=12)
+    engine = InferenceEngine(m, "t", max_new_tokens=12, lean=lean)
     got = engine.answer(images, boxes, queries)
     for (i, q), ans in zip(queries, got):
         text, score = m.generate_naive(m.processor(images[i]), boxes[i], q, max_new_tokens=12)
         assert ans.text == text, (i, q)
         assert ans.score == pytest.approx(score, abs=1e-4)
     assert len({a.text for a in got}) == len(got)  # every prompt gives its own answer
+    # One image per request (its prefix broadcast to every row, not concatenated): same answers.
+    alone = InferenceEngine(m, "t", max_new_tokens=12, lean=lean).answer(
+        images[1:2], boxes[1:2], [(0, q) for q in QUESTIONS]
+    )
+    assert [a.text for a in alone] == [a.text for (i, _), a in zip(queries, got) if i == 1]
 
 
 def test_image_cache_hits_and_lru_bound(scrambled):
@@ -73,6 +79,15 @@ def test_image_cache_hits_and_lru_bound(scrambled):
     engine.version = "t2"
     engine.answer(images[:1], boxes[:1], [(0, QUESTIONS[0])])
     assert engine.stats.image_cache_misses == 2
+
+
+def test_stop_string_candidates(scrambled):
+    """Only tokens that can complete the turn separator trigger the stop-string check."""
+    engine = InferenceEngine(scrambled)
+    tok = scrambled.tokenizer
+    sep = tok("###", add_special_tokens=False).input_ids
+    assert set(sep) <= engine._stop_tokens
+    assert all("#" in tok.convert_ids_to_tokens(i) for i in engine._stop_tokens)
 
 
 def test_image_key_depends_on_content():

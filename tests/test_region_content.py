@@ -121,3 +121,36 @@ def test_fine_tuning_keeps_the_batch_norm_statistics_when_asked():
         assert torch.equal(norm.running_mean, mean) != update
         assert not torch.equal(norm.weight.detach(), weight)
         assert not norm.frozen_stats  # restored after training
+
+
+def test_grouped_roi_align_and_stacked_conv_equal_one_pass_per_level():
+    """The extractor pools same-size levels in one RoIAlign call and runs the per-level convs as one
+    conv over stacked channels; the result must be the per-level sum GPT4RoI describes."""
+    from torchvision.ops import roi_align
+
+    from model.geometry import input_to_feature_scale, normalized_to_input
+
+    torch.manual_seed(0)
+    cfg = tiny_region_config(level_sizes=[8, 4, 8, 4], feature_norm="none")
+    ex = RegionFeatureExtractor(cfg, input_size=32).eval()
+    feats = [torch.randn(2, cfg.fuse_channels, s, s) for s in cfg.level_sizes]
+    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.0, 0.0, 1.0, 1.0]]), torch.tensor([[0.3, 0.3, 0.5, 0.9]])]
+    rois = [normalized_to_input(b, 32) for b in boxes]
+    summed = sum(
+        ex.pconvs[lvl](
+            roi_align(
+                fmap,
+                rois,
+                output_size=cfg.roi_output_size,
+                spatial_scale=input_to_feature_scale(fmap.shape[-1], 32),
+                sampling_ratio=cfg.sampling_ratio,
+                aligned=True,
+            )
+        )
+        for lvl, fmap in enumerate(feats)
+    )
+    expected = ex.flatten_linear(torch.relu(summed).flatten(1)) + ex.pos_embedd(
+        ex.box_features(torch.cat(boxes))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(ex(feats, boxes), expected.detach(), rtol=1e-5, atol=1e-5)

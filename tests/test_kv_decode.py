@@ -1,0 +1,126 @@
+"""The lean Llama decode steps compute what the library's forward computes, and fall back to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from model import kv_decode
+from model.kv_decode import HFSteps, LlamaSteps, lean_llama_supported, lean_weights, make_steps, prefill
+
+
+def _llama(kv_heads: int = 4, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        **extra,
+    )
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # weights large enough that rounding differences would show
+        for p in lm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return lm
+
+
+def _run(steps, embeds, positions, key_mask, lm, keep_after: int | None = None):
+    """Suffix prefill then three decode steps (token ids 1..3); returns the logits of each call."""
+    out = [steps.forward(embeds, positions, key_mask)]
+    pos = positions[:, -1:] + 1
+    mask = key_mask
+    for step in range(3):
+        if keep_after is not None and step == keep_after:
+            rows = torch.tensor([0])
+            steps.keep(rows)
+            pos, mask = pos[rows], None if mask is None else mask[rows]
+        ids = torch.full((pos.shape[0], 1), step + 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        out.append(steps.forward(lm.get_input_embeddings()(ids), pos, mask))
+        pos = pos + 1
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "stack"),
+    [(4, True), (2, True), (4, False)],  # multi-head, grouped-query, projections not stacked
+)
+@torch.inference_mode()
+def test_lean_steps_equal_library_forward(kv_heads, stack, monkeypatch):
+    if not stack:  # a large LM: no stacked weight copies
+        monkeypatch.setattr(kv_decode, "STACK_LIMIT_BYTES", 0)
+    lm = _llama(kv_heads)
+    assert lean_llama_supported(lm) and lean_weights(lm).stacked == stack
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randn(2, 9, 64, generator=g)
+    lean_kv, hf_kv = prefill(lm, prompt, lean=True), prefill(lm, prompt, lean=False)
+    for (k1, v1), (k2, v2) in zip(lean_kv, hf_kv):
+        assert k1.shape == k2.shape == (2, kv_heads, 9, 16)
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+    # Row 1's question is two tokens shorter: a masked gap after the prefix, positions skip it.
+    suffix = torch.randn(2, 5, 64, generator=g)
+    positions = torch.tensor([[9, 10, 11, 12, 13], [0, 0, 9, 10, 11]])
+    key_mask = torch.ones(2, 14, dtype=torch.long)
+    key_mask[1, 9:11] = 0
+    for keep_after in (None, 1):  # also after dropping a finished row
+        lean = _run(LlamaSteps(lm, hf_kv, 8), suffix, positions, key_mask, lm, keep_after)
+        ref = _run(HFSteps(lm, hf_kv), suffix, positions, key_mask, lm, keep_after)
+        for a, b in zip(lean, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # No padded row: no mask at all, as the engine calls it.
+    lean = _run(LlamaSteps(lm, hf_kv, 8), suffix, positions[:1].expand(2, 5), None, lm)
+    ref = _run(HFSteps(lm, hf_kv), suffix, positions[:1].expand(2, 5), None, lm)
+    for a, b in zip(lean, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_lean_buffer_overflow_is_an_error():
+    lm = _llama()
+    kv = prefill(lm, torch.randn(1, 4, 64))
+    steps = LlamaSteps(lm, kv, 2)
+    with pytest.raises(RuntimeError, match="KV buffer"):
+        steps.forward(torch.randn(1, 3, 64), torch.arange(4, 7)[None], None)
+
+
+def test_lean_weights_follow_in_place_updates():
+    """A fine-tuning step changes parameters in place; the stacked copies must not go stale."""
+    lm = _llama()
+    first = lean_weights(lm)
+    assert lean_weights(lm) is first
+    with torch.no_grad():
+        lm.model.layers[1].self_attn.k_proj.weight.mul_(2.0)
+    second = lean_weights(lm)
+    assert second is not first
+    k_rows = slice(64, 128)
+    torch.testing.assert_close(
+        second.layers[1].qkv.weights[0][k_rows], lm.model.layers[1].self_attn.k_proj.weight
+    )
+    with torch.inference_mode():
+        kv = prefill(lm, torch.randn(1, 5, 64), lean=False)
+        x, pos = torch.randn(1, 1, 64), torch.tensor([[5]])
+        torch.testing.assert_close(
+            LlamaSteps(lm, kv, 1).forward(x, pos, None),
+            HFSteps(lm, kv).forward(x, pos, None),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_other_models_use_the_library_forward():
+    scaled = _llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert not lean_llama_supported(scaled)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2))
+    assert not lean_llama_supported(gpt2)
+    kv = [(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))]
+    assert isinstance(make_steps(gpt2, kv, 4), HFSteps)
+    assert isinstance(make_steps(_llama(), prefill(_llama(), torch.randn(1, 3, 64)), 4, lean=False), HFSteps)
