@@ -85,7 +85,9 @@ class InferenceEngine:
         self.pad_id = tok.pad_token_id
         self.lean = lean  # lean Llama decode steps where they apply (model.kv_decode)
         pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        self._stop_tokens = {i for i, piece in enumerate(pieces) if STOP_STRING[0] in (piece or "")}
+        # A stop string that newly appears overlaps the last token's text, and the overlap ends the
+        # string: only tokens holding its last character can complete it.
+        self._stop_tokens = {i for i, piece in enumerate(pieces) if STOP_STRING[-1] in (piece or "")}
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:

@@ -217,9 +217,10 @@ class LlamaSteps:
     """Llama forward on static per-layer key/value buffers ``(B, H_kv, P + capacity, d)``.
 
     The arithmetic is ``transformers``' ``LlamaDecoderLayer``'s (RMSNorm in float32, rotary
-    ``x * cos + rotate_half(x) * sin``, SDPA with the model's scaling, SiLU-gated MLP); only the
-    q/k/v and gate/up matmuls run stacked.  tests/test_engine.py checks that greedy answers equal
-    ``generate``'s.
+    ``x * cos + rotate_half(x) * sin``, SDPA with the model's scaling, SiLU-gated MLP); the q/k/v
+    and gate/up matmuls run stacked, and a multi-token forward's last layer runs past its keys and
+    values for the last token only.  tests/test_kv_decode.py compares the logits with the library
+    forward; tests/test_engine.py checks that greedy answers equal ``generate``'s.
     """
 
     def __init__(self, lm: PreTrainedModel, prefix_kv: KV, capacity: int) -> None:
