@@ -186,11 +186,10 @@ class InferenceEngine:
         are encoded (an interactive request sends every box of the task but asks about one), the
         other rows stay zero.  Each box's token depends on its own box only."""
         m = self.model
-        levels = len(states[0].pyramid)
         if len(states) == 1:
             pyramid = states[0].pyramid
         else:
-            pyramid = [torch.cat([s.pyramid[lvl] for s in states]) for lvl in range(levels)]
+            pyramid = [torch.cat(level) for level in zip(*(s.pyramid for s in states))]
         boxes = [b.to(m.device, torch.float32).reshape(-1, 4) for b in boxes]
         rows = [sorted(u) for u in used]
         wanted = [b[r] for b, r in zip(boxes, rows)]

@@ -311,10 +311,14 @@ class LlamaSteps:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
+def _use_lean(lm: PreTrainedModel, lean: bool) -> bool:
+    return lean and lean_llama_supported(lm)
+
+
 def prefill(lm: PreTrainedModel, embeds: torch.Tensor, lean: bool = True) -> KV:
     """Key/value cache of whole prompts ``embeds`` ``(B, L, D)`` (positions from 0): per layer
     ``(keys, values)`` each ``(B, H_kv, L, d)``; lean where :func:`make_steps` would be."""
-    if lean and lean_llama_supported(lm):
+    if _use_lean(lm, lean):
         batch, length, _ = embeds.shape
         empty = embeds.new_empty(batch, lm.config.num_key_value_heads, 0, lean_weights(lm).head_dim)
         steps = LlamaSteps(lm, [(empty, empty)] * len(lm.model.layers), length)
@@ -326,6 +330,6 @@ def prefill(lm: PreTrainedModel, embeds: torch.Tensor, lean: bool = True) -> KV:
 
 def make_steps(lm: PreTrainedModel, prefix_kv: KV, capacity: int, lean: bool = True) -> DecodeSteps:
     """:class:`LlamaSteps` where it applies (and ``lean``), else :class:`HFSteps`."""
-    if lean and lean_llama_supported(lm):
+    if _use_lean(lm, lean):
         return LlamaSteps(lm, prefix_kv, capacity)
     return HFSteps(lm, prefix_kv)
