@@ -35,10 +35,11 @@ class Answer:
 
 @dataclass
 class ImageState:
-    """Cached per-image work.  ``pyramid``: fused region maps ``(1, F, s, s)`` per level;
-    ``prefix_kv``: per LM layer ``(keys, values)`` each ``(1, heads, P, head_dim)``."""
+    """Cached per-image work.  ``region_maps``: the fused pyramid, same-size levels stacked
+    (``RegionEncoder.fuse``), ``(1, n * F, s, s)`` per level size; ``prefix_kv``: per LM layer
+    ``(keys, values)`` each ``(1, heads, P, head_dim)``."""
 
-    pyramid: list[torch.Tensor]
+    region_maps: list[torch.Tensor]
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
 
@@ -94,18 +95,18 @@ class InferenceEngine:
         m = self.model
         pixels = m.processor.batch(list(images)).to(m.device)
         vision = m.encode_images(pixels)
-        pyramid = m.region_encoder.fuse(m.cast_levels(vision))
+        maps = m.region_encoder.fuse(m.cast_levels(vision))
         prefix = torch.tensor([m.prompts.prefix_ids] * len(images), device=m.device)
-        no_regions = [pyramid[0].new_zeros(0, m.projector.out_features)] * len(images)
+        no_regions = [maps[0].new_zeros(0, m.projector.out_features)] * len(images)
         embeds = m.embed_prompts(prefix, vision, no_regions, list(range(len(images))), [[] for _ in images])
         layers = prefill(m.lm, embeds, lean=self.lean)
         states = []
         for i in range(len(images)):
             kv = [(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in layers]
-            pyr = [p[i : i + 1].clone() for p in pyramid]
+            region_maps = [p[i : i + 1].clone() for p in maps]
             nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
-            nbytes += sum(t.numel() * t.element_size() for t in pyr)
-            states.append(ImageState(pyr, kv, nbytes))
+            nbytes += sum(t.numel() * t.element_size() for t in region_maps)
+            states.append(ImageState(region_maps, kv, nbytes))
         return states
 
     def image_states(
@@ -187,13 +188,13 @@ class InferenceEngine:
         other rows stay zero.  Each box's token depends on its own box only."""
         m = self.model
         if len(states) == 1:
-            pyramid = states[0].pyramid
+            maps = states[0].region_maps
         else:
-            pyramid = [torch.cat(level) for level in zip(*(s.pyramid for s in states))]
+            maps = [torch.cat(group) for group in zip(*(s.region_maps for s in states))]
         boxes = [b.to(m.device, torch.float32).reshape(-1, 4) for b in boxes]
         rows = [sorted(u) for u in used]
         wanted = [b[r] for b, r in zip(boxes, rows)]
-        encoded = m.region_encoder.encode_boxes(pyramid, wanted).split([len(r) for r in rows])
+        encoded = m.region_encoder.encode_boxes(maps, wanted).split([len(r) for r in rows])
         feats = []
         for b, r, f in zip(boxes, rows, encoded):
             full = f.new_zeros(len(b), f.shape[-1])

@@ -23,7 +23,6 @@ Both take the same calls, so the engine's loop does not know which one it drives
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +30,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+
+from model.derived_weights import derived
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -122,8 +123,8 @@ class _LayerWeights:
 
 class LeanLlamaWeights:
     """The tensors of a ``LlamaForCausalLM`` arranged for :class:`LlamaSteps` (q/k/v and gate/up
-    projections stacked, up to :data:`STACK_LIMIT_BYTES` of copies).  Built once per model and
-    rebuilt when a parameter changed in place (training bumps every tensor's version counter)."""
+    projections stacked, up to :data:`STACK_LIMIT_BYTES` of copies).  Get it through
+    :func:`lean_weights`: built once per model, rebuilt when a parameter changed."""
 
     def __init__(self, lm: PreTrainedModel) -> None:
         cfg = lm.config
@@ -136,8 +137,6 @@ class LeanLlamaWeights:
         self.inv_freq = rotary.inv_freq.float()
         self.rope_scale = rotary.attention_scaling
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.params = [p for _, p in lm.named_parameters()]
-        self.versions = self._versions()
         self.layers = []
         layers = lm.model.layers
         stacked_bytes = sum(
@@ -193,24 +192,10 @@ class LeanLlamaWeights:
         a = layer.self_attn
         return [a.q_proj, a.k_proj, a.v_proj]
 
-    def _versions(self) -> list[tuple[int, int]]:
-        # Tensors made under ``torch.inference_mode`` (a model loaded there) keep no version
-        # counter; such a model cannot be trained, so its storage address is enough.
-        return [(p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.params]
-
-    def current(self) -> bool:
-        return self._versions() == self.versions
-
-
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def lean_weights(lm: PreTrainedModel) -> LeanLlamaWeights:
-    """The (cached) :class:`LeanLlamaWeights` of ``lm``."""
-    weights = _WEIGHTS.get(lm)
-    if weights is None or not weights.current():
-        weights = _WEIGHTS[lm] = LeanLlamaWeights(lm)
-    return weights
+    """The :class:`LeanLlamaWeights` of ``lm``, cached until one of its parameters changes."""
+    return derived(lm, "lean_llama", lambda: LeanLlamaWeights(lm))
 
 
 class LlamaSteps:
@@ -232,8 +217,8 @@ class LlamaSteps:
         for k, v in prefix_kv:
             kb = k.new_empty(batch, k.shape[1], total, k.shape[3])
             vb = v.new_empty(batch, v.shape[1], total, v.shape[3])
-            kb[:, :, : self.length] = k
-            vb[:, :, : self.length] = v
+            kb.narrow(2, 0, self.length).copy_(k)
+            vb.narrow(2, 0, self.length).copy_(v)
             self.keys.append(kb)
             self.values.append(vb)
 
@@ -241,8 +226,8 @@ class LlamaSteps:
         """``LlamaRMSNorm``: normalised in float32, scaled in the model dtype (one fused op when
         that dtype is float32; the results are bit-identical)."""
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.w.eps)
-        return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.w.eps).to(x.dtype)
+            return torch.rms_norm(x, (x.shape[-1],), weight, self.w.eps)
+        return weight * torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.w.eps).to(x.dtype)
 
     def _rotary(
         self, positions: torch.Tensor, slots: int, dtype: torch.dtype
@@ -257,7 +242,7 @@ class LlamaSteps:
     def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """``(B, L, H, d)`` -> rotary-embedded, as ``apply_rotary_pos_emb``."""
         half = x.shape[-1] // 2
-        return (x * cos) + (torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin)
+        return (x * cos) + (torch.cat((x.narrow(-1, half, half), x.narrow(-1, 0, half)), dim=-1) * signed_sin)
 
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
@@ -284,18 +269,19 @@ class LlamaSteps:
             qkv = lw.qkv(x).view(batch, steps, -1, d)
             # q and k heads are adjacent in the projection: one rotation for both.
             n_q, n_k = lw.qkv.sizes[0] // d, lw.qkv.sizes[1] // d
-            qk = self._rotate(qkv[:, :, : n_q + n_k], cos, sin).transpose(1, 2)
-            self.keys[i][:, :, start:end] = qk[:, n_q:]
-            self.values[i][:, :, start:end] = qkv[:, :, n_q + n_k :].transpose(1, 2)
-            q = qk[:, :n_q]
+            qk = self._rotate(qkv.narrow(2, 0, n_q + n_k), cos, sin).transpose(1, 2)
+            # narrow + copy_: a fraction of the cost of slice assignment, which a step does per layer
+            self.keys[i].narrow(2, start, steps).copy_(qk.narrow(1, n_q, n_k))
+            self.values[i].narrow(2, start, steps).copy_(qkv.narrow(2, n_q + n_k, n_k).transpose(1, 2))
+            q = qk.narrow(1, 0, n_q)
             if i == last and steps > 1:
                 # Past the last layer's keys and values only the last token's hidden state is
                 # read (for its logits): its attention, output projection and MLP run on one row.
                 q, hidden, mask, steps = q[:, :, -1:], hidden[:, -1:], mask[:, :, -1:], 1
             out = F.scaled_dot_product_attention(
                 q,
-                self.keys[i][:, :, :end],
-                self.values[i][:, :, :end],
+                self.keys[i].narrow(2, 0, end),
+                self.values[i].narrow(2, 0, end),
                 attn_mask=mask,
                 scale=w.scaling,
                 enable_gqa=w.gqa,

@@ -154,3 +154,27 @@ def test_grouped_roi_align_and_stacked_conv_equal_one_pass_per_level():
     )
     with torch.no_grad():
         torch.testing.assert_close(ex(feats, boxes), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_conv_copy_follows_weight_updates_and_training_uses_the_live_weights():
+    """Outside autograd the extractor runs on a kept stacked copy of its per-level convs; an
+    in-place update (a training step) must show in the next inference, and with autograd on the
+    gradients must reach every level's conv."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = tiny_region_config(level_sizes=[8, 4, 8, 4], feature_norm="none")
+    ex = RegionFeatureExtractor(cfg, input_size=32).eval()
+    feats = [torch.randn(1, cfg.fuse_channels, s, s) for s in cfg.level_sizes]
+    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.7]])]
+    with torch.no_grad():
+        before = ex(feats, boxes)
+        ex.pconvs[2].weight.add_(0.05 * torch.randn_like(ex.pconvs[2].weight))
+        after = ex(feats, boxes)
+        fresh = copy.deepcopy(ex)(feats, boxes)  # a new module: nothing kept
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+    ex(feats, boxes).sum().backward()
+    assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in ex.pconvs)
+    with pytest.raises(ValueError, match="level_sizes"):
+        ex.group_levels(feats[::-1])
