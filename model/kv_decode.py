@@ -270,7 +270,7 @@ class LlamaSteps:
             # q and k heads are adjacent in the projection: one rotation for both.
             n_q, n_k = lw.qkv.sizes[0] // d, lw.qkv.sizes[1] // d
             qk = self._rotate(qkv.narrow(2, 0, n_q + n_k), cos, sin).transpose(1, 2)
-            # narrow + copy_: a fraction of the cost of slice assignment, which a step does per layer
+            # narrow + copy_ rather than slice assignment: no index-tuple parsing, fewer view ops
             self.keys[i].narrow(2, start, steps).copy_(qk.narrow(1, n_q, n_k))
             self.values[i].narrow(2, start, steps).copy_(qkv.narrow(2, n_q + n_k, n_k).transpose(1, 2))
             q = qk.narrow(1, 0, n_q)
