@@ -17,26 +17,31 @@ from torch import nn
 
 T = TypeVar("T")
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[list[tuple[int, int]], Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+# per module, per name: (the parameters it was built from, their versions then, the value)
+_Entry = tuple[list[nn.Parameter], list[tuple[int, int]], Any]
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, _Entry]] = weakref.WeakKeyDictionary()
 
 
-def parameter_versions(module: nn.Module) -> list[tuple[int, int]]:
-    """(storage address, version counter) of every parameter of ``module``."""
+def parameter_versions(params: list[nn.Parameter]) -> list[tuple[int, int]]:
+    """(storage address, version counter) of every tensor of ``params``."""
     # Tensors made under ``torch.inference_mode`` (a model loaded there) keep no version counter;
     # such a model cannot be trained, so its storage address is enough.
-    return [(p.data_ptr(), -1 if p.is_inference() else p._version) for p in module.parameters()]
+    return [(p.data_ptr(), -1 if p.is_inference() else p._version) for p in params]
 
 
 def derived(module: nn.Module, name: str, build: Callable[[], T]) -> T:
     """``build()`` - a value computed from ``module``'s parameters - cached under ``name`` and
-    rebuilt when one of those parameters changed since it was built."""
+    rebuilt when one of those parameters changed since it was built.
+
+    The parameters are listed when the value is built (walking the module tree on every call
+    would cost more than a small model's decode step saves): in-place updates, loads and device
+    moves are seen, a parameter object replaced by another one is not.
+    """
     entries = _CACHE.setdefault(module, {})
-    versions = parameter_versions(module)
     hit = entries.get(name)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
+    if hit is not None and parameter_versions(hit[0]) == hit[1]:
+        return hit[2]
+    params = list(module.parameters())
     value = build()
-    entries[name] = (versions, value)
+    entries[name] = (params, parameter_versions(params), value)
     return value
