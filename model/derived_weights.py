@@ -3,8 +3,8 @@
 Inference paths run on stacked or re-laid-out copies of weights (the LM's q/k/v as one matrix,
 the region extractor's per-level convs as one conv).  Building such a copy costs a memory pass
 over the weights - per call, more than the tiny matmuls they feed - so it is built once per module
-and rebuilt when any parameter changed: training bumps every tensor's version counter, and
-loading a state dict or swapping a parameter changes its storage or its version.
+and rebuilt when any parameter changed: training and loading a state dict bump the tensors'
+version counters, moving the module to another device changes their storage.
 """
 
 from __future__ import annotations
