@@ -24,9 +24,9 @@ def _llama(kv_heads: int = 4, seed: int = 0, **extra):
         **extra,
     )
     lm = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # weights large enough that rounding differences would show
-        for p in lm.parameters():
-            if p.dim() == 2:
+    with torch.no_grad():  # weights (and biases, where the config has them) large enough that
+        for name, p in lm.named_parameters():  # rounding differences would show
+            if p.dim() == 2 or name.endswith(".bias"):
                 p.normal_(0, 0.2)
     return lm
 
@@ -50,15 +50,16 @@ def _run(steps, embeds, positions, key_mask, lm, keep_after: int | None = None):
 
 
 @pytest.mark.parametrize(
-    ("kv_heads", "stack"),
-    [(4, True), (2, True), (4, False)],  # multi-head, grouped-query, projections not stacked
+    ("kv_heads", "copy", "bias"),
+    # multi-head, grouped-query, no weight copies, projections with biases (copied and not)
+    [(4, True, False), (2, True, False), (4, False, False), (2, True, True), (4, False, True)],
 )
 @torch.inference_mode()
-def test_lean_steps_equal_library_forward(kv_heads, stack, monkeypatch):
-    if not stack:  # a large LM: no stacked weight copies
-        monkeypatch.setattr(kv_decode, "STACK_LIMIT_BYTES", 0)
-    lm = _llama(kv_heads)
-    assert lean_llama_supported(lm) and lean_weights(lm).stacked == stack
+def test_lean_steps_equal_library_forward(kv_heads, copy, bias, monkeypatch):
+    if not copy:  # a large LM: no re-laid-out weight copies
+        monkeypatch.setattr(kv_decode, "COPY_LIMIT_BYTES", 0)
+    lm = _llama(kv_heads, attention_bias=bias, mlp_bias=bias)
+    assert lean_llama_supported(lm) and lean_weights(lm).copied == copy
     g = torch.Generator().manual_seed(1)
     prompt = torch.randn(2, 9, 64, generator=g)
     lean_kv, hf_kv = prefill(lm, prompt, lean=True), prefill(lm, prompt, lean=False)
@@ -93,7 +94,7 @@ def test_lean_buffer_overflow_is_an_error():
 
 
 def test_lean_weights_follow_in_place_updates():
-    """A fine-tuning step changes parameters in place; the stacked copies must not go stale."""
+    """A fine-tuning step changes parameters in place; the weight copies must not go stale."""
     lm = _llama()
     first = lean_weights(lm)
     assert lean_weights(lm) is first
@@ -103,7 +104,7 @@ def test_lean_weights_follow_in_place_updates():
     assert second is not first
     k_rows = slice(64, 128)
     torch.testing.assert_close(
-        second.layers[1].qkv.weights[0][k_rows], lm.model.layers[1].self_attn.k_proj.weight
+        second.layers[1].qkv.weight_t[:, k_rows].t(), lm.model.layers[1].self_attn.k_proj.weight
     )
     with torch.inference_mode():
         kv = prefill(lm, torch.randn(1, 5, 64), lean=False)
