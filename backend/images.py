@@ -26,13 +26,16 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from backend.settings import Settings
+from model.image_input import EncodedImage, decode_rgb, displayed_size
 
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
@@ -45,6 +48,24 @@ class ImageError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+@contextmanager
+def _image_errors(data: bytes) -> Iterator[None]:
+    """PIL's exceptions for unreadable, bomb or corrupt ``data`` -> :class:`ImageError`."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(413, f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        head = data[:16]
+        raise ImageError(
+            415, f"content is not an image this server can read (starts with {head!r})"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(422, f"image data is truncated or corrupt: {exc}") from None
 
 
 class BytesLRU:
@@ -132,13 +153,26 @@ class ImageFetcher:
     # ------------------------------------------------------------------ public
     def fetch(self, ref: object, task_id: object = None) -> Image.Image:
         """Image reference -> RGB image with EXIF orientation applied (as browsers show it)."""
+        return self.fetch_encoded(ref, task_id).decode()
+
+    def fetch_encoded(self, ref: object, task_id: object = None) -> EncodedImage:
+        """Image reference -> :class:`EncodedImage`: the bytes fetched and the header checked
+        (content, pixel limit, displayed size) now, the pixels decoded when first needed - by the
+        inference engine only when its cache lacks the image.  Errors name the task either way."""
         where = f" (task {task_id})" if task_id is not None else ""
         if not isinstance(ref, str) or not ref.strip():
             raise ImageError(400, f"image reference{where} must be a non-empty string URL, got {ref!r}")
         ref = ref.strip()
+
+        def decode(data: bytes) -> Image.Image:
+            try:
+                return self.decode(data)
+            except ImageError as exc:
+                raise ImageError(exc.status, f"{exc.message}{where}") from None
+
         try:
             data = self._cached_bytes(ref)
-            return self.decode(data)
+            return EncodedImage(data, decode, size=self.header(data))
         except ImageError as exc:
             raise ImageError(exc.status, f"{exc.message}{where}") from None
 
@@ -146,9 +180,10 @@ class ImageFetcher:
         """Raw bytes for a reference (no decoding), with the same checks as :meth:`fetch`."""
         return self._cached_bytes(ref)
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB image; checks content and pixel count before decoding pixels."""
-        try:
+    def header(self, data: bytes) -> tuple[int, int]:
+        """Displayed ``(width, height)`` of encoded image bytes (EXIF orientation applied), after
+        checking the content and the pixel count - from the header, without decoding pixels."""
+        with _image_errors(data):
             image = Image.open(io.BytesIO(data))  # reads the header only
             w, h = image.size
             if w * h > self.settings.max_image_pixels:
@@ -159,20 +194,13 @@ class ImageFetcher:
                 )
             if w <= 0 or h <= 0:
                 raise ImageError(422, f"image has an empty size {w}x{h}")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(413, f"image refused as a decompression bomb: {exc}") from None
-        except UnidentifiedImageError:
-            head = data[:16]
-            raise ImageError(
-                415, f"content is not an image this server can read (starts with {head!r})"
-            ) from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(422, f"image data is truncated or corrupt: {exc}") from None
+            return displayed_size(image)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Bytes -> RGB image; checks content and pixel count before decoding pixels."""
+        self.header(data)
+        with _image_errors(data):
+            return decode_rgb(data)
 
     # ------------------------------------------------------------------ sources
     def _cached_bytes(self, ref: str) -> bytes:

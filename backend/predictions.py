@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
 from backend.images import ImageFetcher
 from backend.label_config import LabelConfig
@@ -32,6 +31,7 @@ from backend.settings import Settings
 from model.describe import ImageReport, describe_regions
 from model.engine import InferenceEngine
 from model.geometry import BoxError, boxes_tensor, check_pixel_box
+from model.image_input import EncodedImage
 
 GEOMETRY = ("x", "y", "width", "height", "rotation")
 
@@ -239,16 +239,18 @@ def predict_tasks(
         raise PredictionError(f"params.context (interactive mode) needs exactly one task, got {len(tasks)}")
     plans = [plan_task(t, config, context, settings) for t in tasks]
     stats = PredictStats(tasks=len(plans))
-    images: list[Image.Image] = []
+    # Encoded: the engine decodes an image only if its cache lacks it (a box drawn on an image
+    # already seen costs no decode and no pixel hash).
+    images: list[EncodedImage] = []
     tensors: list[torch.Tensor] = []
     only: list[list[int] | None] = []
     active: list[int] = []
-    fetched: dict[str, Image.Image] = {}
+    fetched: dict[str, EncodedImage] = {}
     for i, plan in enumerate(plans):
         stats.sources[plan.source] = stats.sources.get(plan.source, 0) + 1
         if not plan.regions:
             continue
-        image = fetched.get(plan.image_ref) or fetcher.fetch(plan.image_ref, plan.task_id)
+        image = fetched.get(plan.image_ref) or fetcher.fetch_encoded(plan.image_ref, plan.task_id)
         fetched[plan.image_ref] = image
         tensors.append(_region_tensor(plan, image.width, image.height))
         images.append(image)

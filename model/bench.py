@@ -5,7 +5,9 @@
 Prints (median of ``--repeats``):
 * K = 1, 4, 16, 64 boxes on one image, one caption question per box: engine (cold image cache)
   vs naive loop (per box: encode the image, build the prompt, ``generate``) - time and ratio;
-* interactive: a new box on an image already seen vs on a cold image - latency ratio;
+* interactive: a new box on an image already seen vs on a cold image - latency ratio, with the
+  image given decoded and as a JPEG file (what a server receives; decoded only on a cache miss)
+  at the scene's size and at 1280x960;
 * decode throughput (generated tokens/s) at batch 1 and 16, and the share of the machine's
   measured float32 matmul FLOP/s that it reaches (2 x LM parameters FLOPs per token);
 * peak resident memory.
@@ -14,6 +16,7 @@ Prints (median of ``--repeats``):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import resource
@@ -23,9 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
+from model.image_input import EncodedImage, ImageLike
 from model.synthetic import SceneSpec, make_scene
 from model.tasks import CAPTION_QUESTION
 
@@ -57,6 +62,45 @@ def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]
         x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
         boxes.append([x0, y0, x0 + bw, y0 + bh])
     return boxes
+
+
+PHOTO_SIZE = (1280, 960)  # a typical photo as annotators upload it
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def interactive_latency(
+    new_engine: Callable[[], InferenceEngine],
+    image_input: Callable[[], ImageLike],
+    rng: random.Random,
+    samples: int,
+) -> dict:
+    """Median latency of a request asking about one box just drawn (four boxes already on the
+    image): on an image the engine has seen (warm) vs on a fresh engine (cold).  ``image_input()``
+    is what a request hands the engine (a new object per request)."""
+    engine = new_engine()
+    probe = image_input()
+    width, height = probe.size
+    base = boxes_tensor(random_boxes(rng, 4, width, height), width, height)
+    engine.answer([probe], [base], [(0, CAPTION_QUESTION.format(a="<region1>"))])
+    warm_times, cold_times = [], []
+    for _ in range(samples):
+        new_box = boxes_tensor(random_boxes(rng, 1, width, height), width, height)
+        boxes = torch.cat([base, new_box])
+        q = [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))]
+        t0 = time.perf_counter()
+        engine.answer([image_input()], [boxes], q)
+        warm_times.append(time.perf_counter() - t0)
+        cold = new_engine()
+        t0 = time.perf_counter()
+        cold.answer([image_input()], [boxes], q)
+        cold_times.append(time.perf_counter() - t0)
+    warm, cold_t = statistics.median(warm_times), statistics.median(cold_times)
+    return {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
 
 
 def run(
@@ -114,24 +158,18 @@ def run(
             {"k": k, "engine_s": t_engine, "naive_s": t_naive, "speedup": t_naive / t_engine}
         )
 
-    # Interactive: one new box on an image whose prefix is cached vs on a cold image.
-    engine = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
-    base = boxes_tensor(random_boxes(rng, 4, image.width, image.height), image.width, image.height)
-    engine.answer([image], [base], [(0, CAPTION_QUESTION.format(a="<region1>"))])
-    warm_times, cold_times = [], []
-    for _ in range(max(15, 3 * repeats)):  # single requests are short: more samples for a stable median
-        new_box = boxes_tensor(random_boxes(rng, 1, image.width, image.height), image.width, image.height)
-        boxes = torch.cat([base, new_box])
-        q = [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))]
-        t0 = time.perf_counter()
-        engine.answer([image], [boxes], q)
-        warm_times.append(time.perf_counter() - t0)
-        cold = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
-        t0 = time.perf_counter()
-        cold.answer([image], [boxes], q)
-        cold_times.append(time.perf_counter() - t0)
-    warm, cold_t = statistics.median(warm_times), statistics.median(cold_times)
-    results["interactive"] = {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
+    # Interactive: one new box on an image whose prefix is cached vs on a cold image; the image
+    # given decoded, and as the JPEG file a server receives (at the scene's size and a photo's).
+    def new_engine() -> InferenceEngine:
+        return InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
+
+    samples = max(15, 3 * repeats)  # single requests are short: more samples for a stable median
+    results["interactive"] = interactive_latency(new_engine, lambda: image, rng, samples)
+    results["interactive_files"] = []
+    for size in (image.size, PHOTO_SIZE):
+        data = jpeg_bytes(image.resize(size, Image.Resampling.BILINEAR))
+        row = interactive_latency(new_engine, lambda data=data: EncodedImage(data), rng, samples)
+        results["interactive_files"].append({"size": list(size), "jpeg_bytes": len(data), **row})
 
     # Decode throughput at batch 1 and 16 (prefix cached, so this is decode-dominated).
     flops = matmul_flops()
@@ -174,6 +212,14 @@ def format_results(r: dict) -> str:
         "",
         f"interactive new box: warm {it['warm_s'] * 1e3:.1f} ms, cold {it['cold_s'] * 1e3:.1f} ms, "
         f"ratio {it['ratio']:.2f}",
+    ]
+    for row in r.get("interactive_files", []):
+        w, h = row["size"]
+        lines.append(
+            f"  from a {w}x{h} JPEG file ({row['jpeg_bytes'] / 1e3:.0f} kB): "
+            f"warm {row['warm_s'] * 1e3:.1f} ms, cold {row['cold_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f}"
+        )
+    lines += [
         "",
         f"{'batch':>6s} {'tokens/s':>10s} {'of matmul peak':>15s}",
     ]

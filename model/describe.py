@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from model.engine import Answer, InferenceEngine
+from model.image_input import ImageLike
 from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION, parse_relation
 
 ATTRIBUTES = tuple(ATTRIBUTE_QUESTION)
@@ -48,13 +48,12 @@ class ImageReport:
 
 def describe_regions(
     engine: InferenceEngine,
-    images: Sequence[Image.Image],
+    images: Sequence[ImageLike],
     boxes: Sequence[torch.Tensor],
     caption: bool = True,
     attributes: Sequence[str] = ATTRIBUTES,
     relations: bool = True,
     max_relation_boxes: int = 8,
-    keys: Sequence[str] | None = None,
     only: Sequence[Sequence[int] | None] | None = None,
 ) -> list[ImageReport]:
     """Ask every wanted question for every box, all in one batched engine call.
@@ -87,7 +86,7 @@ def describe_regions(
                         continue
                     queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
                     slots.append(("rel", i, a, c))
-    answers = engine.answer(images, boxes, queries, keys) if queries else []
+    answers = engine.answer(images, boxes, queries) if queries else []
     reports = [ImageReport([RegionReport(None) for _ in b], []) for b in boxes]
     for slot, ans in zip(slots, answers):
         if slot[0] == "caption":

@@ -1,6 +1,7 @@
 """Fast batched inference: one image encode, one prefix KV and one RoIAlign per image, one decode.
 
-For every image the engine keeps (in a bounded LRU keyed by image content hash + model version):
+For every image the engine keeps (in a bounded LRU keyed by image content hash + model version;
+the hash of the file for an encoded image, which is then decoded only on a miss):
 the fused region pyramid and the KV cache of the shared prompt prefix (BOS + system text + image
 tokens).  All questions of a request, over all its images, are decoded together: each row starts
 from its image's prefix KV, its question tokens are right-aligned after a padding gap (masked out,
@@ -10,7 +11,6 @@ are dropped from the batch, so no compute is spent on padding after EOS.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from model.image_input import ImageLike, cache_key, image_key, pixels
 from model.kv_decode import make_steps, prefill
 from model.mllm import RegionMLLM
 
@@ -53,11 +54,7 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
-def image_key(image: Image.Image) -> str:
-    """Content hash of a decoded image (size + mode + pixels)."""
-    h = hashlib.sha256(f"{image.size}{image.mode}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+__all__ = ["Answer", "EngineStats", "ImageState", "InferenceEngine", "image_key"]
 
 
 class InferenceEngine:
@@ -109,11 +106,10 @@ class InferenceEngine:
             states.append(ImageState(region_maps, kv, nbytes))
         return states
 
-    def image_states(
-        self, images: Sequence[Image.Image], keys: Sequence[str] | None = None
-    ) -> list[ImageState]:
-        """States for ``images``, from the LRU where possible; misses are encoded in one batch."""
-        keys = list(keys) if keys is not None else [image_key(im) for im in images]
+    def image_states(self, images: Sequence[ImageLike]) -> list[ImageState]:
+        """States for ``images``, from the LRU where possible; misses are decoded (an
+        :class:`~model.image_input.EncodedImage` only then) and encoded in one batch."""
+        keys = [cache_key(im) for im in images]
         result: list[ImageState | None] = []
         missing: list[int] = []
         for i, key in enumerate(keys):
@@ -126,7 +122,7 @@ class InferenceEngine:
                 self.stats.image_cache_misses += 1
             result.append(state)
         if missing:
-            built = self._build_states([images[i] for i in missing])
+            built = self._build_states([pixels(images[i]) for i in missing])
             for i, state in zip(missing, built):
                 result[i] = state
                 self._remember((self.version, keys[i]), state)
@@ -156,17 +152,17 @@ class InferenceEngine:
     @torch.inference_mode()
     def answer(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[ImageLike],
         boxes: Sequence[torch.Tensor],
         queries: Sequence[tuple[int, str]],
-        keys: Sequence[str] | None = None,
     ) -> list[Answer]:
         """Answer ``queries`` = [(image index, question with <regionK>), ...].
 
+        ``images``: decoded, or encoded files (decoded only if the cache lacks them);
         ``boxes[i]``: ``(N_i, 4)`` normalised boxes of image i (``<regionK>`` = row K-1).
         """
         with self._lock:
-            states = self.image_states(images, keys)
+            states = self.image_states(images)
             m = self.model
             encoded = [m.prompts.question_ids(q, first=True, num_boxes=len(boxes[i])) for i, q in queries]
             used: list[set[int]] = [set() for _ in images]

@@ -253,3 +253,43 @@ def test_local_files_inside_root_only(tmp_path: Path):
     with pytest.raises(ImageError) as info:
         f.fetch("/data/local-files/?d=/etc/passwd")
     assert info.value.status == 404
+
+
+def exif_rotated(fmt: str, size=(40, 30), orientation=6) -> bytes:
+    """An image stored ``size`` whose EXIF says to show it turned by 90 degrees."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buf, fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_encoded_fetch_reads_the_displayed_size_from_the_header_and_decodes_once(fmt):
+    f = fetcher()
+    url = data_url(exif_rotated(fmt), f"image/{fmt.lower()}")
+    image = f.fetch_encoded(url, task_id=3)
+    assert image.size == (30, 40) and image.decodes == 0  # turned, as browsers show it
+    assert image.decode().size == (30, 40) and image.decodes == 1
+    image.decode()
+    assert image.decodes == 1
+    assert f.fetch(url).size == (30, 40)
+
+
+def test_encoded_fetch_checks_the_header_now_and_reports_corrupt_pixels_at_decode():
+    f = fetcher()
+    with pytest.raises(ImageError) as bomb:
+        f.fetch_encoded(data_url(BOMB_PNG), task_id=5)
+    assert bomb.value.status == 413 and "(task 5)" in bomb.value.message
+    with pytest.raises(ImageError) as html:
+        f.fetch_encoded(data_url(b"<html>not an image</html>", "text/html"), task_id=5)
+    assert html.value.status == 415
+    truncated = f.fetch_encoded(data_url(SMALL_PNG[: len(SMALL_PNG) // 2]), task_id=7)
+    assert truncated.size == (40, 30)  # the header is intact
+    with pytest.raises(ImageError) as corrupt:
+        truncated.decode()
+    assert corrupt.value.status == 422 and "(task 7)" in corrupt.value.message

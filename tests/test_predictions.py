@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from model.checkpoint import load_model
 from model.describe import ImageReport, RegionReport, RelationReport
 from model.engine import Answer, InferenceEngine
 from model.geometry import pixels_to_percent
+from model.image_input import EncodedImage
 from model.synthetic import SceneSpec, make_scene
 from model.tasks import caption_text, relation_labels
 
@@ -29,7 +31,8 @@ def config(name: str):
 
 
 class DictFetcher:
-    """Stands in for ImageFetcher: image references are keys of a dict."""
+    """Stands in for ImageFetcher: image references are keys of a dict; images are served as
+    PNG files (lossless), as a server receives them."""
 
     def __init__(self, images: dict[str, Image.Image]) -> None:
         self.images = images
@@ -38,6 +41,12 @@ class DictFetcher:
     def fetch(self, ref, task_id=None):
         self.calls.append(ref)
         return self.images[ref]
+
+    def fetch_encoded(self, ref, task_id=None) -> EncodedImage:
+        self.calls.append(ref)
+        buf = io.BytesIO()
+        self.images[ref].save(buf, "PNG")
+        return EncodedImage(buf.getvalue())
 
 
 def scene(seed: int):
