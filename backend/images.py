@@ -14,6 +14,9 @@ Protections: download timeout, byte limit while streaming, pixel limit checked b
 resolving to private, loopback, link-local or reserved addresses are refused unless they are the
 Label Studio host or ``ALLOW_PRIVATE_URLS`` is on).  Downloaded bytes are kept in a bounded LRU
 keyed by URL.  Every failure is an :class:`ImageError` carrying an HTTP status and a clear message.
+
+Predictions use :meth:`ImageFetcher.fetch_encoded`: the header is checked at once, the pixels are
+decoded only if the inference engine's cache lacks the file (see :mod:`model.image_input`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Prints (median of ``--repeats``):
   vs naive loop (per box: encode the image, build the prompt, ``generate``) - time and ratio;
 * interactive: a new box on an image already seen vs on a cold image - latency ratio, with the
   image given decoded and as a JPEG file (what a server receives; decoded only on a cache miss)
-  at the scene's size and at 1280x960;
+  at the scene's size and at 1280x960, beside warm requests that decode the file each time; and
+  for the backend's whole request about a new box (caption, attributes, relations);
 * decode throughput (generated tokens/s) at batch 1 and 16, and the share of the machine's
   measured float32 matmul FLOP/s that it reaches (2 x LM parameters FLOPs per token);
 * peak resident memory.
@@ -28,9 +29,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from model.describe import describe_regions
 from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
-from model.image_input import EncodedImage, ImageLike
+from model.image_input import EncodedImage, ImageLike, decode_rgb
 from model.synthetic import SceneSpec, make_scene
 from model.tasks import CAPTION_QUESTION
 
@@ -78,29 +80,47 @@ def interactive_latency(
     image_input: Callable[[], ImageLike],
     rng: random.Random,
     samples: int,
+    decoded_input: Callable[[], ImageLike] | None = None,
+    full: bool = False,
 ) -> dict:
     """Median latency of a request asking about one box just drawn (four boxes already on the
     image): on an image the engine has seen (warm) vs on a fresh engine (cold).  ``image_input()``
-    is what a request hands the engine (a new object per request)."""
+    is what a request hands the engine (a new object per request); with ``decoded_input``, warm
+    requests handing it that instead are timed too, interleaved (``warm_decoded_s``).  The request
+    is the box's caption, or with ``full`` what the backend asks for a box drawn with the bundled
+    label config: caption, every attribute and the relations to the other boxes."""
+
+    def ask(engine: InferenceEngine, image: ImageLike, boxes: torch.Tensor) -> None:
+        if full:
+            describe_regions(engine, [image], [boxes], only=[[len(boxes) - 1]])
+        else:
+            engine.answer([image], [boxes], [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))])
+
     engine = new_engine()
     probe = image_input()
     width, height = probe.size
     base = boxes_tensor(random_boxes(rng, 4, width, height), width, height)
-    engine.answer([probe], [base], [(0, CAPTION_QUESTION.format(a="<region1>"))])
-    warm_times, cold_times = [], []
+    ask(engine, probe, base)
+    warm_times, cold_times, decoded_times = [], [], []
     for _ in range(samples):
         new_box = boxes_tensor(random_boxes(rng, 1, width, height), width, height)
         boxes = torch.cat([base, new_box])
-        q = [(0, CAPTION_QUESTION.format(a=f"<region{len(boxes)}>"))]
         t0 = time.perf_counter()
-        engine.answer([image_input()], [boxes], q)
+        ask(engine, image_input(), boxes)
         warm_times.append(time.perf_counter() - t0)
+        if decoded_input is not None:
+            t0 = time.perf_counter()
+            ask(engine, decoded_input(), boxes)
+            decoded_times.append(time.perf_counter() - t0)
         cold = new_engine()
         t0 = time.perf_counter()
-        cold.answer([image_input()], [boxes], q)
+        ask(cold, image_input(), boxes)
         cold_times.append(time.perf_counter() - t0)
     warm, cold_t = statistics.median(warm_times), statistics.median(cold_times)
-    return {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
+    row = {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
+    if decoded_times:
+        row["warm_decoded_s"] = statistics.median(decoded_times)
+    return row
 
 
 def run(
@@ -168,8 +188,18 @@ def run(
     results["interactive_files"] = []
     for size in (image.size, PHOTO_SIZE):
         data = jpeg_bytes(image.resize(size, Image.Resampling.BILINEAR))
-        row = interactive_latency(new_engine, lambda data=data: EncodedImage(data), rng, samples)
+        row = interactive_latency(
+            new_engine,
+            lambda data=data: EncodedImage(data),
+            rng,
+            samples,
+            decoded_input=lambda data=data: decode_rgb(data),  # the file decoded per request
+        )
         results["interactive_files"].append({"size": list(size), "jpeg_bytes": len(data), **row})
+    scene_file = jpeg_bytes(image)
+    results["interactive_full"] = interactive_latency(
+        new_engine, lambda: EncodedImage(scene_file), rng, samples, full=True
+    )
 
     # Decode throughput at batch 1 and 16 (prefix cached, so this is decode-dominated).
     flops = matmul_flops()
@@ -218,6 +248,15 @@ def format_results(r: dict) -> str:
         lines.append(
             f"  from a {w}x{h} JPEG file ({row['jpeg_bytes'] / 1e3:.0f} kB): "
             f"warm {row['warm_s'] * 1e3:.1f} ms, cold {row['cold_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f}"
+        )
+        if "warm_decoded_s" in row:
+            lines.append(f"    (warm, decoding the file per request: {row['warm_decoded_s'] * 1e3:.1f} ms)")
+    full = r.get("interactive_full")
+    if full:
+        lines.append(
+            "  caption + attributes + relations of the new box (scene JPEG): "
+            f"warm {full['warm_s'] * 1e3:.1f} ms, cold {full['cold_s'] * 1e3:.1f} ms, "
+            f"ratio {full['ratio']:.2f}"
         )
     lines += [
         "",

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(" ".join(f"{h['loss']:.6f}" for h in history))
     if distributed:
+        # Every rank reaches teardown before any tears down: a rank destroying the group while
+        # rank 0 still writes its result aborted once in gloo's threads (SIGABRT, "terminate
+        # called without an active exception") after a successful run.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -12,6 +12,10 @@ def test_bench_reports_every_figure_for_a_config_with_random_weights():
     assert [row["k"] for row in results["boxes"]] == [1, 2]
     assert all(row["engine_s"] > 0 and row["naive_s"] > 0 for row in results["boxes"])
     assert results["interactive"]["ratio"] > 0
+    files = results["interactive_files"]
+    assert len(files) == 2 and files[1]["size"] == [1280, 960]  # the scene's own size, then a photo's
+    assert all(row["ratio"] > 0 and row["warm_decoded_s"] > 0 for row in files)
+    assert results["interactive_full"]["ratio"] > 0
     assert [row["batch"] for row in results["decode"]] == [1, 16]
     text = format_results(results)
-    assert "interactive new box" in text and "peak RSS" in text
+    assert "interactive new box" in text and "from a 1280x960 JPEG file" in text and "peak RSS" in text
