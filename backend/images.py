@@ -167,9 +167,10 @@ class ImageFetcher:
             raise ImageError(400, f"image reference{where} must be a non-empty string URL, got {ref!r}")
         ref = ref.strip()
 
-        def decode(data: bytes) -> Image.Image:
+        def decode(data: bytes) -> Image.Image:  # the header was checked below
             try:
-                return self.decode(data)
+                with _image_errors(data):
+                    return decode_rgb(data)
             except ImageError as exc:
                 raise ImageError(exc.status, f"{exc.message}{where}") from None
 
@@ -198,12 +199,6 @@ class ImageFetcher:
             if w <= 0 or h <= 0:
                 raise ImageError(422, f"image has an empty size {w}x{h}")
             return displayed_size(image)
-
-    def decode(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB image; checks content and pixel count before decoding pixels."""
-        self.header(data)
-        with _image_errors(data):
-            return decode_rgb(data)
 
     # ------------------------------------------------------------------ sources
     def _cached_bytes(self, ref: str) -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from model.image_input import ImageLike, cache_key, image_key, pixels
+from model.image_input import ImageLike, cache_key, pixels
 from model.kv_decode import make_steps, prefill
 from model.mllm import RegionMLLM
 
@@ -52,9 +52,6 @@ class EngineStats:
     questions: int = 0
     generated_tokens: int = 0
     extra: dict = field(default_factory=dict)
-
-
-__all__ = ["Answer", "EngineStats", "ImageState", "InferenceEngine", "image_key"]
 
 
 class InferenceEngine:

@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
-from model.engine import InferenceEngine, image_key
+from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
-from model.image_input import EncodedImage
+from model.image_input import EncodedImage, image_key
 from tests.model_helpers import tiny_model, tiny_records
 
 
