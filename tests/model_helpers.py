@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from functools import lru_cache
 
 import torch
+from PIL import Image
 
 from model.checkpoint import build_model
 from model.config import RegionEncoderConfig, load_model_config
@@ -32,3 +34,10 @@ def tiny_region_config(**overrides) -> RegionEncoderConfig:
     """A one-level region encoder config small enough to run on hand-made feature maps."""
     sizes = {"fuse_channels": 8, "level_sizes": [8], "gn_groups": 2, "roi_output_size": 2, "hidden_dim": 16}
     return RegionEncoderConfig(**{**sizes, "pos_hidden_dim": 8, **overrides})
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` as a PNG file (lossless: decoding it gives back the same pixels)."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import random
@@ -25,6 +24,7 @@ from backend.settings import Settings
 from model.checkpoint import load_model
 from model.geometry import pixels_to_percent
 from model.synthetic import SceneSpec, make_scene
+from tests.model_helpers import png_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 CAPTION_XML = (CONFIGS / "region_caption.xml").read_text()
@@ -33,9 +33,7 @@ REL_XML = (CONFIGS / "caption_relations.xml").read_text()
 
 
 def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 SCENE = make_scene(random.Random(11), SceneSpec(min_objects=3, max_objects=3))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
 from model.image_input import EncodedImage, image_key
-from tests.model_helpers import tiny_model, tiny_records
+from tests.model_helpers import png_bytes, tiny_model, tiny_records
 
 
 def _inputs(n_images: int):
@@ -99,12 +97,6 @@ def test_image_key_depends_on_content():
     assert image_key(images[0]) != image_key(images[1])
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def test_encoded_images_are_decoded_only_when_the_cache_lacks_them(scrambled):
     """A server hands the engine image files: same answers as the decoded images, and a request
     on an image already seen neither decodes it nor hashes its pixels."""
@@ -112,14 +104,14 @@ def test_encoded_images_are_decoded_only_when_the_cache_lacks_them(scrambled):
     queries = [(0, QUESTIONS[0]), (1, QUESTIONS[2])]
     expected = InferenceEngine(scrambled, "t", max_new_tokens=8).answer(images, boxes, queries)
     engine = InferenceEngine(scrambled, "t", max_new_tokens=8)
-    first = [EncodedImage(_png(im)) for im in images]
+    first = [EncodedImage(png_bytes(im)) for im in images]
     assert [im.size for im in first] == [im.size for im in images]  # from the header
     assert [im.decodes for im in first] == [0, 0]
     got = engine.answer(first, boxes, queries)
     assert [a.text for a in got] == [a.text for a in expected]
     assert [im.decodes for im in first] == [1, 1]
     # The same files again (a new request: new objects), one of them with a new box drawn.
-    again = [EncodedImage(_png(im)) for im in images]
+    again = [EncodedImage(png_bytes(im)) for im in images]
     more = [torch.cat([boxes[0], boxes[0][:1] * 0.5]), boxes[1]]
     got = engine.answer(again, more, [(0, "What is <region3>?"), (1, QUESTIONS[2])])
     assert [im.decodes for im in again] == [0, 0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from model.geometry import pixels_to_percent
 from model.image_input import EncodedImage
 from model.synthetic import SceneSpec, make_scene
 from model.tasks import caption_text, relation_labels
+from tests.model_helpers import png_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 SETTINGS = Settings(max_regions=6, max_relation_regions=8)
@@ -38,15 +38,9 @@ class DictFetcher:
         self.images = images
         self.calls: list[str] = []
 
-    def fetch(self, ref, task_id=None):
-        self.calls.append(ref)
-        return self.images[ref]
-
     def fetch_encoded(self, ref, task_id=None) -> EncodedImage:
         self.calls.append(ref)
-        buf = io.BytesIO()
-        self.images[ref].save(buf, "PNG")
-        return EncodedImage(buf.getvalue())
+        return EncodedImage(png_bytes(self.images[ref]))
 
 
 def scene(seed: int):
