@@ -7,10 +7,10 @@ Steps (``job.meta["phase"]`` names them):
    ``HELDOUT_MIN_RECORDS`` corrected images nothing is held out and the gate uses the *new*
    corrections instead, which were also trained on), load the current version.
 2. ``evaluate-parent``: score the current version on the held-out corrections and on the base
-   evaluation set (``model.evaluate.eval_scenes``, default ``SceneSpec``; reused from the parent's
+   evaluation set (``toyworld.evaluate.eval_scenes``, default ``SceneSpec``; reused from the parent's
    ``metrics.json`` when it was computed with the same settings).
 3. ``train``: stage 2 (region encoder + projector + LM or its LoRA adapters; vision frozen) with
-   ``model.train.train`` on corrections mixed with a replay sample of the base synthetic data
+   ``model.training.train`` on corrections mixed with a replay sample of the base synthetic data
    (``REPLAY_FRACTION`` of every batch) so earlier skills are kept.
 4. ``evaluate-candidate`` and the gate: promote only if no base metric drops by more than
    ``PROMOTE_TOLERANCE`` and the held-out corrections score is not lower than the parent's.
@@ -42,16 +42,16 @@ from backend.label_studio import set_project_model_version
 from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
-from model.build_default import load_recipe, training_records
 from model.checkpoint import VISION_WEIGHTS, load_model, save_checkpoint
 from model.config import TrainConfig
 from model.data.dataset import load_jsonl_records, record_turns
-from model.engine import InferenceEngine
-from model.evaluate import eval_scenes, score_scenes
 from model.geometry import boxes_tensor
-from model.synthetic import SceneSpec
+from model.inference.engine import InferenceEngine
 from model.tasks import ATTRIBUTE_QUESTIONS, CAPTION_QUESTIONS, RELATION_QUESTIONS
-from model.train import train
+from model.training import train
+from toyworld.build_default import load_recipe, training_records
+from toyworld.evaluate import eval_scenes, score_scenes
+from toyworld.scenes import SceneSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ METRICS = "metrics.json"
 class MixedRecords(Sequence):
     """Corrections mixed with replay data at a fixed share.
 
-    ``model.train.train`` samples indices uniformly, so the first ``(1 - replay_fraction)`` of a
+    ``model.training.train`` samples indices uniformly, so the first ``(1 - replay_fraction)`` of a
     virtual index space maps onto the corrections (cycled: each virtual index also draws its own
     subset of a record's turns) and the rest onto the replay set.
     """

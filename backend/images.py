@@ -16,7 +16,7 @@ Label Studio host or ``ALLOW_PRIVATE_URLS`` is on).  Downloaded bytes are kept i
 keyed by URL.  Every failure is an :class:`ImageError` carrying an HTTP status and a clear message.
 
 Predictions use :meth:`ImageFetcher.fetch_encoded`: the header is checked at once, the pixels are
-decoded only if the inference engine's cache lacks the file (see :mod:`model.image_input`).
+decoded only if the inference engine's cache lacks the file (see :mod:`model.inference.image_input`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 
 from backend.settings import Settings
-from model.image_input import EncodedImage, decode_rgb, displayed_size
+from model.inference.image_input import EncodedImage, decode_rgb, displayed_size
 
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024

@@ -146,7 +146,7 @@ def flush_outbox(
 
 
 def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None) -> Callable[[dict], None]:
-    """A ``model.train.train`` progress callback that saves ``job.meta`` (and logs)."""
+    """A ``model.training.train`` progress callback that saves ``job.meta`` (and logs)."""
     job = get_current_job()
 
     def report(entry: dict) -> None:

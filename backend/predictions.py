@@ -28,10 +28,10 @@ from backend.images import ImageFetcher
 from backend.label_config import LabelConfig
 from backend.results import Region, TaskPlan, region_results, relation_results
 from backend.settings import Settings
-from model.describe import ImageReport, describe_regions
-from model.engine import InferenceEngine
 from model.geometry import BoxError, boxes_tensor, check_pixel_box
-from model.image_input import EncodedImage
+from model.inference.describe import ImageReport, describe_regions
+from model.inference.engine import InferenceEngine
+from model.inference.image_input import EncodedImage
 
 GEOMETRY = ("x", "y", "width", "height", "rotation")
 

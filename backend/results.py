@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.label_config import AttributeControl, LabelConfig
-from model.describe import ImageReport, RegionReport
 from model.geometry import percent_to_pixels, pixels_to_percent
+from model.inference.describe import ImageReport, RegionReport
 
 
 @dataclass

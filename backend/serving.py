@@ -1,6 +1,6 @@
 """The model in a serving process: loaded once, shared by threads, swapped when the registry moves.
 
-:class:`ModelHolder` owns the :class:`model.engine.InferenceEngine` of the registry's current
+:class:`ModelHolder` owns the :class:`model.inference.engine.InferenceEngine` of the registry's current
 version.  Request threads call :meth:`ModelHolder.get`; at most every ``MODEL_POLL_SECONDS`` that
 call also reads the registry pointer, and when it names another version a background thread loads
 it and then swaps one reference.  Requests already holding the old engine finish on it; nothing is
@@ -19,7 +19,7 @@ from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings
 from model.checkpoint import CheckpointError, load_model
 from model.device import pick_device
-from model.engine import InferenceEngine
+from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 
 log = logging.getLogger("backend.serving")

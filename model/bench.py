@@ -29,12 +29,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from model.describe import describe_regions
-from model.engine import InferenceEngine
+from model.checkpoint import DEFAULT_DIR
 from model.geometry import boxes_tensor
-from model.image_input import EncodedImage, ImageLike, decode_rgb
-from model.synthetic import SceneSpec, make_scene
+from model.inference.describe import describe_regions
+from model.inference.engine import InferenceEngine
+from model.inference.image_input import EncodedImage, ImageLike, decode_rgb
 from model.tasks import CAPTION_QUESTION
+
+# A scene of the default's world shipped beside its weights (``--image`` picks another picture).
+SAMPLE_IMAGE = "sample.png"
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -130,12 +133,13 @@ def run(
     config: str | None = None,
     lean: bool = True,
     max_new: int = 16,
+    image_path: str | None = None,
 ) -> dict:
     """Every figure of the module docstring for the checkpoint ``model_dir``; with ``config``, for a
     model of that config with random weights (and ``model_dir``'s tokenizer) instead: the same
     engine on a model of realistic proportions, where the image encode and the prefix cost what
     they cost in practice.  ``lean=False`` runs every LM forward through the library (no
-    :class:`model.kv_decode.LlamaSteps`), for comparison."""
+    :class:`model.inference.kv_decode.LlamaSteps`), for comparison."""
     from model.checkpoint import build_model, load_model, read_metadata
 
     if config is None:
@@ -149,8 +153,7 @@ def run(
         model = build_model(load_model_config(config), tokenizer).eval()
         version = f"{config} (random weights)"
     rng = random.Random(0)
-    scene = make_scene(rng, SceneSpec())
-    image = scene.image
+    image = decode_rgb(Path(image_path or Path(model_dir) / SAMPLE_IMAGE).read_bytes())
     results: dict = {
         "boxes": [],
         "threads": torch.get_num_threads(),
@@ -271,14 +274,13 @@ def format_results(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.build_default import DEFAULT_DIR
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_DIR))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--config", default=None, help="model config: random weights of that size instead")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64], help="box counts to compare")
+    ap.add_argument("--image", default=None, help=f"picture (default: {SAMPLE_IMAGE} in --model)")
     ap.add_argument("--no-lean", action="store_true", help="every LM forward through the library")
     ap.add_argument(
         "--max-new-tokens",
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
             lean=not args.no_lean,
             max_new=args.max_new_tokens,
+            image_path=args.image,
         )
     print(format_results(results))
     if args.json:

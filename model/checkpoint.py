@@ -28,6 +28,8 @@ from model.device import pick_dtype
 from model.mllm import RegionMLLM
 from model.tokenizer import load_tokenizer
 
+# The embedded default (built by ``python -m toyworld.build_default``): served when nothing else is.
+DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 WEIGHTS = "model.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
 

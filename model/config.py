@@ -132,7 +132,7 @@ class TrainConfig:
     num_workers: int = 0
     replay_fraction: float = 0.5
     image_token_dropout: float = 0.0  # share of prompts whose image tokens are hidden (see model.train)
-    # Weight of the per-box attribute loss on the region tokens (model.region_aux; records with
+    # Weight of the per-box attribute loss on the region tokens (model.training.aux_heads; records with
     # ``box_labels`` only, i.e. the synthetic set).  0: the LM loss alone, as GPT4RoI.
     region_aux_weight: float = 0.0
     # Update the running statistics of the region encoder's batch norm (False: keep the parent's,

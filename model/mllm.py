@@ -197,7 +197,7 @@ class RegionMLLM(nn.Module):
         """The plain path: encode the image, build the prompt, call ``generate`` (greedy).
 
         ``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
-        probability).  The batched engine (``model.engine``) must give the same answers.
+        probability).  The batched engine (``model.inference.engine``) must give the same answers.
         """
         enc = self.prompts.encode_question(question, num_boxes=len(boxes))
         vision = self.encode_images(pixels.unsqueeze(0))

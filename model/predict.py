@@ -31,11 +31,10 @@ def _parse_box(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.build_default import DEFAULT_DIR
-    from model.checkpoint import load_model, read_metadata
-    from model.describe import describe_regions
+    from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
     from model.device import pick_device
-    from model.engine import InferenceEngine
+    from model.inference.describe import describe_regions
+    from model.inference.engine import InferenceEngine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image", type=Path)

@@ -97,11 +97,18 @@ def parse_caption(answer: str) -> dict[str, str] | None:
     return {"size": words[1], "color": words[2], "shape": words[3]}
 
 
-def attribute_vocabulary() -> dict[str, tuple[str, ...]]:
-    """Answer words of each attribute question (every colour the renderer knows, held-out included)."""
-    from model.synthetic import COLORS, SHAPES, SIZE_FRACTIONS
+# Answer words of each attribute question the embedded default knows (held-out colours included:
+# the toy world renders these and only these; a real model's vocabulary is open).
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "color": ("red", "green", "blue", "yellow", "purple", "orange", "pink"),
+    "shape": ("circle", "square", "triangle", "diamond"),
+    "size": SIZE_ORDER,
+}
 
-    return {"color": tuple(COLORS), "shape": tuple(SHAPES), "size": tuple(SIZE_FRACTIONS)}
+
+def attribute_vocabulary() -> dict[str, tuple[str, ...]]:
+    """Answer words of each attribute question (a copy of :data:`ATTRIBUTE_VALUES`)."""
+    return dict(ATTRIBUTE_VALUES)
 
 
 def attribute_of_value(value: str) -> str | None:

@@ -1,6 +1,4 @@
-"""Training loop shared by the CLI, the default-model build and the RQ fine-tuning job.
-
-``python -m model.train --init CKPT --data data.jsonl --stage 2 --steps 500 --out OUT`` continues
+"""``python -m model.train --init CKPT --data data.jsonl --stage 2 --steps 500 --out OUT`` continues
 training from a checkpoint folder on region-text JSONL records.  Runs unchanged under
 ``torchrun --nproc_per_node N`` (DDP; each rank draws a disjoint shard of every global batch);
 ``--fsdp`` shards parameters, gradients and optimizer state instead (models that do not fit one
@@ -10,251 +8,18 @@ device).  Either way the global batch, and so the loss curve, does not depend on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import math
-import os
-import random
-import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from model.checkpoint import load_model, read_metadata, save_checkpoint
 from model.config import TrainConfig
-from model.data.dataset import RecordDataset, collate_samples
-from model.mllm import RegionMLLM
-from model.region_aux import RegionAttributeHeads
-from model.region_encoder import freeze_norm_statistics
-
-ProgressFn = Callable[[dict], None]
-
-
-def lm_only_loss(lm: nn.Module, device: torch.device, batch: dict) -> torch.Tensor:
-    """Text-only LM loss (placeholders keep their token embeddings); used to pre-train a fresh LM.
-    ``lm`` is the causal LM, possibly wrapped for distributed training."""
-    out = lm(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        labels=batch["labels"].to(device),
-    )
-    return out.loss
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> bool:
-    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return True
-    return False
-
-
-def _shard_copy(module: nn.Module, frozen: Sequence[str]) -> nn.Module:
-    """A copy of ``module`` sharded with FSDP2 (``fully_shard``): every LM transformer block is its
-    own unit, then the rest; parameters named in ``frozen`` (the vision tower) stay whole on every
-    rank.  A copy, so that ``module`` itself stays a plain module for saving and serving."""
-    sharded = copy.deepcopy(module)
-    mesh = init_device_mesh(next(module.parameters()).device.type, (dist.get_world_size(),))
-    names: set[str] = set()
-    for child in sharded.modules():
-        names |= set(getattr(child, "_no_split_modules", None) or [])
-    for child in list(sharded.modules()):
-        if child is not sharded and type(child).__name__ in names:
-            fully_shard(child, mesh=mesh)
-    ignored = {p for n, p in sharded.named_parameters() if n in set(frozen)}
-    fully_shard(sharded, mesh=mesh, ignored_params=ignored or None)
-    return sharded
-
-
-def _gather_into(sharded: nn.Module, module: nn.Module) -> None:
-    """Copy the full (all-gathered) weights of a sharded copy back into the plain ``module``."""
-    state = {}
-    for name, tensor in sharded.state_dict().items():
-        state[name] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    module.load_state_dict(state)
-
-
-@contextlib.contextmanager
-def full_params(model: nn.Module) -> Iterator[nn.Module]:
-    """Context in which ``model``'s parameters are complete.  :func:`train` always leaves a plain
-    model, so this only keeps distributed callers reading the same under DDP and FSDP."""
-    yield model
-
-
-def hide_image_tokens(batch: dict, image_patch_id: int, share: float, rng: random.Random) -> None:
-    """Mask the image tokens out of attention for about ``share`` of the prompts of ``batch``.
-
-    A small LM trained from scratch otherwise learns to answer from the 64 image tokens (attention
-    shows ~0 weight on the ``<bbox>`` token for colour questions), which cannot say *which* object
-    is meant; prompts without them can only be answered from their region tokens.  Serving always
-    shows the image tokens, and the model is trained on both kinds of prompts.
-    """
-    if share <= 0:
-        return
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for row in range(ids.shape[0]):
-        if rng.random() < share:
-            mask[row, ids[row] == image_patch_id] = 0
-
-
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
-def train(
-    model: RegionMLLM,
-    records: Sequence[dict],
-    cfg: TrainConfig,
-    root: Path | None = None,
-    progress: ProgressFn | None = None,
-    text_only: bool = False,
-    max_turns: int | None = 4,
-    show_bar: bool = True,
-    fsdp: bool = False,
-    separate_turns: bool = False,
-) -> list[dict]:
-    """Train ``model`` in place for ``cfg.steps`` steps of global batch ``cfg.batch_size``.
-
-    Sampling is with replacement from ``records`` using ``cfg.seed``, so a run is reproducible and
-    the global batch is the same for any number of DDP ranks.  ``progress`` receives
-    ``{"step", "steps", "loss", "lr", "eta_s"}`` every ``log_every`` steps.  Returns the history.
-    Under torchrun the trainable part is wrapped in DDP (or FSDP with ``fsdp``); ``model`` is left a
-    plain module with the trained weights on every rank.
-    """
-    if not records:
-        raise ValueError("no training records")
-    rank, world = _world()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world}")
-    torch.manual_seed(cfg.seed)
-    model.set_stage(1 if text_only else cfg.stage)
-    if text_only:
-        model.requires_grad_(False)
-        model.lm.requires_grad_(True)
-    dataset = RecordDataset(
-        records, model, root=root, max_turns=max_turns, text_only=text_only, separate_turns=separate_turns
-    )
-    # Text-only pre-training runs the LM alone, so only the LM is wrapped for gradient sync.
-    trained: nn.Module = model.lm if text_only else model
-    wrapped: nn.Module = trained
-    if world > 1 and fsdp:
-        frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
-        wrapped = _shard_copy(trained, frozen)
-    elif world > 1:
-        wrapped = DistributedDataParallel(trained)
-    sharded = wrapped if world > 1 and fsdp else None
-    stepped = sharded if sharded is not None else trained  # the module whose parameters are stepped
-    params = [p for p in stepped.parameters() if p.requires_grad]
-    lm_params = {id(p) for p in (stepped if text_only else stepped.lm).parameters()}
-    groups = [
-        {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
-        {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
-    ]
-    aux = _aux_heads(model, cfg, text_only)
-    if aux is not None:
-        groups.append({"params": list(aux.heads.parameters()), "lr": cfg.lr})
-        captured: list[torch.Tensor] = []
-        encoder = (sharded if sharded is not None else trained).region_encoder
-        hook = encoder.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    rng = random.Random(cfg.seed)
-    hide_rng = random.Random(cfg.seed + 1)  # its own stream: the data order does not depend on it
-    local = cfg.batch_size // world
-    history: list[dict] = []
-    model.train()
-    wrapped.train()  # an FSDP copy has its own modules
-    freeze_norm_statistics(wrapped, not cfg.update_norm_stats)
-    start = time.monotonic()
-    bar = tqdm(
-        range(cfg.steps), desc=f"stage {0 if text_only else cfg.stage}", disable=not show_bar or rank != 0
-    )
-    for step in bar:
-        indices = [rng.randrange(len(dataset)) for _ in range(cfg.batch_size)]
-        samples = [dataset[i] for i in indices[rank * local : (rank + 1) * local]]
-        batch = collate_samples(model, samples)
-        if not text_only:
-            hide_image_tokens(batch, model.image_patch_id, cfg.image_token_dropout, hide_rng)
-        if text_only:
-            loss = lm_only_loss(wrapped, model.device, batch)
-        else:
-            loss = wrapped(**batch).loss
-        if aux is not None:
-            tokens = captured.pop()
-            captured.clear()
-            aux_loss = aux.loss(tokens, [s.box_labels for s in samples], [len(s.boxes) for s in samples])
-            if aux_loss is not None:
-                loss = loss + cfg.region_aux_weight * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if aux is not None and world > 1:
-            _average_grads(aux)
-        if cfg.grad_clip:
-            # With FSDP the gradients are DTensors: the norm is taken over every rank's shard.
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        value = loss.detach()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        entry = {"step": step + 1, "loss": float(value), "lr": sched.get_last_lr()[0]}
-        history.append(entry)
-        bar.set_postfix(loss=f"{entry['loss']:.4f}")
-        if progress and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            elapsed = time.monotonic() - start
-            eta = elapsed / (step + 1) * (cfg.steps - step - 1)
-            progress({**entry, "steps": cfg.steps, "eta_s": round(eta, 1)})
-    if sharded is not None:
-        _gather_into(sharded, trained)
-    if aux is not None:
-        hook.remove()
-    freeze_norm_statistics(wrapped, False)
-    model.eval()
-    return history
-
-
-def _aux_heads(model: RegionMLLM, cfg: TrainConfig, text_only: bool) -> RegionAttributeHeads | None:
-    """The auxiliary attribute heads when ``cfg.region_aux_weight`` asks for them (else ``None``)."""
-    if text_only or cfg.region_aux_weight <= 0:
-        return None
-    dim = model.region_encoder.updims.out_features
-    return RegionAttributeHeads(dim).to(model.device)
-
-
-def _average_grads(module: nn.Module) -> None:
-    """Average the gradients of a module that is not wrapped in DDP (the auxiliary heads)."""
-    world = dist.get_world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+from model.data.dataset import load_jsonl_records
+from model.training.distributed import init_distributed, world
+from model.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.checkpoint import load_model, read_metadata, save_checkpoint
-    from model.data.dataset import load_jsonl_records
-
     ap = argparse.ArgumentParser(description="Continue training a checkpoint on region-text JSONL")
     ap.add_argument("--init", required=True, help="checkpoint folder to start from")
     ap.add_argument("--data", required=True, nargs="+", help="region-text JSONL file(s)")
@@ -273,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
     )
     history = train(model, records, cfg, fsdp=args.fsdp)
-    if _world()[0] == 0:
+    if world()[0] == 0:
         parent = read_metadata(args.init)
         save_checkpoint(
             model,

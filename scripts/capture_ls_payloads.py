@@ -17,18 +17,12 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from model.synthetic import SceneSpec, make_scene  # noqa: E402
-from scripts.ls_harness import (  # noqa: E402
+from tools.ls.harness import (
     LS_TOKEN,
     LabelStudio,
     free_port,
@@ -36,9 +30,12 @@ from scripts.ls_harness import (  # noqa: E402
     rectangle_result,
     start_label_studio,
 )
+from toyworld.scenes import SceneSpec, make_scene
 
 CONFIG = "caption_attributes"
 SEED = 9_100_000
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Recorder:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 scripts/ddp_check.py --out two.json   # same global batch, 2 ranks
     torchrun --nproc_per_node 2 scripts/ddp_check.py --out fsdp.json --fsdp
 
-Every rank builds the same model (fixed seeds) and trains it with ``model.train.train`` on
+Every rank builds the same model (fixed seeds) and trains it with ``model.training.train`` on
 ``SyntheticRecords(seed=3, count=64)``; ``train`` shards each global batch across the ranks.  Rank 0
 writes ``{"world_size", "fsdp", "history", "params"}`` where ``params`` is a fingerprint of the
 trained weights (sum and sum of squares of every trainable tensor) and ``params_in_sync`` says
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def fingerprint(model) -> dict[str, list[float]]:
@@ -40,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.checkpoint import build_model
     from model.config import TrainConfig, load_model_config
-    from model.synthetic import SyntheticRecords, corpus_texts
     from model.tokenizer import train_tokenizer
-    from model.train import _world, full_params, init_distributed, train
+    from model.training import train
+    from model.training.distributed import full_params, init_distributed, world
+    from toyworld.scenes import SyntheticRecords, corpus_texts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file written by rank 0")
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     distributed = init_distributed()
-    rank, world = _world()
+    rank, world = world()
     cfg = load_model_config("roi-test")
     tokenizer = train_tokenizer(corpus_texts(count=200), vocab_size=280)
     model = build_model(cfg, tokenizer)  # seeds torch itself: identical weights on every rank

@@ -36,12 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from model.geometry import pixels_to_percent  # noqa: E402
-from model.synthetic import SHAPES, SIZE_FRACTIONS, Scene, SceneSpec, make_scene  # noqa: E402
-from model.tasks import relation_labels  # noqa: E402
+from model.geometry import pixels_to_percent
+from model.tasks import relation_labels
+from toyworld.scenes import SHAPES, SIZE_FRACTIONS, Scene, SceneSpec, make_scene
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -94,6 +91,9 @@ def scene_result(scene: Scene, prefix: str = "r") -> list[dict[str, Any]]:
     return items
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def annotation_payload(
     result: list[dict], annotation_id: int, task_id: int, project_id: int, image: str, updated_at: str
 ) -> dict[str, Any]:
@@ -143,8 +143,8 @@ ROWS = [
 def measure(folder: Path, version: str, images: int, seed: int = 1) -> Figures:
     """Score a checkpoint folder on pink scenes and on default scenes (fresh engine)."""
     from model.checkpoint import load_model
-    from model.engine import InferenceEngine
-    from model.evaluate import eval_scenes, score_scenes
+    from model.inference.engine import InferenceEngine
+    from toyworld.evaluate import eval_scenes, score_scenes
 
     engine = InferenceEngine(load_model(folder), version=version)
     pink = score_scenes(engine, eval_scenes(seed, images, SceneSpec(colors=[CONCEPT])), relations=False)

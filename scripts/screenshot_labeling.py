@@ -15,16 +15,10 @@ from __future__ import annotations
 import argparse
 import random
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from model.synthetic import SceneSpec, make_scene  # noqa: E402
-from scripts.ls_harness import (  # noqa: E402
+from tools.ls.harness import (
     LS_VENV,
     LabelStudio,
     png,
@@ -32,6 +26,9 @@ from scripts.ls_harness import (  # noqa: E402
     start_backend,
     start_label_studio,
 )
+from toyworld.scenes import SceneSpec, make_scene
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_task(ls: LabelStudio, project: int, seed: int) -> tuple[int, list[str]]:

@@ -14,6 +14,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -r requirements.txt
+# The project itself, editable: model, toyworld, backend and tools import from anywhere (no sys.path edits).
+.venv/bin/pip install --quiet --no-deps -e .
 .venv/bin/python -c 'import torch, torchvision, transformers, open_clip; print("torch", torch.__version__, "torchvision", torchvision.__version__, "transformers", transformers.__version__, "open_clip", open_clip.__version__)'
 
 bash scripts/setup_label_studio.sh

@@ -15,8 +15,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from model.checkpoint import build_model, save_checkpoint
     from model.config import load_model_config
-    from model.synthetic import corpus_texts
     from model.tokenizer import train_tokenizer
+    from toyworld.scenes import corpus_texts
 
     cfg = load_model_config("roi-test")
     tokenizer = train_tokenizer(corpus_texts(count=200), vocab_size=280)

@@ -11,8 +11,8 @@ from PIL import Image
 from model.checkpoint import build_model
 from model.config import RegionEncoderConfig, load_model_config
 from model.mllm import RegionMLLM
-from model.synthetic import SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
+from toyworld.scenes import SyntheticRecords, corpus_texts
 
 
 @lru_cache(maxsize=1)

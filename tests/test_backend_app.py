@@ -23,8 +23,8 @@ from backend.serving import ModelHolder
 from backend.settings import Settings
 from model.checkpoint import load_model
 from model.geometry import pixels_to_percent
-from model.synthetic import SceneSpec, make_scene
 from tests.model_helpers import png_bytes
+from toyworld.scenes import SceneSpec, make_scene
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 CAPTION_XML = (CONFIGS / "region_caption.xml").read_text()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from model.bench import format_results, run
-from model.build_default import DEFAULT_DIR
+from model.checkpoint import DEFAULT_DIR
 
 
 def test_bench_reports_every_figure_for_a_config_with_random_weights():

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from model.checkpoint import CheckpointError, build_model, load_model, save_checkpoint
 from model.config import load_model_config
 from model.data.dataset import RecordDataset, collate_samples
-from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
+from model.inference.engine import InferenceEngine
 from model.vision import VisionTower, build_clip
 from tests.model_helpers import tiny_model, tiny_records, tiny_tokenizer
 

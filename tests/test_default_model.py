@@ -9,13 +9,12 @@ from functools import lru_cache
 
 import pytest
 
-from model.build_default import DEFAULT_DIR
-from model.checkpoint import load_model, read_metadata
-from model.engine import InferenceEngine
-from model.evaluate import TARGETS, eval_scenes, evaluate, score_scenes
+from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
 from model.geometry import boxes_tensor
-from model.synthetic import HELD_OUT_COLORS, SceneSpec
+from model.inference.engine import InferenceEngine
 from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION
+from toyworld.evaluate import TARGETS, eval_scenes, evaluate, score_scenes
+from toyworld.scenes import HELD_OUT_COLORS, SceneSpec
 
 
 @lru_cache(maxsize=1)

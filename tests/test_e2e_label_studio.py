@@ -20,9 +20,9 @@ import pytest
 import requests
 
 from model.geometry import pixels_to_percent
-from model.synthetic import Scene, SceneSpec, make_scene
 from model.tasks import relation_labels
-from scripts.ls_harness import LabelStudio, png, rectangle_result, start_backend, start_label_studio
+from tools.ls.harness import LabelStudio, png, rectangle_result, start_backend, start_label_studio
+from toyworld.scenes import Scene, SceneSpec, make_scene
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -217,7 +217,7 @@ def test_project_model_version_update_makes_scores_sortable(projects, stack):
     Manager then shows the backend's prediction scores (it filters them by that version)."""
     from backend.label_studio import set_project_model_version
     from backend.settings import Settings
-    from scripts.ls_harness import LS_TOKEN
+    from tools.ls.harness import LS_TOKEN
 
     ls: LabelStudio = stack["client"]
     info = projects["caption_attributes"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
-from model.image_input import EncodedImage, image_key
+from model.inference.engine import InferenceEngine
+from model.inference.image_input import EncodedImage, image_key
 from tests.model_helpers import png_bytes, tiny_model, tiny_records
 
 

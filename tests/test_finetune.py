@@ -192,7 +192,7 @@ def test_killed_worker_leaves_no_version_and_job_reruns(
 
 def test_score_records_counts_question_kinds(tiny_checkpoint: Path, tmp_path: Path):
     from model.checkpoint import load_model
-    from model.engine import InferenceEngine
+    from model.inference.engine import InferenceEngine
 
     settings = _settings(tmp_path, tiny_checkpoint, redis_url="redis://127.0.0.1:1/13")
     _post_corrections(settings, tmp_path / "images", regions=2)

@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 
 from backend.app import create_app
 from backend.serving import ModelHolder
-from tests.ls_payloads import LABEL_CONFIG as WEBHOOK_CONFIG
-from tests.ls_payloads import annotation_payload, region_items, timestamp
 from tests.redis_helpers import CLOSED_REDIS_URL
 from tests.test_backend_app import (
     ATTR_XML,
@@ -32,6 +30,8 @@ from tests.test_backend_app import (
     predict_payload,
     rect,
 )
+from tools.ls.payloads import LABEL_CONFIG as WEBHOOK_CONFIG
+from tools.ls.payloads import annotation_payload, region_items, timestamp
 
 EXAMPLES = {"mutated": 300, "json": 60, "raw": 40}  # per endpoint: 3 x 400 = 1,200 payloads
 FUZZ = settings(

@@ -13,8 +13,8 @@ from rq.job import JobStatus
 from backend.jobs import build_cron, flush_outbox, job_id, request_training
 from backend.store import open_store
 from backend.webhooks import handle_webhook
-from tests.ls_payloads import annotation_payload, region_items, start_training_payload, timestamp
 from tests.redis_helpers import CLOSED_REDIS_URL, TEST_REDIS_URL, job_settings
+from tools.ls.payloads import annotation_payload, region_items, start_training_payload, timestamp
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixtures: redis_db, use_settings
 

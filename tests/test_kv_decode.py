@@ -6,8 +6,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from model import kv_decode
-from model.kv_decode import HFSteps, LlamaSteps, lean_llama_supported, lean_weights, make_steps, prefill
+from model.inference import kv_decode
+from model.inference.kv_decode import (
+    HFSteps,
+    LlamaSteps,
+    lean_llama_supported,
+    lean_weights,
+    make_steps,
+    prefill,
+)
 
 
 def _llama(kv_heads: int = 4, seed: int = 0, **extra):

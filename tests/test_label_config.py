@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from backend.label_config import ConfigError, parse_label_config
-from model.synthetic import COLORS, SHAPES, SIZE_FRACTIONS
 from model.tasks import RELATION_LABELS
+from toyworld.scenes import COLORS, SHAPES, SIZE_FRACTIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "label_config"
 

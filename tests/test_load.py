@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from model.synthetic import SceneSpec, make_scene
-from scripts.ls_harness import start_backend
 from tests.test_backend_app import ATTR_XML, CAPTION_XML, data_url, ls_task, predict_payload, rect
+from tools.ls.harness import start_backend
+from toyworld.scenes import SceneSpec, make_scene
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "model" / "default"

@@ -21,7 +21,7 @@ from model.geometry import (
 )
 from model.mllm import PlaceholderError
 from model.prompt import BBOX, IGNORE_INDEX, PromptError, expand_regions
-from model.train import train
+from model.training import train
 from tests.model_helpers import tiny_model, tiny_records
 
 # ---------------------------------------------------------------- placeholder merge

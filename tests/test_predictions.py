@@ -14,13 +14,13 @@ from backend.label_config import parse_label_config
 from backend.predictions import PredictionError, plan_task, predict_tasks
 from backend.settings import Settings
 from model.checkpoint import load_model
-from model.describe import ImageReport, RegionReport, RelationReport
-from model.engine import Answer, InferenceEngine
 from model.geometry import pixels_to_percent
-from model.image_input import EncodedImage
-from model.synthetic import SceneSpec, make_scene
+from model.inference.describe import ImageReport, RegionReport, RelationReport
+from model.inference.engine import Answer, InferenceEngine
+from model.inference.image_input import EncodedImage
 from model.tasks import caption_text, relation_labels
 from tests.model_helpers import png_bytes
+from toyworld.scenes import SceneSpec, make_scene
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 SETTINGS = Settings(max_regions=6, max_relation_regions=8)

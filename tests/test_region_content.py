@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.config import RegionEncoderConfig, TrainConfig
-from model.region_aux import RegionAttributeHeads
 from model.region_encoder import BoxBatchNorm, RegionFeatureExtractor
-from model.train import train
+from model.training import train
+from model.training.aux_heads import RegionAttributeHeads
 from tests.model_helpers import tiny_model, tiny_records, tiny_region_config
 
 

@@ -19,7 +19,7 @@ from backend.store import CorrectionStore, StoreError, parse_timestamp
 from backend.webhooks import handle_webhook
 from model.data.converters import validate_record
 from model.tasks import ATTRIBUTE_QUESTIONS, CAPTION_QUESTIONS, RELATION_QUESTIONS
-from tests.ls_payloads import annotation_payload, region_items, relation_item, timestamp
+from tools.ls.payloads import annotation_payload, region_items, relation_item, timestamp
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSED_REDIS = "redis://127.0.0.1:1/0"  # nothing listens there: "Redis is down"
@@ -179,7 +179,7 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from backend.settings import Settings
     from backend.webhooks import handle_webhook
-    from tests.ls_payloads import annotation_payload, region_items, timestamp
+    from tools.ls.payloads import annotation_payload, region_items, timestamp
     settings = Settings(data_dir={data!r}, redis_url="redis://127.0.0.1:1/0", train_min_corrections=10**9)
     for aid in range(1, 100000):
         caption = f"a small pink circle {{aid}}"

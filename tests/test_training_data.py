@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from model.build_default import BuildRecipe, load_recipe, training_records
 from model.config import TrainConfig
 from model.data.dataset import RecordDataset, collate_samples
 from model.prompt import IGNORE_INDEX
 from model.tasks import position_text
-from model.train import hide_image_tokens
+from model.training import hide_image_tokens
 from tests.model_helpers import tiny_model, tiny_records
+from toyworld.build_default import BuildRecipe, load_recipe, training_records
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,8 @@ def test_position_text_by_thirds_on_a_non_square_image():
 def test_build_runs_every_phase_and_resumes_with_a_restart(tmp_path):
     """A miniature build (every phase, 2 steps each) writes a loadable folder; resuming it with a
     ``stage2_restart`` phase runs only that phase and keeps the earlier figures."""
-    from model.build_default import build_default
     from model.checkpoint import load_model, read_metadata
+    from toyworld.build_default import build_default
 
     recipe = BuildRecipe.from_dict(
         {"config": "roi-test", "turns": 2, "prompts_per_image": 2, "records": 32,

@@ -12,7 +12,8 @@ from backend.corrections import CorrectionError, image_reference, parse_result
 from backend.jobs import job_id
 from backend.store import open_store
 from backend.webhooks import handle_webhook
-from tests.ls_payloads import (
+from tests.redis_helpers import CLOSED_REDIS_URL, job_settings
+from tools.ls.payloads import (
     annotation_payload,
     deleted_payload,
     region_items,
@@ -20,7 +21,6 @@ from tests.ls_payloads import (
     start_training_payload,
     timestamp,
 )
-from tests.redis_helpers import CLOSED_REDIS_URL, job_settings
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixture: redis_db
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from model.tasks import (
     ATTRIBUTE_QUESTIONS,
+    ATTRIBUTE_VALUES,
     CAPTION_QUESTIONS,
     POSITION_QUESTIONS,
     RELATION_QUESTIONS,
@@ -36,6 +37,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZE_FRACTIONS = {"small": 0.16, "medium": 0.24, "large": 0.32}
 HELD_OUT_COLORS: tuple[str, ...] = ("pink",)
+# The renderer draws exactly the words the model library declares as its answer vocabulary.
+assert tuple(COLORS) == ATTRIBUTE_VALUES["color"] and SHAPES == ATTRIBUTE_VALUES["shape"]
+assert tuple(SIZE_FRACTIONS) == ATTRIBUTE_VALUES["size"]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Held-out evaluation of a checkpoint on synthetic scenes.
 
-    python -m model.evaluate --model model/default --images 200 --seed 0 [--colors pink] [--check]
+    python -m toyworld.evaluate --model model/default --images 200 --seed 0 [--colors pink] [--check]
 
 Prints caption exact-match, attribute accuracy (colour, shape, size) and relation accuracy (exact
 label set), plus two region-reading checks: the *same box on different images* and *different boxes
@@ -16,10 +16,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.describe import ATTRIBUTES, describe_regions
-from model.engine import InferenceEngine
 from model.geometry import boxes_tensor
-from model.synthetic import (
+from model.inference.describe import ATTRIBUTES, describe_regions
+from model.inference.engine import InferenceEngine
+from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
+from toyworld.scenes import (
     COLORS,
     SHAPES,
     SIZE_FRACTIONS,
@@ -29,7 +30,6 @@ from model.synthetic import (
     make_scene,
     render_scene,
 )
-from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
 
 TARGETS = {"caption_exact_match": 0.95, "attribute_accuracy": 0.97, "relation_accuracy": 0.90}
 EVAL_SEED_OFFSET = 7_919_000  # far from every training seed
@@ -172,8 +172,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.build_default import DEFAULT_DIR
-    from model.checkpoint import load_model, read_metadata
+    from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_DIR), help="checkpoint folder")

@@ -1,8 +1,8 @@
 """Build the embedded default model from nothing, on CPU, reproducibly, in one command.
 
-    python -m model.build_default --out model/default
+    python -m toyworld.build_default --out model/default
 
-Steps (sizes and schedules from the recipe ``model/recipes/roi-tiny-default.json``): tokenizer
+Steps (sizes and schedules from the recipe ``toyworld/recipes/roi-tiny-default.json``): tokenizer
 (``tokenizers`` BPE on the synthetic text) -> open_clip vision tower (``ClipLoss`` on synthetic
 pairs) -> LM text pre-training -> stage 1 (region encoder) -> stage 2 (region encoder + projector +
 LM) -> checkpoint folder with the figures of every phase.  ``--scale`` shrinks every step count
@@ -23,17 +23,16 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import build_model, load_model, read_metadata, save_checkpoint
+from model.checkpoint import DEFAULT_DIR, build_model, load_model, read_metadata, save_checkpoint
 from model.config import TrainConfig, _from_dict, load_model_config
-from model.engine import InferenceEngine
-from model.evaluate import evaluate
+from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
-from model.synthetic import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from model.tokenizer import train_tokenizer
-from model.train import train
-from model.train_clip import train_clip
+from model.training import train
+from toyworld.evaluate import evaluate
+from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
+from toyworld.train_clip import train_clip
 
-DEFAULT_DIR = Path(__file__).parent / "default"
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "roi-tiny-default"
 DEFAULT_VERSION = "1.0.0"
@@ -68,7 +67,7 @@ class BuildRecipe:
 
 
 def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
-    """A recipe by bundled name (``model/recipes/<name>.json``) or file path."""
+    """A recipe by bundled name (``toyworld/recipes/<name>.json``) or file path."""
     path = Path(name_or_path)
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path}.json"
@@ -159,7 +158,7 @@ def build_default(
             "parent": None,
             "stage": 2,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": "model.build_default",
+            "source": "toyworld.build_default",
             "recipe": {"seed": seed, "scale": scale, **asdict(recipe)},
             "held_out_colors": list(HELD_OUT_COLORS),
             "figures": figures,
@@ -197,13 +196,13 @@ def _fresh_model(
 
 
 def loss_summary(history: list[dict]) -> list[float]:
-    """[first loss, mean of the last 20] of a :func:`model.train.train` history (a phase's figure)."""
+    """[first loss, mean of the last 20] of a :func:`model.training.train` history (a phase's figure)."""
     tail = history[-20:]
     return [history[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
 
 
 def _rates(result: dict) -> dict[str, float]:
-    """The rates of an :func:`model.evaluate.evaluate` result (counts and answers left out)."""
+    """The rates of an :func:`toyworld.evaluate.evaluate` result (counts and answers left out)."""
     return {k: v for k, v in result.items() if isinstance(v, float)}
 
 

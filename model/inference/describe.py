@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.engine import Answer, InferenceEngine
-from model.image_input import ImageLike
+from model.inference.engine import Answer, InferenceEngine
+from model.inference.image_input import ImageLike
 from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION, parse_relation
 
 ATTRIBUTES = tuple(ATTRIBUTE_QUESTION)

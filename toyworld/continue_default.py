@@ -1,9 +1,9 @@
 """Continue the embedded default: switch its pooled-feature norm to "batch", then train stage 2
 with the auxiliary per-box attribute loss (how the shipped ``model/default`` was made from the
-build recorded in its parent folder; a fresh ``python -m model.build_default`` does both from the
+build recorded in its parent folder; a fresh ``python -m toyworld.build_default`` does both from the
 start).
 
-    python scripts/continue_default.py --init model/default --out /tmp/next --steps 1800 --threads 2
+    python toyworld/continue_default.py --init model/default --out /tmp/next --steps 1800 --threads 2
 
 Why: the parent's LayerNorm on the pooled RoI features erased what differs between boxes (see
 ``model.config.RegionEncoderConfig.feature_norm``), so its region tokens carried the box position
@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from model.build_default import (
+from model.checkpoint import load_model, read_metadata, save_checkpoint
+from model.config import TrainConfig
+from model.geometry import boxes_tensor
+from model.inference.engine import InferenceEngine
+from model.mllm import RegionMLLM
+from model.region_encoder import BoxBatchNorm
+from model.training import train
+from toyworld.build_default import (
     DEFAULT_VERSION,
     _eval_progress,
     _rates,
@@ -28,15 +35,8 @@ from model.build_default import (
     loss_summary,
     training_records,
 )
-from model.checkpoint import load_model, read_metadata, save_checkpoint
-from model.config import TrainConfig
-from model.engine import InferenceEngine
-from model.evaluate import evaluate
-from model.geometry import boxes_tensor
-from model.mllm import RegionMLLM
-from model.region_encoder import BoxBatchNorm
-from model.synthetic import SceneSpec, make_scene, scene_rng
-from model.train import train
+from toyworld.evaluate import evaluate
+from toyworld.scenes import SceneSpec, make_scene, scene_rng
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def main() -> int:
         **{k: v for k, v in parent.items() if k not in ("figures", "created", "files")},
         "version": DEFAULT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": "scripts/continue_default.py",
+        "source": "toyworld/continue_default.py",
         "continued": {"from_created": parent.get("created"), "train": cfg.to_dict(), "feature_norm": "batch"},
         "figures": figures,
     }

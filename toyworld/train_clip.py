@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model.config import VisionConfig
-from model.synthetic import SceneSpec, make_scene
 from model.vision import ImageProcessor, build_clip
+from toyworld.scenes import SceneSpec, make_scene
 
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "centre", "right")

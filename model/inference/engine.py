@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from model.image_input import ImageLike, cache_key, pixels
-from model.kv_decode import make_steps, prefill
+from model.inference.image_input import ImageLike, cache_key, pixels
+from model.inference.kv_decode import make_steps, prefill
 from model.mllm import RegionMLLM
 
 STOP_STRING = "###"
@@ -78,7 +78,7 @@ class InferenceEngine:
         tok = model.tokenizer
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
-        self.lean = lean  # lean Llama decode steps where they apply (model.kv_decode)
+        self.lean = lean  # lean Llama decode steps where they apply (model.inference.kv_decode)
         pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
         # A stop string that newly appears overlaps the last token's text, and the overlap ends the
         # string: only tokens holding its last character can complete it.
@@ -105,7 +105,7 @@ class InferenceEngine:
 
     def image_states(self, images: Sequence[ImageLike]) -> list[ImageState]:
         """States for ``images``, from the LRU where possible; misses are decoded (an
-        :class:`~model.image_input.EncodedImage` only then) and encoded in one batch."""
+        :class:`~model.inference.image_input.EncodedImage` only then) and encoded in one batch."""
         keys = [cache_key(im) for im in images]
         result: list[ImageState | None] = []
         missing: list[int] = []
