@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import requests
 from PIL import Image, UnidentifiedImageError
 
+from backend.errors import ClientError
 from backend.settings import Settings
 from model.inference.image_input import EncodedImage, decode_rgb, displayed_size
 
@@ -44,13 +45,8 @@ MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
 
 
-class ImageError(Exception):
+class ImageError(ClientError):
     """An image that cannot be used; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @contextmanager
@@ -61,14 +57,14 @@ def _image_errors(data: bytes) -> Iterator[None]:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(413, f"image refused as a decompression bomb: {exc}") from None
+        raise ImageError(f"image refused as a decompression bomb: {exc}", 413) from None
     except UnidentifiedImageError:
         head = data[:16]
         raise ImageError(
-            415, f"content is not an image this server can read (starts with {head!r})"
+            f"content is not an image this server can read (starts with {head!r})", 415
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(422, f"image data is truncated or corrupt: {exc}") from None
+        raise ImageError(f"image data is truncated or corrupt: {exc}", 422) from None
 
 
 class BytesLRU:
@@ -164,7 +160,7 @@ class ImageFetcher:
         inference engine only when its cache lacks the image.  Errors name the task either way."""
         where = f" (task {task_id})" if task_id is not None else ""
         if not isinstance(ref, str) or not ref.strip():
-            raise ImageError(400, f"image reference{where} must be a non-empty string URL, got {ref!r}")
+            raise ImageError(f"image reference{where} must be a non-empty string URL, got {ref!r}", 400)
         ref = ref.strip()
 
         def decode(data: bytes) -> Image.Image:  # the header was checked below
@@ -172,13 +168,13 @@ class ImageFetcher:
                 with _image_errors(data):
                     return decode_rgb(data)
             except ImageError as exc:
-                raise ImageError(exc.status, f"{exc.message}{where}") from None
+                raise ImageError(f"{exc.message}{where}", exc.status) from None
 
         try:
             data = self._cached_bytes(ref)
             return EncodedImage(data, decode, size=self.header(data))
         except ImageError as exc:
-            raise ImageError(exc.status, f"{exc.message}{where}") from None
+            raise ImageError(f"{exc.message}{where}", exc.status) from None
 
     def fetch_bytes(self, ref: str) -> bytes:
         """Raw bytes for a reference (no decoding), with the same checks as :meth:`fetch`."""
@@ -192,12 +188,12 @@ class ImageFetcher:
             w, h = image.size
             if w * h > self.settings.max_image_pixels:
                 raise ImageError(
-                    413,
                     f"image is {w}x{h} = {w * h} pixels, more than the limit of "
                     f"{self.settings.max_image_pixels} (MAX_IMAGE_PIXELS); refusing to decode",
+                    413,
                 )
             if w <= 0 or h <= 0:
-                raise ImageError(422, f"image has an empty size {w}x{h}")
+                raise ImageError(f"image has an empty size {w}x{h}", 422)
             return displayed_size(image)
 
     # ------------------------------------------------------------------ sources
@@ -217,46 +213,46 @@ class ImageFetcher:
             return self._download(ref)
         if "://" in ref[:16] or low.startswith("file:"):
             scheme = ref.split(":", 1)[0]
-            raise ImageError(400, f"image URL scheme {scheme!r} is not allowed (only http, https, data)")
+            raise ImageError(f"image URL scheme {scheme!r} is not allowed (only http, https, data)", 400)
         if ref.startswith("/data/local-files") and self.settings.local_files_root:
             return self._local_file(ref)
         if ref.startswith("/"):
             if not self.ls_url:
                 raise ImageError(
-                    400,
                     f"image {ref!r} is a Label Studio path but LABEL_STUDIO_URL is not set on the backend",
+                    400,
                 )
             return self._download(self.ls_url + ref)
-        raise ImageError(400, f"image reference {ref[:100]!r} is not an http(s), data or Label Studio URL")
+        raise ImageError(f"image reference {ref[:100]!r} is not an http(s), data or Label Studio URL", 400)
 
     def _data_url(self, ref: str) -> bytes:
         header, sep, payload = ref.partition(",")
         if not sep:
-            raise ImageError(400, "data URL has no ',' separating header and data")
+            raise ImageError("data URL has no ',' separating header and data", 400)
         if len(payload) * 3 // 4 > self.max_bytes:
-            raise ImageError(413, f"data URL image is larger than {self.settings.max_image_mb} MiB")
+            raise ImageError(f"data URL image is larger than {self.settings.max_image_mb} MiB", 413)
         if header.lower().endswith(";base64"):
             try:
                 return base64.b64decode(payload, validate=False)
             except (binascii.Error, ValueError) as exc:
-                raise ImageError(400, f"data URL is not valid base64: {exc}") from None
+                raise ImageError(f"data URL is not valid base64: {exc}", 400) from None
         return unquote(payload).encode("latin-1", errors="replace")
 
     def _local_file(self, ref: str) -> bytes:
         query = parse_qs(urlsplit(ref).query)
         rel = (query.get("d") or [""])[0]
         if not rel:
-            raise ImageError(400, f"local-files URL {ref!r} has no ?d=<path>")
+            raise ImageError(f"local-files URL {ref!r} has no ?d=<path>", 400)
         root = Path(self.settings.local_files_root).resolve()
         path = (root / rel.lstrip("/")).resolve()
         if not path.is_relative_to(root):
-            raise ImageError(403, f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+            raise ImageError(f"local file {rel!r} is outside LOCAL_FILES_DOCUMENT_ROOT", 403)
         if not path.is_file():
-            raise ImageError(404, f"local file {rel!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
+            raise ImageError(f"local file {rel!r} not found under LOCAL_FILES_DOCUMENT_ROOT", 404)
         size = path.stat().st_size
         if size > self.max_bytes:
             raise ImageError(
-                413, f"local file {rel!r} is {size} bytes, over {self.settings.max_image_mb} MiB"
+                f"local file {rel!r} is {size} bytes, over {self.settings.max_image_mb} MiB", 413
             )
         return path.read_bytes()
 
@@ -265,7 +261,7 @@ class ImageFetcher:
         """SSRF guard; returns True when the URL is on the Label Studio host (send the API key)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageError(400, f"image URL {url[:200]!r} must be http(s) with a host")
+            raise ImageError(f"image URL {url[:200]!r} must be http(s) with a host", 400)
         if self.ls_url and _same_origin(url, self.ls_url):
             return True
         if self.settings.allow_private_urls:
@@ -273,13 +269,13 @@ class ImageFetcher:
         try:
             infos = socket.getaddrinfo(parts.hostname, parts.port or _default_port(parts.scheme))
         except (socket.gaierror, UnicodeError) as exc:
-            raise ImageError(422, f"image host {parts.hostname!r} cannot be resolved: {exc}") from None
+            raise ImageError(f"image host {parts.hostname!r} cannot be resolved: {exc}", 422) from None
         blocked = sorted({str(info[4][0]) for info in infos if not _is_public(str(info[4][0]))})
         if blocked:
             raise ImageError(
-                403,
                 f"image host {parts.hostname!r} resolves to a private/loopback address ({blocked[0]}); "
                 "refused (set ALLOW_PRIVATE_URLS=true to allow)",
+                403,
             )
         return False
 
@@ -307,7 +303,7 @@ class ImageFetcher:
             return str(resp.json()["access"])
         except (requests.RequestException, KeyError, ValueError) as exc:
             raise ImageError(
-                502, f"cannot exchange LABEL_STUDIO_API_KEY for an access token: {exc}"
+                f"cannot exchange LABEL_STUDIO_API_KEY for an access token: {exc}", 502
             ) from None
 
     def _download(self, url: str) -> bytes:
@@ -325,7 +321,7 @@ class ImageFetcher:
                 continue
             with resp:
                 return self._read_body(url, resp, deadline)
-        raise ImageError(422, f"image URL redirected more than {MAX_REDIRECTS} times")
+        raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times", 422)
 
     def _get(self, url: str, on_ls: bool) -> requests.Response:
         headers = self.auth_header() if on_ls else {}
@@ -335,26 +331,26 @@ class ImageFetcher:
             )
         except requests.Timeout:
             raise ImageError(
-                504, f"timed out after {self.settings.image_timeout} s fetching image {url[:200]}"
+                f"timed out after {self.settings.image_timeout} s fetching image {url[:200]}", 504
             ) from None
         except requests.RequestException as exc:
-            raise ImageError(502, f"cannot fetch image {url[:200]}: {type(exc).__name__}") from None
+            raise ImageError(f"cannot fetch image {url[:200]}: {type(exc).__name__}", 502) from None
 
     def _read_body(self, url: str, resp: requests.Response, deadline: float) -> bytes:
         if resp.status_code >= 400:
             hint = " (check LABEL_STUDIO_API_KEY)" if resp.status_code in (401, 403) else ""
-            raise ImageError(422, f"image URL {url[:200]} answered HTTP {resp.status_code}{hint}")
+            raise ImageError(f"image URL {url[:200]} answered HTTP {resp.status_code}{hint}", 422)
         length = resp.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_bytes:
-            raise ImageError(413, f"image is {length} bytes, over the {self.settings.max_image_mb} MiB limit")
+            raise ImageError(f"image is {length} bytes, over the {self.settings.max_image_mb} MiB limit", 413)
         buf = bytearray()
         try:
             for chunk in resp.iter_content(CHUNK):
                 buf += chunk
                 if len(buf) > self.max_bytes:
-                    raise ImageError(413, f"image is larger than the {self.settings.max_image_mb} MiB limit")
+                    raise ImageError(f"image is larger than the {self.settings.max_image_mb} MiB limit", 413)
                 if time.monotonic() > deadline:
-                    raise ImageError(504, f"image download took longer than {self.settings.image_timeout} s")
+                    raise ImageError(f"image download took longer than {self.settings.image_timeout} s", 504)
         except requests.RequestException as exc:
-            raise ImageError(502, f"image download from {url[:200]} failed: {type(exc).__name__}") from None
+            raise ImageError(f"image download from {url[:200]} failed: {type(exc).__name__}", 502) from None
         return bytes(buf)
