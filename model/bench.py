@@ -17,7 +17,6 @@ Prints (median of ``--repeats``):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import resource
@@ -33,7 +32,7 @@ from model.checkpoint import DEFAULT_DIR
 from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
-from model.inference.image_input import EncodedImage, ImageLike, decode_rgb
+from model.inference.image_input import EncodedImage, ImageLike, decode_rgb, encode_image
 from model.tasks import CAPTION_QUESTION
 
 # A scene of the default's world shipped beside its weights (``--image`` picks another picture).
@@ -72,10 +71,9 @@ def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]
 PHOTO_SIZE = (1280, 960)  # a typical photo as annotators upload it
 
 
-def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """The bench's image files: ``image`` as a JPEG at quality 90."""
+    return encode_image(image, "JPEG", quality=90)
 
 
 def interactive_latency(

@@ -15,6 +15,7 @@ import io
 import threading
 from collections.abc import Callable
 from functools import cached_property
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -28,6 +29,14 @@ def decode_rgb(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
+    """``image`` as the bytes of a ``fmt`` file (``options`` go to ``Image.save``, e.g. JPEG's
+    ``quality``); the inverse of :func:`decode_rgb`, lossless for PNG."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
 
 
 def displayed_size(header: Image.Image) -> tuple[int, int]:
