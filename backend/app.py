@@ -2,8 +2,9 @@
 
 Endpoints: ``GET /health`` (and ``/``), ``POST /setup``, ``POST /predict``, ``POST /webhook``,
 ``GET /versions``, ``GET /metrics``.  Every error is JSON ``{"status": code, "detail": message}``;
-bad input gets a 4xx with a clear message, unexpected failures a 500 without traceback (the
-traceback goes to the log).  Optional HTTP basic auth guards everything but ``/health``.
+bad input gets a 4xx with a clear message (every refusal is a :class:`backend.errors.ClientError`,
+logged at WARNING), unexpected failures a 500 without traceback (the traceback goes to the log).
+Optional HTTP basic auth guards everything but ``/health``.
 
 Gunicorn entry point: ``backend.wsgi:app`` (the model starts loading in the background when the
 app is created, so ``/health`` and ``/setup`` answer at once).
@@ -26,26 +27,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from backend import webhooks
+from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
 from backend.jobs import queue_figures
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.observability import Metrics, setup_logging
-from backend.predictions import PredictionError, predict_tasks
+from backend.predictions import predict_tasks
 from backend.serving import ModelHolder, ModelUnavailable
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger("backend.app")
 MODEL_CLASS = "RegionCaptionBackend"
 OPEN_PATHS = {"/health", "/"}
-
-
-class BadRequest(Exception):
-    """A request the client must fix (status 4xx)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def error_response(status: int, detail: str) -> tuple[Response, int]:
@@ -56,24 +49,24 @@ def json_body() -> dict[str, Any]:
     """The request body as a JSON object (413 if over MAX_BODY_MB, 400 if malformed)."""
     raw = request.get_data(cache=True)
     if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
+        raise ClientError("request body is empty; expected a JSON object")
     try:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from None
+        raise ClientError(f"malformed JSON body: {exc}") from None
     if not isinstance(payload, dict):
-        raise BadRequest(f"JSON body must be an object, got {type(payload).__name__}")
+        raise ClientError(f"JSON body must be an object, got {type(payload).__name__}")
     return payload
 
 
 def config_from(payload: dict[str, Any], key: str) -> LabelConfig:
     xml = payload.get(key)
     if not isinstance(xml, str) or not xml.strip():
-        raise BadRequest(f"'{key}' (the project's label config XML) is missing")
+        raise ClientError(f"'{key}' (the project's label config XML) is missing")
     try:
         return parse_label_config(xml)
     except ConfigError as exc:
-        raise BadRequest(f"label config cannot be served: {exc}") from None
+        raise ClientError(f"label config cannot be served: {exc.message}", exc.status) from None
 
 
 def _check_basic_auth(settings: Settings) -> Response | None:
@@ -134,17 +127,19 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return resp
 
     # ------------------------------------------------------------------ errors
-    @app.errorhandler(BadRequest)
-    def _bad(exc: BadRequest):
-        return error_response(exc.status, exc.message)
-
-    @app.errorhandler(PredictionError)
-    def _bad_prediction(exc: PredictionError):
-        return error_response(exc.status, exc.message)
-
-    @app.errorhandler(ImageError)
-    def _bad_image(exc: ImageError):
-        metrics.images.labels(str(exc.status)).inc()
+    @app.errorhandler(ClientError)
+    def _refused(exc: ClientError):
+        if isinstance(exc, ImageError):
+            metrics.images.labels(str(exc.status)).inc()
+        log.warning(
+            "refused",
+            extra={
+                "path": request.path,
+                "status": exc.status,
+                "reason": exc.message,
+                "error": type(exc).__name__,
+            },
+        )
         return error_response(exc.status, exc.message)
 
     @app.errorhandler(ModelUnavailable)
@@ -194,14 +189,14 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         payload = json_body()
         tasks = payload.get("tasks")
         if not isinstance(tasks, list) or not tasks:
-            raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+            raise ClientError("'tasks' must be a non-empty list of Label Studio tasks")
         config = config_from(payload, "label_config")
         params = payload.get("params") or {}
         if not isinstance(params, dict):
-            raise BadRequest("'params' must be an object")
+            raise ClientError("'params' must be an object")
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
-            raise BadRequest("'params.context' must be an object or null")
+            raise ClientError("'params.context' must be an object or null")
         engine, version = holder.get()
         results, stats = predict_tasks(tasks, config, context, engine, version, fetcher, settings)
         metrics.regions.inc(stats.regions)

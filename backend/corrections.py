@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend.errors import ClientError
 from model.geometry import BoxError, check_pixel_box, percent_to_pixels
 from model.tasks import (
     ATTRIBUTE_QUESTIONS,
@@ -37,7 +38,7 @@ RECT_TYPES = ("rectanglelabels", "rectangle")
 ATTRIBUTE_TYPES = ("choices", "taxonomy")
 
 
-class CorrectionError(ValueError):
+class CorrectionError(ClientError):
     """An annotation result that cannot be read at all (the message says why)."""
 
 

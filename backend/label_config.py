@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from backend.errors import ClientError
 from model.tasks import ATTRIBUTE_QUESTION, attribute_vocabulary, normalize_relation_label
 
 RECT_TAGS = {"rectanglelabels": "rectanglelabels", "rectangle": "rectangle"}
@@ -30,7 +31,7 @@ ATTRIBUTE_NAMES = {"color": "color", "colour": "color", "shape": "shape", "size"
 MAX_CONFIG_CHARS = 1_000_000
 
 
-class ConfigError(ValueError):
+class ConfigError(ClientError):
     """A labeling config the backend cannot serve (the message says why)."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from backend.errors import ClientError
 from backend.images import ImageFetcher
 from backend.label_config import LabelConfig
 from backend.results import Region, TaskPlan, region_results, relation_results
@@ -36,13 +37,8 @@ from model.inference.image_input import EncodedImage
 GEOMETRY = ("x", "y", "width", "height", "rotation")
 
 
-class PredictionError(ValueError):
-    """Bad input in a predict request; ``status`` is the HTTP status (4xx)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class PredictionError(ClientError):
+    """Bad input in a predict request (answered with 400)."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.corrections import Region, Relation, annotation_record
+from backend.errors import ClientError
 from model.data.converters import validate_record, write_jsonl
 
 DB_NAME = "corrections.sqlite3"
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
-class StoreError(ValueError):
+class StoreError(ClientError):
     """Input the store cannot record (bad timestamp, ids)."""
 
 

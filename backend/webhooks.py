@@ -21,18 +21,19 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from backend.corrections import CorrectionError, image_reference, parse_result
+from backend.corrections import image_reference, parse_result
+from backend.errors import ClientError
 from backend.jobs import flush_outbox
 from backend.label_config import ConfigError, parse_label_config
 from backend.settings import Settings
-from backend.store import StoreError, open_store
+from backend.store import open_store
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
 
-class PayloadError(ValueError):
+class PayloadError(ClientError):
     """A webhook payload missing what its action needs (answered with 400)."""
 
 
@@ -147,9 +148,9 @@ def handle_webhook(payload: dict[str, Any], settings: Settings) -> tuple[int, di
         return 200, {"status": "Unknown event", "action": action}
     try:
         result = handler(payload, settings)
-    except (PayloadError, CorrectionError, StoreError) as exc:
-        log.warning("rejected %s webhook: %s", action, exc)
-        return 400, {"status": "error", "action": action, "detail": str(exc)}
+    except ClientError as exc:
+        log.warning("webhook refused", extra={"action": action, "status": exc.status, "reason": exc.message})
+        return exc.status, {"status": "error", "action": action, "detail": exc.message}
     # The correction is committed; a Redis failure below only delays the job (outbox).
     result["jobs"] = flush_outbox(settings, open_store(settings.data_dir))
     return 201, {"status": "ok", "action": action, "result": result}

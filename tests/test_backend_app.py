@@ -17,10 +17,17 @@ from PIL import Image
 
 import backend.app as app_module
 from backend.app import create_app
+from backend.corrections import CorrectionError
+from backend.errors import ClientError
+from backend.images import ImageError
+from backend.label_config import ConfigError
 from backend.observability import JsonFormatter
+from backend.predictions import PredictionError
 from backend.registry import ModelRegistry
 from backend.serving import ModelHolder
 from backend.settings import Settings
+from backend.store import StoreError
+from backend.webhooks import PayloadError
 from model.checkpoint import load_model
 from model.geometry import pixels_to_percent
 from tests.model_helpers import png_bytes
@@ -283,8 +290,9 @@ def test_nan_box_in_raw_json(env):
     assert resp.status_code == 400 and "NaN" in detail(resp)
 
 
-def test_unexpected_error_is_json_500_and_logged_with_traceback(env, monkeypatch):
-    client, *_ = env
+@pytest.fixture()
+def json_log():
+    """The ``backend`` loggers' records as the JSON lines the app writes."""
     records: list[str] = []
 
     class Capture(logging.Handler):
@@ -293,15 +301,44 @@ def test_unexpected_error_is_json_500_and_logged_with_traceback(env, monkeypatch
 
     handler = Capture()
     logging.getLogger("backend").addHandler(handler)
+    yield records
+    logging.getLogger("backend").removeHandler(handler)
+
+
+def test_refusals_are_logged_as_json_with_the_detail_and_counted(env, json_log):
+    client, *_ = env
+    image = client.post(
+        "/predict", json=predict_payload([ls_task(1, [rect("f", (1, 1, 9, 9))], image="file:///etc/passwd")])
+    )
+    empty = client.post("/setup", data=b"", content_type="application/json")
+    assert (image.status_code, empty.status_code) == (400, 400)
+    refused = [json.loads(r) for r in json_log if json.loads(r)["message"] == "refused"]
+    assert [(r["level"], r["path"], r["status"], r["error"]) for r in refused] == [
+        ("WARNING", "/predict", 400, "ImageError"),
+        ("WARNING", "/setup", 400, "ClientError"),
+    ]
+    assert [r["reason"] for r in refused] == [detail(image), detail(empty)]
+    text = client.get("/metrics").text
+    assert 'roi_image_errors_total{status="400"} 1.0' in text  # only the image refusal
+    assert 'roi_http_requests_total{endpoint="/setup",method="POST",status="400"} 1.0' in text
+
+
+def test_every_refusal_is_a_client_error_with_message_then_status():
+    for cls in (ImageError, PredictionError, ConfigError, CorrectionError, PayloadError, StoreError):
+        exc = cls("why", 404)
+        assert isinstance(exc, ClientError) and (str(exc), exc.message, exc.status) == ("why", "why", 404)
+        assert cls("why").status == 400, cls
+
+
+def test_unexpected_error_is_json_500_and_logged_with_traceback(env, monkeypatch, json_log):
+    client, *_ = env
+    records = json_log
 
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom inside")
 
     monkeypatch.setattr(app_module, "predict_tasks", boom)
-    try:
-        resp = client.post("/predict", json=predict_payload([ls_task(1, [rect("a", (1, 1, 9, 9))])]))
-    finally:
-        logging.getLogger("backend").removeHandler(handler)
+    resp = client.post("/predict", json=predict_payload([ls_task(1, [rect("a", (1, 1, 9, 9))])]))
     assert resp.status_code == 500
     assert "kaboom" not in detail(resp) and "error id" in detail(resp)
     assert any("Traceback" in r and "kaboom inside" in r for r in records)
