@@ -33,6 +33,7 @@ from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import EncodedImage, ImageLike, decode_rgb, encode_image
+from model.inference.reference import generate_naive
 from model.tasks import CAPTION_QUESTION
 
 # A scene of the default's world shipped beside its weights (``--image`` picks another picture).
@@ -171,7 +172,7 @@ def run(
 
         def naive_run(boxes=boxes, queries=queries) -> None:
             for _, q in queries:
-                model.generate_naive(model.processor(image), boxes, q, max_new_tokens=max_new)
+                generate_naive(model, model.processor(image), boxes, q, max_new_tokens=max_new)
 
         t_engine = _median_time(engine_run, repeats)
         t_naive = _median_time(naive_run, repeats)

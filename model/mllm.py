@@ -45,6 +45,30 @@ def merge_placeholders(
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
+def merge_regions(
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    region_feats: Sequence[torch.Tensor],
+    row_image: Sequence[int],
+    region_orders: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Put region tokens at the ``<bbox>`` placeholders: row r takes boxes ``region_orders[r]`` of
+    its image ``row_image[r]``, in order.
+
+    ``embeds``: ``(R, L, D)``; ``mask``: ``(R, L)`` bool, True at ``<bbox>``; ``region_feats[i]``:
+    ``(N_i, D)``.  Raises :class:`PlaceholderError` naming the prompt and the missing region, or
+    (from :func:`merge_placeholders`) the first prompt whose placeholder count differs.
+    """
+    for r, order in enumerate(region_orders):
+        n = len(region_feats[row_image[r]])
+        bad = [i for i in order if i >= n]
+        if bad:
+            raise PlaceholderError(f"prompt {r} refers to region {bad[0] + 1} but its image has {n} boxes")
+    ordered = [region_feats[row_image[r]][list(order)] for r, order in enumerate(region_orders)]
+    flat = torch.cat(ordered) if ordered else embeds.new_zeros(0, embeds.shape[-1])
+    return merge_placeholders(embeds, mask, flat, [len(o) for o in region_orders], "region")
+
+
 class RegionMLLM(nn.Module):
     """GPT4RoI-style model.  Build it with :func:`model.checkpoint.build_model` / ``load_model``."""
 
@@ -136,19 +160,21 @@ class RegionMLLM(nn.Module):
         embeds = merge_placeholders(
             embeds, input_ids == self.image_patch_id, image_tokens.flatten(0, 1), [p] * len(rows), "image"
         )
-        for r, order in enumerate(region_orders):
-            n = len(region_feats[row_image[r]])
-            bad = [i for i in order if i >= n]
-            if bad:
-                raise PlaceholderError(
-                    f"prompt {r} refers to region {bad[0] + 1} but its image has {n} boxes"
-                )
-        ordered = [region_feats[row_image[r]][list(order)] for r, order in enumerate(region_orders)]
-        dim = embeds.shape[-1]
-        flat = torch.cat(ordered) if ordered else embeds.new_zeros(0, dim)
-        return merge_placeholders(
-            embeds, input_ids == self.bbox_id, flat, [len(o) for o in region_orders], "region"
-        )
+        return merge_regions(embeds, input_ids == self.bbox_id, region_feats, row_image, region_orders)
+
+    def embed_questions(
+        self,
+        input_ids: torch.Tensor,
+        region_feats: Sequence[torch.Tensor],
+        row_image: Sequence[int],
+        region_orders: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Embeddings of prompt parts without image tokens (the engine's questions after a cached
+        prefix): ``input_ids`` ``(R, L)`` -> ``(R, L, D)`` with ``<bbox>`` filled as in
+        :meth:`embed_prompts`."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        return merge_regions(embeds, input_ids == self.bbox_id, region_feats, row_image, region_orders)
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -188,36 +214,3 @@ class RegionMLLM(nn.Module):
             labels[i, :n] = torch.tensor(p.labels)
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    # ------------------------------------------------------------------ reference inference
-    @torch.inference_mode()
-    def generate_naive(
-        self, pixels: torch.Tensor, boxes: torch.Tensor, question: str, max_new_tokens: int = 24
-    ) -> tuple[str, float]:
-        """The plain path: encode the image, build the prompt, call ``generate`` (greedy).
-
-        ``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
-        probability).  The batched engine (``model.inference.engine``) must give the same answers.
-        """
-        enc = self.prompts.encode_question(question, num_boxes=len(boxes))
-        vision = self.encode_images(pixels.unsqueeze(0))
-        feats = self.region_features(vision, [boxes])
-        ids = torch.tensor([enc.input_ids], device=self.device)
-        embeds = self.embed_prompts(ids, vision, feats, [0], [enc.region_order])
-        out = self.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        tokens = out.sequences[0].tolist()
-        probs = [torch.softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-        if self.tokenizer.eos_token_id in tokens:
-            cut = tokens.index(self.tokenizer.eos_token_id)
-            tokens, probs = tokens[:cut], probs[: cut + 1]
-        score = sum(probs) / max(len(probs), 1)
-        return self.prompts.decode(tokens), score

@@ -12,6 +12,7 @@ import pytest
 from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
 from model.geometry import boxes_tensor
 from model.inference.engine import InferenceEngine
+from model.inference.reference import generate_naive
 from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION
 from toyworld.evaluate import TARGETS, eval_scenes, evaluate, score_scenes
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec
@@ -55,7 +56,7 @@ def test_default_model_engine_equals_naive_with_eos():
     got = engine.answer(images, boxes, queries)
     assert len({a.num_tokens for a in got}) > 1  # rows stop at different steps
     for (i, q), ans in zip(queries, got):
-        text, score = model.generate_naive(model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
+        text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
         assert ans.text == text
         assert ans.score == pytest.approx(score, abs=1e-4)
 

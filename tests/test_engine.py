@@ -8,6 +8,7 @@ import torch
 from model.geometry import boxes_tensor
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import EncodedImage, image_key
+from model.inference.reference import generate_naive
 from tests.model_helpers import png_bytes, tiny_model, tiny_records
 
 
@@ -53,7 +54,7 @@ def test_engine_equals_naive_greedy(scrambled, lean):
     engine = InferenceEngine(m, "t", max_new_tokens=12, lean=lean)
     got = engine.answer(images, boxes, queries)
     for (i, q), ans in zip(queries, got):
-        text, score = m.generate_naive(m.processor(images[i]), boxes[i], q, max_new_tokens=12)
+        text, score = generate_naive(m, m.processor(images[i]), boxes[i], q, max_new_tokens=12)
         assert ans.text == text, (i, q)
         assert ans.score == pytest.approx(score, abs=1e-4)
     assert len({a.text for a in got}) == len(got)  # every prompt gives its own answer
@@ -87,8 +88,8 @@ def test_stop_string_candidates(scrambled):
     engine = InferenceEngine(scrambled)
     tok = scrambled.tokenizer
     sep = tok("###", add_special_tokens=False).input_ids
-    assert set(sep) <= engine._stop_tokens
-    assert all("#" in tok.convert_ids_to_tokens(i) for i in engine._stop_tokens)
+    assert set(sep) <= engine.stop.tokens
+    assert all("#" in tok.convert_ids_to_tokens(i) for i in engine.stop.tokens)
 
 
 def test_image_key_depends_on_content():

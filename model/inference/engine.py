@@ -1,30 +1,28 @@
 """Fast batched inference: one image encode, one prefix KV and one RoIAlign per image, one decode.
 
-For every image the engine keeps (in a bounded LRU keyed by image content hash + model version;
-the hash of the file for an encoded image, which is then decoded only on a miss):
+For every image the engine keeps (:mod:`model.inference.cache`, keyed by model version + image
+content hash; the hash of the file for an encoded image, which is then decoded only on a miss)
 the fused region pyramid and the KV cache of the shared prompt prefix (BOS + system text + image
-tokens).  All questions of a request, over all its images, are decoded together: each row starts
-from its image's prefix KV, its question tokens are right-aligned after a padding gap (masked out,
-with positions continuing the prefix), then greedy decoding runs with a KV cache and finished rows
-are dropped from the batch, so no compute is spent on padding after EOS.
+tokens).  All questions of a request, over all its images, are decoded together from their
+images' prefixes (:mod:`model.inference.decode`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from model.inference.cache import ImageState, SizedLRU
+from model.inference.decode import StopString, greedy_decode, question_batch
 from model.inference.image_input import ImageLike, cache_key, pixels
-from model.inference.kv_decode import make_steps, prefill
+from model.inference.kv_decode import KV, make_steps, prefill
 from model.mllm import RegionMLLM
 
-STOP_STRING = "###"
-STOP_WINDOW = 4  # tokens decoded to look for the stop string
+__all__ = ["Answer", "EngineStats", "InferenceEngine"]
 
 
 @dataclass
@@ -32,17 +30,6 @@ class Answer:
     text: str
     score: float  # mean probability of the generated tokens (EOS included)
     num_tokens: int
-
-
-@dataclass
-class ImageState:
-    """Cached per-image work.  ``region_maps``: the fused pyramid, same-size levels stacked
-    (``RegionEncoder.fuse``), ``(1, n * F, s, s)`` per level size; ``prefix_kv``: per LM layer
-    ``(keys, values)`` each ``(1, heads, P, head_dim)``."""
-
-    region_maps: list[torch.Tensor]
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int
 
 
 @dataclass
@@ -68,21 +55,13 @@ class InferenceEngine:
     ) -> None:
         self.model = model.eval()
         self.version = version
-        self.cache_bytes = cache_bytes
         self.max_new_tokens = max_new_tokens
         self.max_batch = max_batch
         self.stats = EngineStats()
-        self._cache: OrderedDict[tuple[str, str], ImageState] = OrderedDict()
-        self._cache_used = 0
+        self._cache: SizedLRU[tuple[str, str], ImageState] = SizedLRU(cache_bytes, lambda s: s.nbytes)
         self._lock = threading.RLock()  # torch modules are not re-entrant across gunicorn threads
-        tok = model.tokenizer
-        self.eos_id = tok.eos_token_id
-        self.pad_id = tok.pad_token_id
         self.lean = lean  # lean Llama decode steps where they apply (model.inference.kv_decode)
-        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        # A stop string that newly appears overlaps the last token's text, and the overlap ends the
-        # string: only tokens holding its last character can complete it.
-        self._stop_tokens = {i for i, piece in enumerate(pieces) if STOP_STRING[-1] in (piece or "")}
+        self.stop = StopString(model.tokenizer)
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:
@@ -94,25 +73,23 @@ class InferenceEngine:
         no_regions = [maps[0].new_zeros(0, m.projector.out_features)] * len(images)
         embeds = m.embed_prompts(prefix, vision, no_regions, list(range(len(images))), [[] for _ in images])
         layers = prefill(m.lm, embeds, lean=self.lean)
-        states = []
-        for i in range(len(images)):
-            kv = [(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in layers]
-            region_maps = [p[i : i + 1].clone() for p in maps]
-            nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
-            nbytes += sum(t.numel() * t.element_size() for t in region_maps)
-            states.append(ImageState(region_maps, kv, nbytes))
-        return states
+        return [
+            ImageState(
+                region_maps=[p[i : i + 1].clone() for p in maps],
+                prefix_kv=[(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in layers],
+            )
+            for i in range(len(images))
+        ]
 
     def image_states(self, images: Sequence[ImageLike]) -> list[ImageState]:
-        """States for ``images``, from the LRU where possible; misses are decoded (an
+        """States for ``images``, from the cache where possible; misses are decoded (an
         :class:`~model.inference.image_input.EncodedImage` only then) and encoded in one batch."""
-        keys = [cache_key(im) for im in images]
+        keys = [(self.version, cache_key(im)) for im in images]
         result: list[ImageState | None] = []
         missing: list[int] = []
         for i, key in enumerate(keys):
-            state = self._cache.get((self.version, key))
+            state = self._cache.get(key)
             if state is not None:
-                self._cache.move_to_end((self.version, key))
                 self.stats.image_cache_hits += 1
             else:
                 missing.append(i)
@@ -122,28 +99,21 @@ class InferenceEngine:
             built = self._build_states([pixels(images[i]) for i in missing])
             for i, state in zip(missing, built):
                 result[i] = state
-                self._remember((self.version, keys[i]), state)
+                self._cache.put(keys[i], state)
         return result  # type: ignore[return-value]
 
-    def _remember(self, key: tuple[str, str], state: ImageState) -> None:
-        if state.nbytes > self.cache_bytes:
-            return
-        if key in self._cache:
-            self._cache_used -= self._cache.pop(key).nbytes
-        self._cache[key] = state
-        self._cache_used += state.nbytes
-        while self._cache_used > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cache_used -= old.nbytes
+    @property
+    def cache_bytes(self) -> int:
+        """Capacity of the image cache."""
+        return self._cache.capacity
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
-            self._cache_used = 0
 
     @property
     def cache_info(self) -> dict:
-        return {"entries": len(self._cache), "bytes": self._cache_used, "capacity_bytes": self.cache_bytes}
+        return {"entries": len(self._cache), "bytes": self._cache.used, "capacity_bytes": self.cache_bytes}
 
     # ------------------------------------------------------------------ answering
     @torch.inference_mode()
@@ -203,97 +173,40 @@ class InferenceEngine:
         encoded: list[tuple[list[int], list[int]]],
     ) -> list[Answer]:
         m = self.model
-        dev = m.device
-        rows = len(queries)
-        prefix_len = states[0].prefix_kv[0][0].shape[2]
-        q_len = max(len(ids) for ids, _ in encoded)
-        # Suffix right-aligned: [prefix | pad gap | question]; the gap is masked and skipped in positions.
-        # (Built as Python lists: one tensor each instead of a few small ops per row.)
-        gaps = [q_len - len(q_ids) for q_ids, _ in encoded]
-        ids = torch.tensor(
-            [[self.pad_id] * g + q_ids for g, (q_ids, _) in zip(gaps, encoded)], dtype=torch.long, device=dev
-        )
-        pos = torch.tensor(
-            [[0] * g + list(range(prefix_len, prefix_len + q_len - g)) for g in gaps],
-            dtype=torch.long,
-            device=dev,
-        )
-        mask = torch.tensor(
-            [[1] * prefix_len + [0] * g + [1] * (q_len - g) for g in gaps], dtype=torch.long, device=dev
-        )
         row_image = [i for i, _ in queries]
-        embeds = self._suffix_embeds(ids, feats, row_image, [order for _, order in encoded])
+        prefix_len = states[0].prefix_kv[0][0].shape[2]
+        batch = question_batch([ids for ids, _ in encoded], prefix_len, m.tokenizer.pad_token_id, m.device)
+        embeds = m.embed_questions(batch.ids, feats, row_image, [order for _, order in encoded])
+        capacity = batch.ids.shape[1] + self.max_new_tokens
+        steps = make_steps(m.lm, self._row_prefixes(states, row_image), capacity, lean=self.lean)
+        rows = greedy_decode(
+            steps,
+            embeds,
+            batch,
+            m.lm.get_input_embeddings(),
+            m.tokenizer.eos_token_id,
+            self.stop,
+            self.max_new_tokens,
+        )
+        self.stats.generated_tokens += sum(len(g.probs) for g in rows)
+        return [
+            Answer(m.prompts.decode(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens))
+            for g in rows
+        ]
+
+    @staticmethod
+    def _row_prefixes(states: Sequence[ImageState], row_image: list[int]) -> KV:
+        """Per LM layer ``(keys, values)`` ``(R, H, P, d)``: each row's image prefix."""
         if len(set(row_image)) == 1:  # one image (the usual request): its prefix, broadcast to every row
-            prefix_kv = [
+            rows = len(row_image)
+            return [
                 (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
                 for k, v in states[row_image[0]].prefix_kv
             ]
-        else:
-            prefix_kv = [
-                (
-                    torch.cat([states[i].prefix_kv[layer][0] for i in row_image]),
-                    torch.cat([states[i].prefix_kv[layer][1] for i in row_image]),
-                )
-                for layer in range(len(states[0].prefix_kv))
-            ]
-        steps = make_steps(m.lm, prefix_kv, q_len + self.max_new_tokens, lean=self.lean)
-        # Rows of equal question length have no gap: no mask to build, in every step (the rows
-        # that finish are dropped whole).  Saves the mask construction of each decode step.
-        padded = any(gaps)
-        logits = steps.forward(embeds, pos, mask if padded else None)
-        next_pos = pos[:, -1:] + 1
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        probs: list[list[float]] = [[] for _ in range(rows)]
-        active = list(range(rows))
-        embed = m.lm.get_input_embeddings()
-        for step in range(self.max_new_tokens):
-            p = torch.softmax(logits.float(), dim=-1)
-            chosen, nxt = p.max(dim=-1)
-            done = []
-            for j, (r, t, c) in enumerate(zip(active, nxt.tolist(), chosen.tolist())):
-                probs[r].append(c)
-                if t == self.eos_id:
-                    done.append(j)
-                else:
-                    tokens[r].append(t)
-                    # The template's turn separator ends an answer too (models that skip EOS);
-                    # only tokens that can take part in it are worth a decode.
-                    if t in self._stop_tokens and STOP_STRING in m.tokenizer.decode(tokens[r][-STOP_WINDOW:]):
-                        done.append(j)
-            self.stats.generated_tokens += len(active)
-            if step + 1 == self.max_new_tokens or len(done) == len(active):
-                break
-            if done:
-                finished = set(done)
-                keep_rows = [j for j in range(len(active)) if j not in finished]
-                keep = torch.tensor(keep_rows, device=dev, dtype=torch.long)
-                active = [active[j] for j in keep_rows]
-                nxt, next_pos = nxt[keep], next_pos[keep]
-                if padded:
-                    mask = mask[keep]
-                steps.keep(keep)
-            if padded:
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            logits = steps.forward(embed(nxt[:, None]), next_pos, mask if padded else None)
-            next_pos = next_pos + 1
         return [
-            Answer(m.prompts.decode(tokens[r]), sum(probs[r]) / max(1, len(probs[r])), len(tokens[r]))
-            for r in range(rows)
+            (
+                torch.cat([states[i].prefix_kv[layer][0] for i in row_image]),
+                torch.cat([states[i].prefix_kv[layer][1] for i in row_image]),
+            )
+            for layer in range(len(states[0].prefix_kv))
         ]
-
-    def _suffix_embeds(
-        self, ids: torch.Tensor, feats: Sequence[torch.Tensor], row_image: list[int], orders: list[list[int]]
-    ) -> torch.Tensor:
-        """Question-token embeddings with ``<bbox>`` replaced by region features ``(R, Lq, D)``."""
-        from model.mllm import merge_placeholders
-
-        m = self.model
-        embeds = m.lm.get_input_embeddings()(ids)
-        for r, order in enumerate(orders):
-            n = len(feats[row_image[r]])
-            if any(i >= n for i in order):
-                raise ValueError(f"question {r} refers to a region its image does not have ({n} boxes)")
-        dim = embeds.shape[-1]
-        ordered = [feats[row_image[r]][order] for r, order in enumerate(orders)]
-        flat = torch.cat(ordered) if ordered else embeds.new_zeros(0, dim)
-        return merge_placeholders(embeds, ids == m.bbox_id, flat, [len(o) for o in orders], "region")
