@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import torch
@@ -10,6 +9,7 @@ from PIL import Image
 
 from model.checkpoint import build_model
 from model.config import RegionEncoderConfig, load_model_config
+from model.inference.image_input import encode_image
 from model.mllm import RegionMLLM
 from model.tokenizer import train_tokenizer
 from toyworld.scenes import SyntheticRecords, corpus_texts
@@ -38,6 +38,4 @@ def tiny_region_config(**overrides) -> RegionEncoderConfig:
 
 def png_bytes(image: Image.Image) -> bytes:
     """``image`` as a PNG file (lossless: decoding it gives back the same pixels)."""
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
+    return encode_image(image, "PNG")

@@ -26,7 +26,7 @@ def test_demo_teaches_the_held_out_colour(tmp_path: Path, redis_db):
     # Same recipe as the defaults in backend.settings; smaller evaluation sets to stay fast.
     env = {**os.environ, "REDIS_URL": TEST_REDIS_URL, "GATE_EVAL_IMAGES": "40", "LOG_LEVEL": "WARNING"}
     proc = subprocess.run(
-        [sys.executable, "scripts/demo_active_learning.py", "--regions", "50", "--eval-images", "60",
+        [sys.executable, "-m", "tools.ls.demo_active_learning", "--regions", "50", "--eval-images", "60",
          "--work", str(tmp_path / "work"), "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -20,8 +20,10 @@ import pytest
 import requests
 
 from model.geometry import pixels_to_percent
+from model.inference.image_input import encode_image
 from model.tasks import relation_labels
-from tools.ls.harness import LabelStudio, png, rectangle_result, start_backend, start_label_studio
+from tools.ls.harness import LabelStudio, start_backend, start_label_studio
+from tools.ls.payloads import rectangle_result
 from toyworld.scenes import Scene, SceneSpec, make_scene
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -87,7 +89,9 @@ def projects(stack):
         xml = (REPO / "label_config" / f"{name}.xml").read_text()
         project = ls.create_project(f"e2e {name}", xml)
         scenes = scenes_for(index)
-        tasks = ls.upload_images(project, [(f"scene-{i}.png", png(s.image)) for i, s in enumerate(scenes)])
+        tasks = ls.upload_images(
+            project, [(f"scene-{i}.png", encode_image(s.image)) for i, s in enumerate(scenes)]
+        )
         truth: dict[int, tuple[Scene, list[str]]] = {}
         for i, scene in enumerate(scenes):
             task = tasks[f"scene-{i}.png"]

@@ -127,7 +127,8 @@ def test_scheduled_retrain_uses_rq_cron(tmp_path: Path, redis_db, use_settings):
 def test_webhook_to_served_version_end_to_end(tmp_path: Path, tiny_checkpoint: Path, redis_db, use_settings):
     """webhook -> durable store -> job on Redis -> worker -> new version -> the app serves it."""
     from backend.app import create_app
-    from scripts.demo_active_learning import LABEL_CONFIG, annotation_payload, correction_scenes, scene_result
+    from tools.ls.demo_active_learning import correction_scenes
+    from tools.ls.payloads import SCENE_LABEL_CONFIG, scene_payload
 
     images = tmp_path / "images"
     images.mkdir()
@@ -144,8 +145,8 @@ def test_webhook_to_served_version_end_to_end(tmp_path: Path, tiny_checkpoint: P
     answers = []
     for i, scene in enumerate(correction_scenes(12)):
         scene.image.save(images / f"s{i}.png")
-        payload = annotation_payload(
-            scene_result(scene), 10 + i, 20 + i, 1, f"/data/local-files/?d=s{i}.png", timestamp(i)
+        payload = scene_payload(
+            scene, 10 + i, f"/data/local-files/?d=s{i}.png", timestamp(i), 1, task_id=20 + i
         )
         resp = client.post("/webhook", json=payload)
         assert resp.status_code == 201, resp.get_json()
@@ -159,5 +160,5 @@ def test_webhook_to_served_version_end_to_end(tmp_path: Path, tiny_checkpoint: P
     (round_,) = job.return_value()["rounds"]
     assert round_["decision"] == "promoted" and round_["version"] == "1.1.0"
     assert holder.wait_for_version("1.1.0", timeout=60)
-    setup = client.post("/setup", json={"project": "1.0", "schema": LABEL_CONFIG})
+    setup = client.post("/setup", json={"project": "1.0", "schema": SCENE_LABEL_CONFIG})
     assert setup.get_json()["model_version"] == "1.1.0"

@@ -1,5 +1,5 @@
 """Replay the requests a real Label Studio 1.23.2 sent to this backend (recorded by
-``scripts/capture_ls_payloads.py`` into ``tests/fixtures/ls-1.23.2``) against the Flask app.
+``python -m tools.ls.capture_payloads`` into ``tests/fixtures/ls-1.23.2``) against the Flask app.
 
 A local HTTP server plays Label Studio's ``/data/upload`` so the recorded image URLs resolve.
 """

@@ -21,7 +21,6 @@ from model.data.converters import validate_record
 from model.tasks import ATTRIBUTE_QUESTIONS, CAPTION_QUESTIONS, RELATION_QUESTIONS
 from tools.ls.payloads import annotation_payload, region_items, relation_item, timestamp
 
-REPO = Path(__file__).resolve().parent.parent
 CLOSED_REDIS = "redis://127.0.0.1:1/0"  # nothing listens there: "Redis is down"
 
 
@@ -175,8 +174,6 @@ def test_thousand_duplicate_updated_out_of_order_deliveries(tmp_path: Path):
 
 WRITER = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {repo!r})
     from backend.settings import Settings
     from backend.webhooks import handle_webhook
     from tools.ls.payloads import annotation_payload, region_items, timestamp
@@ -194,7 +191,7 @@ WRITER = textwrap.dedent(
 @pytest.mark.slow
 def test_sigkill_mid_burst_keeps_every_acknowledged_write(tmp_path: Path):
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER.format(repo=str(REPO), data=str(tmp_path))],
+        [sys.executable, "-c", WRITER.format(data=str(tmp_path))],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,13 +1,13 @@
 """Run a real Label Studio (from ``.venv-ls``) and this backend (gunicorn) locally, and drive them.
 
-Used by ``tests/test_e2e_label_studio.py`` and ``scripts/screenshot_labeling.py``.  Everything
-binds to 127.0.0.1; Label Studio runs headless with a temp data dir and a fixed legacy token
-(protocol reference §6).  The REST calls are plain ``requests`` with ``Authorization: Token``.
+Used by ``tests/test_e2e_label_studio.py``, ``tests/test_load.py`` and the tools beside this module
+(``capture_payloads``, ``screenshot_labeling``).  Everything binds to 127.0.0.1; Label Studio runs
+headless with a temp data dir and a fixed legacy token (protocol reference §6).  The REST calls are
+plain ``requests`` with ``Authorization: Token``.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = [
+    "LS_PASSWORD",
+    "LS_TOKEN",
+    "LS_USER",
+    "LS_VENV",
+    "LabelStudio",
+    "Server",
+    "ensure_ls_venv",
+    "free_port",
+    "start_backend",
+    "start_label_studio",
+    "wait_http",
+]
+
+REPO = Path(__file__).resolve().parents[2]
 LS_VENV = REPO / ".venv-ls"
 LS_USER = "admin@example.com"
 LS_PASSWORD = "admin12345"
@@ -161,28 +174,6 @@ def start_backend(
         server.stop()
         raise
     return server
-
-
-def rectangle_result(rid: str, box, width: int, height: int, label: str = "Object") -> dict:
-    """A Label Studio ``rectanglelabels`` result for a pixel ``xyxy`` box (control ``bbox``)."""
-    from model.geometry import pixels_to_percent
-
-    return {
-        "id": rid,
-        "from_name": "bbox",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {**pixels_to_percent(box, width, height), "rotation": 0, "rectanglelabels": [label]},
-    }
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 class LabelStudio:

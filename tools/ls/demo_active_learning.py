@@ -1,6 +1,6 @@
 """Active-learning loop, end to end: a concept the default model never saw is taught by corrections.
 
-    python scripts/demo_active_learning.py [--regions 50] [--eval-images 100] [--work DIR]
+    python -m tools.ls.demo_active_learning [--regions 50] [--eval-images 100] [--work DIR]
 
 The embedded default model was trained without any pink object.  The demo
 
@@ -34,80 +34,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from model.geometry import pixels_to_percent
-from model.tasks import relation_labels
+from model.checkpoint import DEFAULT_DIR
+from tools.ls.payloads import SCENE_LABEL_CONFIG, scene_payload, timestamp
 from toyworld.scenes import SHAPES, SIZE_FRACTIONS, Scene, SceneSpec, make_scene
 
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="bbox" toName="image" smart="true"><Label value="Object"/></RectangleLabels>
-  <TextArea name="caption" toName="image" perRegion="true" editable="true" rows="1"/>
-  <Choices name="attributes" toName="image" perRegion="true" choice="multiple">
-    <Choice value="red"/><Choice value="green"/><Choice value="blue"/><Choice value="yellow"/>
-    <Choice value="purple"/><Choice value="orange"/><Choice value="pink"/>
-    <Choice value="circle"/><Choice value="square"/><Choice value="triangle"/><Choice value="diamond"/>
-    <Choice value="small"/><Choice value="medium"/><Choice value="large"/>
-  </Choices>
-  <Relations>
-    <Relation value="left_of"/><Relation value="right_of"/><Relation value="above"/>
-    <Relation value="below"/><Relation value="larger_than"/><Relation value="smaller_than"/>
-  </Relations>
-</View>"""
 CONCEPT = "pink"
 CORRECTION_SEED = 424_242  # scenes the reviewer corrects (far from training and evaluation seeds)
-ENV_NAMES = {
-    "model_dir": "MODEL_DIR",
-    "data_dir": "DATA_DIR",
-    "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT",
-}
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------- reviewer simulation
-def scene_result(scene: Scene, prefix: str = "r") -> list[dict[str, Any]]:
-    """A reviewer's complete annotation of a scene: every object boxed, captioned, its colour, shape
-    and size chosen, and the spatial relations between consecutive objects drawn."""
-    w, h = scene.width, scene.height
-    items: list[dict[str, Any]] = []
-    for k, obj in enumerate(scene.objects):
-        value = {**pixels_to_percent(obj.box, w, h), "rotation": 0}
-        common = {"id": f"{prefix}{k}", "to_name": "image", "original_width": w, "original_height": h,
-                  "image_rotation": 0, "origin": "manual"}  # fmt: skip
-        items += [
-            {**common, "from_name": "bbox", "type": "rectanglelabels",
-             "value": {**value, "rectanglelabels": ["Object"]}},
-            {**common, "from_name": "caption", "type": "textarea", "value": {**value, "text": [obj.caption]}},
-            {**common, "from_name": "attributes", "type": "choices",
-             "value": {**value, "choices": [obj.color, obj.shape, obj.size]}},
-        ]  # fmt: skip
-    n = len(scene.objects)
-    for k in range(n):
-        a, b = scene.objects[k], scene.objects[(k + 1) % n]
-        labels = [lbl.replace(" ", "_") for lbl in relation_labels(a.box, b.box, w, h)]
-        if labels and n > 1:
-            items.append({"type": "relation", "from_id": f"{prefix}{k}", "to_id": f"{prefix}{(k + 1) % n}",
-                          "direction": "right", "labels": labels})  # fmt: skip
-    return items
-
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def annotation_payload(
-    result: list[dict], annotation_id: int, task_id: int, project_id: int, image: str, updated_at: str
-) -> dict[str, Any]:
-    """The ``ANNOTATION_CREATED`` webhook body Label Studio posts (protocol reference §1.7)."""
-    return {
-        "action": "ANNOTATION_CREATED",
-        "annotation": {"id": annotation_id, "task": task_id, "project": project_id, "result": result,
-                       "completed_by": 1, "was_cancelled": False, "ground_truth": False, "lead_time": 12.5,
-                       "created_at": updated_at, "updated_at": updated_at},
-        "task": {"id": task_id, "data": {"image": image}, "meta": {}, "project": project_id},
-        "project": {"id": project_id, "title": "active learning demo", "label_config": LABEL_CONFIG},
-    }  # fmt: skip
-
-
 def correction_scenes(regions: int, per_scene: int = 2, seed: int = CORRECTION_SEED) -> list[Scene]:
     """Scenes holding ``regions`` pink objects in total (``per_scene`` each; other objects random)."""
     rng = random.Random(seed)
@@ -228,9 +165,8 @@ def run_demo(
     for i, scene in enumerate(scenes):
         name = f"correction-{i:03d}.png"
         scene.image.save(images_dir / name)
-        stamp = f"2025-06-01T12:{i // 60:02d}:{i % 60:02d}.000000Z"
-        payload = annotation_payload(
-            scene_result(scene), 5000 + i, 9000 + i, project_id, f"/data/local-files/?d={name}", stamp
+        payload = scene_payload(
+            scene, 5000 + i, f"/data/local-files/?d={name}", timestamp(i), project_id, task_id=9000 + i
         )
         resp = client.post("/webhook", json=payload)
         codes.append(resp.status_code)
@@ -264,7 +200,8 @@ def run_demo(
     holder = app.extensions["roi"]["holder"]
     new_version = registry.current()
     served = holder.wait_for_version(new_version, timeout=120)
-    setup = client.post("/setup", json={"project": f"{project_id}.0", "schema": LABEL_CONFIG}).get_json()
+    setup_body = {"project": f"{project_id}.0", "schema": SCENE_LABEL_CONFIG}
+    setup = client.post("/setup", json=setup_body).get_json()
     log(f"registry current: {new_version}; app serving it: {served}; /setup model_version={setup}")
     after = measure(registry.path(new_version), new_version, eval_images)
     return before, after, summary
@@ -272,7 +209,7 @@ def run_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=REPO / "model" / "default", help="starting checkpoint")
+    ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="starting checkpoint")
     ap.add_argument("--regions", type=int, default=50, help="pink regions the reviewer corrects")
     ap.add_argument("--eval-images", type=int, default=100, help="evaluation scenes per set")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")

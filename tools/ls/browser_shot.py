@@ -1,14 +1,16 @@
 """Log in to Label Studio and screenshot a task's labeling page (Selenium + system Chromium).
 
 Runs in ``.venv-ls`` (it has selenium; nothing is downloaded: ``/usr/bin/chromium`` and
-``/usr/bin/chromedriver`` come from Debian).  Called by ``scripts/screenshot_labeling.py``::
+``/usr/bin/chromedriver`` come from Debian), so it imports nothing of this project; the login comes
+from the environment (``LS_USER``, ``LS_PASSWORD``).  Called by ``tools/ls/screenshot_labeling.py``::
 
-    .venv-ls/bin/python scripts/browser_shot.py URL PROJECT TASK CAPTION OUT.png
+    LS_USER=... LS_PASSWORD=... .venv-ls/bin/python tools/ls/browser_shot.py URL PROJECT TASK CAPTION OUT.png
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +20,6 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-
-LS_USER = "admin@example.com"
-LS_PASSWORD = "admin12345"
 
 
 def browser(user_data: str, size: str = "1400,900") -> webdriver.Chrome:
@@ -72,9 +71,9 @@ def shoot(url: str, project: int, task: int, caption: str, out: Path) -> None:
         try:
             driver.get(f"{url}/user/login")
             WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(
-                LS_USER
+                os.environ["LS_USER"]
             )
-            driver.find_element(By.NAME, "password").send_keys(LS_PASSWORD)
+            driver.find_element(By.NAME, "password").send_keys(os.environ["LS_PASSWORD"])
             driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
             WebDriverWait(driver, 30).until(lambda d: "/user/login" not in d.current_url)
             driver.get(f"{url}/projects/{project}/data?task={task}")

@@ -8,12 +8,13 @@ and the model-version list (``/versions``).  Each request body is written to
 ``tests/fixtures/ls-1.23.2/NN-<path>-<what>.json`` with the uploaded images beside them, and the
 tests replay them (``tests/test_ls_fixtures.py``)::
 
-    .venv/bin/python scripts/capture_ls_payloads.py [--out tests/fixtures/ls-1.23.2]
+    .venv/bin/python -m tools.ls.capture_payloads [--out tests/fixtures/ls-1.23.2]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -22,20 +23,16 @@ import threading
 import time
 from pathlib import Path
 
-from tools.ls.harness import (
-    LS_TOKEN,
-    LabelStudio,
-    free_port,
-    png,
-    rectangle_result,
-    start_label_studio,
-)
-from toyworld.scenes import SceneSpec, make_scene
+from model.checkpoint import DEFAULT_DIR
+from model.inference.image_input import encode_image
+from tools.ls.harness import LS_TOKEN, LabelStudio, free_port, start_label_studio
+from tools.ls.payloads import rectangle_result, region_items
+from toyworld.scenes import Scene, SceneSpec, make_scene
 
 CONFIG = "caption_attributes"
 SEED = 9_100_000
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Recorder:
@@ -49,8 +46,6 @@ class Recorder:
     def __call__(self, environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
-        import io
-
         environ["wsgi.input"] = io.BytesIO(body)
         with self.lock:
             self.requests.append(
@@ -65,14 +60,15 @@ class Recorder:
         return self.app(environ, start_response)
 
 
-def box_item(rid: str, box, scene) -> dict:
+def box_item(rid: str, box, scene: Scene) -> dict:
+    """The rectangle result of a pixel ``box`` on ``scene``."""
     return rectangle_result(rid, box, scene.width, scene.height)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "ls-1.23.2")
-    ap.add_argument("--model", type=Path, default=REPO / "model" / "default")
+    ap.add_argument("--model", type=Path, default=DEFAULT_DIR)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ls-capture-"))
     ls_server = start_label_studio(work / "ls")
@@ -98,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         scenes = [
             make_scene(random.Random(SEED + i), SceneSpec(min_objects=3, max_objects=3)) for i in range(2)
         ]
-        tasks = ls.upload_images(project, [(f"scene-{i}.png", png(s.image)) for i, s in enumerate(scenes)])
+        files = [(f"scene-{i}.png", encode_image(s.image)) for i, s in enumerate(scenes)]
+        tasks = ls.upload_images(project, files)
         ids = {}
         for i, scene in enumerate(scenes):
             task = tasks[f"scene-{i}.png"]
@@ -115,13 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             ids[0],
             {"result": [{**box_item("smartBox1", scene.objects[1].box, scene), "origin": "manual"}]},
         )
-        result = [box_item(f"s0b{k}", o.box, scene) for k, o in enumerate(scene.objects)]
-        result += [
-            {**box_item(f"s0b{k}", o.box, scene), "from_name": "caption", "type": "textarea",
-             "value": {**{k2: v for k2, v in box_item(f"s0b{k}", o.box, scene)["value"].items()
-                          if k2 != "rectanglelabels"}, "text": [o.caption]}}
+        result = [
+            item
             for k, o in enumerate(scene.objects)
-        ]  # fmt: skip
+            for item in region_items(f"s0b{k}", o.box, scene.width, scene.height, caption=o.caption)
+        ]
         annotation = ls.create_annotation(ids[0], result)
         result[-1]["value"]["text"] = ["a corrected caption"]
         ls.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": result})
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     for i, scene in enumerate(scenes):
         name = Path(tasks[f"scene-{i}.png"]["data"]["image"]).name
-        (args.out / name).write_bytes(png(scene.image))
+        (args.out / name).write_bytes(encode_image(scene.image))
     kept = 0
     for req in recorder.requests:
         body = json.loads(req["body"]) if req["body"].strip() else None
