@@ -15,7 +15,6 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from backend.finetune import MixedRecords, gate, score_records
-from backend.finetune.sources import ToySceneEvaluator
 from backend.jobs import job_id
 from backend.registry import ModelRegistry
 from backend.store import open_store
@@ -42,17 +41,16 @@ def test_mixed_records_share():
 
 
 def test_gate_rules():
-    metrics = ToySceneEvaluator.metrics  # the embedded default's gated figures
     parent = {"base": {"caption_exact_match": 0.9, "attribute_accuracy": 0.9, "relation_accuracy": math.nan},
               "corrections": {"accuracy": 0.1}}  # fmt: skip
     ok = {"base": {"caption_exact_match": 0.89, "attribute_accuracy": 0.95, "relation_accuracy": 0.5},
           "corrections": {"accuracy": 0.1}}  # fmt: skip
-    assert gate(parent, ok, 0.02, metrics) == (True, [])
+    assert gate(parent, ok, 0.02) == (True, [])
     worse_base = {**ok, "base": {**ok["base"], "attribute_accuracy": 0.87}}
-    accepted, reasons = gate(parent, worse_base, 0.02, metrics)
+    accepted, reasons = gate(parent, worse_base, 0.02)
     assert not accepted and "attribute_accuracy" in reasons[0]
     worse_corr = {**ok, "corrections": {"accuracy": 0.05}}
-    assert gate(parent, worse_corr, 0.02, metrics)[1][0].startswith("held-out corrections")
+    assert gate(parent, worse_corr, 0.02)[1][0].startswith("held-out corrections")
 
 
 def _post_corrections(settings, images: Path, regions: int, project: int = 1) -> int:
