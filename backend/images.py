@@ -2,18 +2,26 @@
 
 Accepted image references (``task.data[<image var>]``):
 
-* Label Studio paths: ``/data/upload/<project>/<file>`` and ``/data/local-files/?d=<path>`` — fetched
-  from ``LABEL_STUDIO_URL`` with the API key (legacy token as ``Token``; a personal access token is
+* Label Studio media paths (:data:`backend.urls.MEDIA_ROUTES`: ``/data/upload/<project>/<file>``,
+  ``/data/local-files/?d=<path>``, ``/storage-data/uploaded/?filepath=…``,
+  ``/tasks/<id>/presign/?fileuri=…``), normalised first (``..``, ``%2e%2e``, ``//``) — fetched from
+  ``LABEL_STUDIO_URL`` with the API key (legacy token as ``Token``; a personal access token is
   exchanged for an access token and sent as ``Bearer``).  Local files are read from
   ``LOCAL_FILES_DOCUMENT_ROOT`` when it is set; the path must stay inside that root.
-* absolute ``http://`` / ``https://`` URLs (redirects followed by hand, each hop checked);
+* absolute ``http://`` / ``https://`` URLs (redirects followed by hand, at most
+  :data:`MAX_REDIRECTS`, each hop checked);
 * ``data:image/...;base64,...`` URLs.
 
 Protections: download timeout, byte limit while streaming, pixel limit checked before decoding
-(decompression bombs), content check (not an image -> 415), SSRF guard (no other schemes; hosts
-resolving to private, loopback, link-local or reserved addresses are refused unless they are the
-Label Studio host or ``ALLOW_PRIVATE_URLS`` is on).  Downloaded bytes are kept in a bounded LRU
-keyed by URL.  Every failure is an :class:`ImageError` carrying an HTTP status and a clear message.
+(decompression bombs), content check (not an image -> 415; the bytes are never quoted back), and
+the SSRF guard of :mod:`backend.urls`: every hop's URL is parsed once with urllib3's parser
+(ambiguous authorities refused), its host resolved once, every address checked (private,
+loopback, link-local, reserved, and IPv6 forms embedding such IPv4 addresses are refused unless
+the hop is on the Label Studio origin or ``ALLOW_PRIVATE_URLS`` is on), and the connection opened
+to a checked address (Host header, TLS SNI and certificate name stay the URL's host).  The API
+key goes only to Label Studio's origin, on its media routes.  Downloaded bytes are kept in a
+bounded LRU keyed by reference.  Every failure is an :class:`ImageError` carrying an HTTP status
+and a clear message.
 
 Predictions use :meth:`ImageFetcher.fetch_encoded`: the header is checked at once, the pixels are
 decoded only if the inference engine's cache lacks the file (see :mod:`model.inference.image_input`).
@@ -24,22 +32,38 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
-import socket
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin
 
 import requests
+import urllib3
 from PIL import Image, UnidentifiedImageError
+from urllib3.exceptions import HTTPError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from backend.errors import ClientError
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
+from backend.urls import (
+    DEFAULT_PORTS,
+    URLRefused,
+    address_problem,
+    bare_host,
+    is_localhost_name,
+    label_studio_media_path,
+    origin,
+    parse_http_url,
+    resolve,
+)
 from model.inference.image_input import EncodedImage, decode_rgb, displayed_size
+
+__all__ = ["MAX_REDIRECTS", "BytesLRU", "ImageError", "ImageFetcher"]
 
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
@@ -58,11 +82,8 @@ def _image_errors(data: bytes) -> Iterator[None]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}", 413) from None
-    except UnidentifiedImageError:
-        head = data[:16]
-        raise ImageError(
-            f"content is not an image this server can read (starts with {head!r})", 415
-        ) from None
+    except UnidentifiedImageError:  # the bytes are not quoted: they may be a secret a redirect found
+        raise ImageError(f"content ({len(data)} bytes) is not an image this server can read", 415) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image data is truncated or corrupt: {exc}", 422) from None
 
@@ -104,31 +125,30 @@ class BytesLRU:
         return len(self._items)
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
+def _ca_bundle() -> str:
+    """The CA bundle requests would use: ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``, else certifi's."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or requests.certs.where()
 
 
-def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, pa.hostname, pa.port or _default_port(pa.scheme)) == (
-        pb.scheme,
-        pb.hostname,
-        pb.port or _default_port(pb.scheme),
-    )
+@dataclass(frozen=True)
+class _Hop:
+    """One checked request of a download: the addresses to connect to and what to send."""
 
+    url: str  # as parsed by urllib3, for messages and for resolving a redirect's Location
+    scheme: str
+    host: str  # resolver form: no brackets, lower case
+    port: int
+    host_header: str  # the URL's host[:port]; also the TLS SNI / certificate name (host part)
+    target: str  # path?query sent on the request line
+    addresses: tuple[str, ...]  # resolved once, checked; the only places the request may go
+    to_label_studio: bool  # Label Studio's origin and a media route: the API key is sent
 
-def _default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
+    @property
+    def tls_names(self) -> dict[str, str] | None:
+        """Pool arguments keeping SNI and the certificate check on the name, not the address."""
+        if self.scheme != "https" or self.host in self.addresses:
+            return None
+        return {"server_hostname": self.host, "assert_hostname": self.host}
 
 
 def _looks_like_jwt(token: str) -> bool:
@@ -145,6 +165,13 @@ class ImageFetcher:
         self.cache = BytesLRU(int(settings.image_cache_mb * 2**20))
         self.max_bytes = int(settings.max_image_mb * 2**20)
         self.ls_url = settings.label_studio_url.rstrip("/")
+        try:
+            ls = parse_http_url(self.ls_url) if self.ls_url else None
+        except URLRefused as exc:
+            raise SettingsError(f"LABEL_STUDIO_URL cannot be used: {exc.message}") from None
+        self._ls_origin = origin(ls) if ls else None
+        self._ls_base = (ls.path or "").rstrip("/") if ls else ""  # Label Studio under a path prefix
+        self._pools = urllib3.PoolManager(num_pools=32, retries=False, ca_certs=_ca_bundle())
         self._access_token: str | None = None
         self._token_lock = threading.Lock()
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
@@ -206,6 +233,12 @@ class ImageFetcher:
         return data
 
     def _load(self, ref: str) -> bytes:
+        try:
+            return self._load_unchecked(ref)
+        except URLRefused as exc:
+            raise ImageError(exc.message, exc.status) from None
+
+    def _load_unchecked(self, ref: str) -> bytes:
         low = ref[:16].lower()
         if low.startswith("data:"):
             return self._data_url(ref)
@@ -214,15 +247,19 @@ class ImageFetcher:
         if "://" in ref[:16] or low.startswith("file:"):
             scheme = ref.split(":", 1)[0]
             raise ImageError(f"image URL scheme {scheme!r} is not allowed (only http, https, data)", 400)
-        if ref.startswith("/data/local-files") and self.settings.local_files_root:
-            return self._local_file(ref)
         if ref.startswith("/"):
+            path, _, query = ref.split("#", 1)[0].partition("?")
+            media = label_studio_media_path(path, query)
+            suffix = f"?{query}" if query else ""
+            if media.startswith("/data/local-files") and self.settings.local_files_root:
+                return self._local_file(query)
             if not self.ls_url:
                 raise ImageError(
-                    f"image {ref!r} is a Label Studio path but LABEL_STUDIO_URL is not set on the backend",
+                    f"image {ref[:200]!r} is a Label Studio path but LABEL_STUDIO_URL is not set "
+                    "on the backend",
                     400,
                 )
-            return self._download(self.ls_url + ref)
+            return self._download(self.ls_url + media + suffix)
         raise ImageError(f"image reference {ref[:100]!r} is not an http(s), data or Label Studio URL", 400)
 
     def _data_url(self, ref: str) -> bytes:
@@ -238,11 +275,11 @@ class ImageFetcher:
                 raise ImageError(f"data URL is not valid base64: {exc}", 400) from None
         return unquote(payload).encode("latin-1", errors="replace")
 
-    def _local_file(self, ref: str) -> bytes:
-        query = parse_qs(urlsplit(ref).query)
-        rel = (query.get("d") or [""])[0]
+    def _local_file(self, query: str) -> bytes:
+        """``?d=<path>`` under ``LOCAL_FILES_DOCUMENT_ROOT`` (control characters were refused)."""
+        rel = (parse_qs(query).get("d") or [""])[0]
         if not rel:
-            raise ImageError(f"local-files URL {ref!r} has no ?d=<path>", 400)
+            raise ImageError(f"local-files URL ?{query[:200]} has no d=<path>", 400)
         root = Path(self.settings.local_files_root).resolve()
         path = (root / rel.lstrip("/")).resolve()
         if not path.is_relative_to(root):
@@ -257,27 +294,44 @@ class ImageFetcher:
         return path.read_bytes()
 
     # ------------------------------------------------------------------ http
-    def _check_host(self, url: str) -> bool:
-        """SSRF guard; returns True when the URL is on the Label Studio host (send the API key)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageError(f"image URL {url[:200]!r} must be http(s) with a host", 400)
-        if self.ls_url and _same_origin(url, self.ls_url):
-            return True
-        if self.settings.allow_private_urls:
-            return False
+    def _hop(self, url: str) -> _Hop:
+        """Parse ``url`` once, resolve its host once and check every address (see the module
+        docstring); Label Studio's origin must be asked for a media route."""
+        parsed = parse_http_url(url)
+        to_ls = self._ls_origin is not None and origin(parsed) == self._ls_origin
+        target = parsed.request_uri
+        if to_ls:
+            target = self._label_studio_target(parsed.path or "/", parsed.query or "")
+        scheme, host = parsed.scheme or "http", bare_host(parsed)
+        port = parsed.port or DEFAULT_PORTS[scheme]
+        private_ok = to_ls or self.settings.allow_private_urls
+        refused = "refused (set ALLOW_PRIVATE_URLS=true to allow private addresses)"
+        if not private_ok and is_localhost_name(host):
+            raise ImageError(f"image host {host!r} is a private/loopback name; {refused}", 403)
         try:
-            infos = socket.getaddrinfo(parts.hostname, parts.port or _default_port(parts.scheme))
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ImageError(f"image host {parts.hostname!r} cannot be resolved: {exc}", 422) from None
-        blocked = sorted({str(info[4][0]) for info in infos if not _is_public(str(info[4][0]))})
-        if blocked:
-            raise ImageError(
-                f"image host {parts.hostname!r} resolves to a private/loopback address ({blocked[0]}); "
-                "refused (set ALLOW_PRIVATE_URLS=true to allow)",
-                403,
-            )
-        return False
+            addresses = tuple(resolve(host, port))
+        except (OSError, UnicodeError) as exc:
+            raise ImageError(f"image host {host!r} cannot be resolved: {exc}", 422) from None
+        if not addresses:
+            raise ImageError(f"image host {host!r} resolves to no address", 422)
+        for address in addresses if not private_ok else ():
+            problem = address_problem(address)
+            if problem:
+                raise ImageError(
+                    f"image host {host!r} resolves to {address}, a private/non-public address "
+                    f"({problem}); {refused}",
+                    403,
+                )
+        shown_port = f":{parsed.port}" if parsed.port and parsed.port != DEFAULT_PORTS[scheme] else ""
+        return _Hop(str(parsed), scheme, host, port, f"{parsed.host}{shown_port}", target, addresses, to_ls)
+
+    def _label_studio_target(self, path: str, query: str) -> str:
+        """Request target on Label Studio's origin: a normalised media route, or refused (403)."""
+        base = self._ls_base
+        if base and path != base and not path.startswith(base + "/"):
+            raise ImageError(f"Label Studio URL path {path[:200]!r} is outside {base!r}; refused", 403)
+        media = label_studio_media_path(path[len(base) :], query)
+        return base + media + (f"?{query}" if query else "")
 
     def auth_header(self, refresh: bool = False) -> dict[str, str]:
         """``Authorization`` header for Label Studio API calls (``{}`` when no key is set)."""
@@ -309,48 +363,83 @@ class ImageFetcher:
     def _download(self, url: str) -> bytes:
         deadline = time.monotonic() + self.settings.image_timeout
         for _ in range(MAX_REDIRECTS + 1):
-            on_ls = self._check_host(url)
-            resp = self._get(url, on_ls)
-            if resp.status_code == 401 and on_ls and _looks_like_jwt(self.settings.label_studio_api_key):
-                resp.close()
+            hop = self._hop(url)
+            resp = self._send(hop, deadline)
+            key = self.settings.label_studio_api_key
+            if resp.status == 401 and hop.to_label_studio and _looks_like_jwt(key):
+                _discard(resp)
                 self.auth_header(refresh=True)
-                resp = self._get(url, on_ls)
-            if resp.is_redirect and resp.headers.get("location"):
-                url = urljoin(url, resp.headers["location"])
-                resp.close()
+                resp = self._send(hop, deadline)
+            location = resp.get_redirect_location()
+            if location:
+                _discard(resp)
+                url = urljoin(hop.url, location)
                 continue
-            with resp:
-                return self._read_body(url, resp, deadline)
+            try:
+                data = self._read_body(hop, resp, deadline)
+            except BaseException:
+                _discard(resp)
+                raise
+            resp.release_conn()
+            return data
         raise ImageError(f"image URL redirected more than {MAX_REDIRECTS} times", 422)
 
-    def _get(self, url: str, on_ls: bool) -> requests.Response:
-        headers = self.auth_header() if on_ls else {}
-        try:
-            return self.session.get(
-                url, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.image_timeout
-            )
-        except requests.Timeout:
-            raise ImageError(
-                f"timed out after {self.settings.image_timeout} s fetching image {url[:200]}", 504
-            ) from None
-        except requests.RequestException as exc:
-            raise ImageError(f"cannot fetch image {url[:200]}: {type(exc).__name__}", 502) from None
+    def _send(self, hop: _Hop, deadline: float) -> urllib3.BaseHTTPResponse:
+        """GET ``hop`` from one of its checked addresses (the next one if a connection fails)."""
+        headers = {"Host": hop.host_header, "User-Agent": "roi-ml-backend", "Accept": "image/*, */*;q=0.5"}
+        if hop.to_label_studio:
+            headers.update(self.auth_header())
+        failure: Exception | None = None
+        for address in hop.addresses:
+            left = max(deadline - time.monotonic(), 0.01)
+            pool = self._pools.connection_from_host(address, hop.port, hop.scheme, hop.tls_names)
+            try:
+                return pool.urlopen(
+                    "GET",
+                    hop.target,
+                    headers=headers,
+                    redirect=False,
+                    retries=False,
+                    assert_same_host=False,
+                    preload_content=False,
+                    release_conn=False,
+                    timeout=urllib3.Timeout(connect=left, read=min(left, self.settings.image_timeout)),
+                )
+            except NewConnectionError as exc:  # refused/unreachable: try the next checked address
+                failure = exc
+            except Urllib3Timeout:
+                raise ImageError(
+                    f"timed out after {self.settings.image_timeout} s fetching image {hop.url[:200]}", 504
+                ) from None
+            except HTTPError as exc:
+                raise ImageError(f"cannot fetch image {hop.url[:200]}: {type(exc).__name__}", 502) from None
+        raise ImageError(f"cannot fetch image {hop.url[:200]}: {type(failure).__name__}", 502)
 
-    def _read_body(self, url: str, resp: requests.Response, deadline: float) -> bytes:
-        if resp.status_code >= 400:
-            hint = " (check LABEL_STUDIO_API_KEY)" if resp.status_code in (401, 403) else ""
-            raise ImageError(f"image URL {url[:200]} answered HTTP {resp.status_code}{hint}", 422)
+    def _read_body(self, hop: _Hop, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+        if resp.status >= 400:
+            hint = " (check LABEL_STUDIO_API_KEY)" if resp.status in (401, 403) else ""
+            raise ImageError(f"image URL {hop.url[:200]} answered HTTP {resp.status}{hint}", 422)
         length = resp.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_bytes:
             raise ImageError(f"image is {length} bytes, over the {self.settings.max_image_mb} MiB limit", 413)
+        slow = f"image download took longer than {self.settings.image_timeout} s"
         buf = bytearray()
         try:
-            for chunk in resp.iter_content(CHUNK):
+            for chunk in resp.stream(CHUNK, decode_content=True):
                 buf += chunk
                 if len(buf) > self.max_bytes:
                     raise ImageError(f"image is larger than the {self.settings.max_image_mb} MiB limit", 413)
                 if time.monotonic() > deadline:
-                    raise ImageError(f"image download took longer than {self.settings.image_timeout} s", 504)
-        except requests.RequestException as exc:
-            raise ImageError(f"image download from {url[:200]} failed: {type(exc).__name__}", 502) from None
+                    raise ImageError(slow, 504)
+        except Urllib3Timeout:
+            raise ImageError(slow, 504) from None
+        except HTTPError as exc:
+            failed = f"image download from {hop.url[:200]} failed: {type(exc).__name__}"
+            raise ImageError(failed, 502) from None
         return bytes(buf)
+
+
+def _discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Drop a response whose body is not wanted (closing, not draining: the body may be endless)."""
+    resp.close()
+    resp.release_conn()
