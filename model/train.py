@@ -16,7 +16,7 @@ from model.checkpoint import load_model, read_metadata, save_checkpoint
 from model.config import TrainConfig
 from model.data.dataset import load_jsonl_records
 from model.training.distributed import init_distributed, world
-from model.training.loop import train
+from model.training.loop import TrainOptions, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
     )
-    history = train(model, records, cfg, fsdp=args.fsdp)
+    history = train(model, records, cfg, TrainOptions(fsdp=args.fsdp))
     if world()[0] == 0:
         parent = read_metadata(args.init)
         save_checkpoint(

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import build_model
     from model.config import TrainConfig, load_model_config
     from model.tokenizer import train_tokenizer
-    from model.training import train
+    from model.training import TrainOptions, train
     from model.training.distributed import full_params, init_distributed, world
     from toyworld.scenes import SyntheticRecords, corpus_texts
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=2, seed=0
     )
-    history = train(model, records, tcfg, text_only=args.text_only, show_bar=False, fsdp=args.fsdp)
+    options = TrainOptions(text_only=args.text_only, fsdp=args.fsdp, show_bar=False)
+    history = train(model, records, tcfg, options)
     with full_params(model):
         prints = fingerprint(model)
     in_sync = True

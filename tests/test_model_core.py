@@ -21,7 +21,7 @@ from model.geometry import (
 )
 from model.mllm import PlaceholderError
 from model.prompt import BBOX, IGNORE_INDEX, PromptError, expand_regions
-from model.training import train
+from model.training import TrainOptions, train
 from tests.model_helpers import tiny_model, tiny_records
 
 # ---------------------------------------------------------------- placeholder merge
@@ -180,7 +180,7 @@ def test_training_loss_falls():
     m = tiny_model()
     cfg = TrainConfig(stage=2, steps=40, batch_size=8, lr=3e-3, warmup_steps=5, seed=0, log_every=10)
     seen: list[dict] = []
-    hist = train(m, tiny_records(64), cfg, progress=seen.append, show_bar=False)
+    hist = train(m, tiny_records(64), cfg, TrainOptions(progress=seen.append, show_bar=False))
     first = sum(h["loss"] for h in hist[:5]) / 5
     last = sum(h["loss"] for h in hist[-5:]) / 5
     assert last < 0.7 * first, (first, last)

@@ -7,7 +7,7 @@ import torch
 
 from model.config import RegionEncoderConfig, TrainConfig
 from model.region_encoder import BoxBatchNorm, RegionFeatureExtractor
-from model.training import train
+from model.training import TrainOptions, train
 from model.training.aux_heads import RegionAttributeHeads
 from tests.model_helpers import tiny_model, tiny_records, tiny_region_config
 
@@ -72,7 +72,7 @@ def test_training_with_the_auxiliary_loss_puts_colour_into_the_region_token():
     keys = set(m.state_dict())
     hooks = len(m.region_encoder._forward_hooks)
     cfg = TrainConfig(stage=1, steps=60, batch_size=8, lr=5e-3, warmup_steps=5, seed=0, region_aux_weight=1.0)
-    hist = train(m, tiny_records(64), cfg, show_bar=False, separate_turns=True)
+    hist = train(m, tiny_records(64), cfg, TrainOptions(show_bar=False, separate_turns=True))
     assert set(m.state_dict()) == keys
     assert len(m.region_encoder._forward_hooks) == hooks
     assert all(h["loss"] == h["loss"] for h in hist)
@@ -117,7 +117,7 @@ def test_fine_tuning_keeps_the_batch_norm_statistics_when_asked():
         assert isinstance(norm, BoxBatchNorm)
         mean, weight = norm.running_mean.clone(), norm.weight.detach().clone()
         tcfg = TrainConfig(stage=2, steps=3, batch_size=4, lr=1e-2, warmup_steps=1, update_norm_stats=update)
-        train(m, tiny_records(8), tcfg, show_bar=False)
+        train(m, tiny_records(8), tcfg, TrainOptions(show_bar=False))
         assert torch.equal(norm.running_mean, mean) != update
         assert not torch.equal(norm.weight.detach(), weight)
         assert not norm.frozen_stats  # restored after training

@@ -28,7 +28,7 @@ from model.config import TrainConfig, _from_dict, load_model_config
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 from model.tokenizer import train_tokenizer
-from model.training import train
+from model.training import TrainOptions, train
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from toyworld.train_clip import train_clip
@@ -135,22 +135,20 @@ def build_default(
             tcfg = _scaled(phase, scale, seed)
             started = time.monotonic()
             text_only = name == "lm"  # LM pre-training: whole conversations, no images
-            progress = _eval_progress(model, name, eval_every) if eval_every and not text_only else None
-            hist = train(
-                model,
-                records,
-                tcfg,
+            progress = eval_progress(model, name, eval_every) if eval_every and not text_only else None
+            options = TrainOptions(
                 text_only=text_only,
-                show_bar=show_bar,
                 max_turns=recipe.turns if text_only else recipe.prompts_per_image,
                 separate_turns=not text_only,
                 progress=progress,
+                show_bar=show_bar,
             )
+            hist = train(model, records, tcfg, options)
             figures[f"{name}_loss"] = loss_summary(hist)
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
         figures["build_seconds"] = round(figures.get("build_seconds", 0) + time.monotonic() - t0, 1)
         if eval_images:
-            figures["evaluation"] = _rates(
+            figures["evaluation"] = evaluation_rates(
                 evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
             )
         meta = {
@@ -201,19 +199,19 @@ def loss_summary(history: list[dict]) -> list[float]:
     return [history[0]["loss"], sum(h["loss"] for h in tail) / len(tail)]
 
 
-def _rates(result: dict) -> dict[str, float]:
+def evaluation_rates(result: dict) -> dict[str, float]:
     """The rates of an :func:`toyworld.evaluate.evaluate` result (counts and answers left out)."""
     return {k: v for k, v in result.items() if isinstance(v, float)}
 
 
-def _eval_progress(model: RegionMLLM, phase: str, every: int) -> Callable[[dict], None]:
+def eval_progress(model: RegionMLLM, phase: str, every: int) -> Callable[[dict], None]:
     """A training progress callback that prints a quick held-out evaluation every ``every`` steps."""
 
     def report(entry: dict) -> None:
         if entry["step"] % every and entry["step"] != entry["steps"]:
             return
         model.eval()
-        result = _rates(evaluate(InferenceEngine(model, "building"), images=60, seed=1))
+        result = evaluation_rates(evaluate(InferenceEngine(model, "building"), images=60, seed=1))
         model.train()
         rates = {k: round(v, 3) for k, v in result.items()}
         print(

@@ -26,11 +26,11 @@ from model.geometry import boxes_tensor
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 from model.region_encoder import BoxBatchNorm
-from model.training import train
+from model.training import TrainOptions, train
 from toyworld.build_default import (
     DEFAULT_VERSION,
-    _eval_progress,
-    _rates,
+    eval_progress,
+    evaluation_rates,
     load_recipe,
     loss_summary,
     training_records,
@@ -78,20 +78,18 @@ def main() -> int:
     model = load_model(args.init)
     switch_to_batch_norm(model)
     cfg = TrainConfig.from_dict({**recipe.stage2.to_dict(), "steps": args.steps, "seed": 4})
-    hist = train(
-        model,
-        training_records(recipe),
-        cfg,
+    options = TrainOptions(
         max_turns=recipe.prompts_per_image,
         separate_turns=True,
-        progress=_eval_progress(model, "continue", args.eval_every) if args.eval_every else None,
+        progress=eval_progress(model, "continue", args.eval_every) if args.eval_every else None,
     )
+    hist = train(model, training_records(recipe), cfg, options)
     parent = read_metadata(args.init)
     figures = dict(parent.get("figures", {}))
     figures.pop("evaluation", None)
     figures["continue_loss"] = loss_summary(hist)
     figures["continue_seconds"] = round(time.monotonic() - started, 1)
-    figures["evaluation"] = _rates(
+    figures["evaluation"] = evaluation_rates(
         evaluate(InferenceEngine(model, DEFAULT_VERSION), images=args.eval_images, seed=0)
     )
     meta = {

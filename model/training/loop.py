@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from model.mllm import RegionMLLM
 from model.region_encoder import freeze_norm_statistics
 from model.training.aux_heads import RegionAttributeHeads
 from model.training.distributed import average_grads, gather_into, shard_copy, world
+
+__all__ = ["ProgressFn", "TrainOptions", "hide_image_tokens", "lm_only_loss", "train"]
 
 ProgressFn = Callable[[dict], None]
 
@@ -68,26 +71,32 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How a run is fed, distributed and reported (the hyper-parameters are :class:`TrainConfig`'s)."""
+
+    text_only: bool = False  # LM pre-training: conversations as plain text, the LM alone trained
+    max_turns: int | None = 4  # turns taken from a record (a random subset, fixed per index)
+    separate_turns: bool = False  # every turn its own single-question prompt (as the engine asks)
+    root: Path | None = None  # folder that relative image paths of records resolve against
+    fsdp: bool = False  # under torchrun: shard with FSDP instead of replicating with DDP
+    progress: ProgressFn | None = None  # gets {"step", "steps", "loss", "lr", "eta_s"}
+    show_bar: bool = True  # tqdm bar on rank 0
+
+
 def train(
-    model: RegionMLLM,
-    records: Sequence[dict],
-    cfg: TrainConfig,
-    root: Path | None = None,
-    progress: ProgressFn | None = None,
-    text_only: bool = False,
-    max_turns: int | None = 4,
-    show_bar: bool = True,
-    fsdp: bool = False,
-    separate_turns: bool = False,
+    model: RegionMLLM, records: Sequence[dict], cfg: TrainConfig, options: TrainOptions | None = None
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.steps`` steps of global batch ``cfg.batch_size``.
 
     Sampling is with replacement from ``records`` using ``cfg.seed``, so a run is reproducible and
-    the global batch is the same for any number of DDP ranks.  ``progress`` receives
-    ``{"step", "steps", "loss", "lr", "eta_s"}`` every ``log_every`` steps.  Returns the history.
-    Under torchrun the trainable part is wrapped in DDP (or FSDP with ``fsdp``); ``model`` is left a
-    plain module with the trained weights on every rank.
+    the global batch is the same for any number of DDP ranks.  ``options.progress`` receives
+    ``{"step", "steps", "loss", "lr", "eta_s"}`` every ``cfg.log_every`` steps and after the last.
+    Returns the history.  Under torchrun the trainable part is wrapped in DDP (or FSDP with
+    ``options.fsdp``); ``model`` is left a plain module with the trained weights on every rank.
     """
+    opts = options or TrainOptions()
+    text_only, fsdp, progress = opts.text_only, opts.fsdp, opts.progress
     if not records:
         raise ValueError("no training records")
     rank, world_size = world()
@@ -99,24 +108,19 @@ def train(
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
     dataset = RecordDataset(
-        records, model, root=root, max_turns=max_turns, text_only=text_only, separate_turns=separate_turns
+        records,
+        model,
+        root=opts.root,
+        max_turns=opts.max_turns,
+        text_only=text_only,
+        separate_turns=opts.separate_turns,
     )
     # Text-only pre-training runs the LM alone, so only the LM is wrapped for gradient sync.
     trained: nn.Module = model.lm if text_only else model
-    wrapped: nn.Module = trained
-    if world_size > 1 and fsdp:
-        frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
-        wrapped = shard_copy(trained, frozen)
-    elif world_size > 1:
-        wrapped = DistributedDataParallel(trained)
-    sharded = wrapped if world_size > 1 and fsdp else None
+    wrapped, sharded = _wrap_for_ranks(trained, world_size, fsdp)
     stepped = sharded if sharded is not None else trained  # the module whose parameters are stepped
     params = [p for p in stepped.parameters() if p.requires_grad]
-    lm_params = {id(p) for p in (stepped if text_only else stepped.lm).parameters()}
-    groups = [
-        {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
-        {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
-    ]
+    groups = _param_groups(params, stepped if text_only else stepped.lm, cfg)
     aux = _aux_heads(model, cfg, text_only)
     if aux is not None:
         groups.append({"params": list(aux.heads.parameters()), "lr": cfg.lr})
@@ -135,7 +139,9 @@ def train(
     freeze_norm_statistics(wrapped, not cfg.update_norm_stats)
     start = time.monotonic()
     bar = tqdm(
-        range(cfg.steps), desc=f"stage {0 if text_only else cfg.stage}", disable=not show_bar or rank != 0
+        range(cfg.steps),
+        desc=f"stage {0 if text_only else cfg.stage}",
+        disable=not opts.show_bar or rank != 0,
     )
     for step in bar:
         indices = [rng.randrange(len(dataset)) for _ in range(cfg.batch_size)]
@@ -180,6 +186,27 @@ def train(
     freeze_norm_statistics(wrapped, False)
     model.eval()
     return history
+
+
+def _wrap_for_ranks(trained: nn.Module, world_size: int, fsdp: bool) -> tuple[nn.Module, nn.Module | None]:
+    """The module to run forward through (``trained`` itself on one process, else its DDP wrapper
+    or FSDP copy) and the FSDP copy, if any (its parameters are the ones stepped)."""
+    if world_size == 1:
+        return trained, None
+    if fsdp:
+        frozen = [n for n, p in trained.named_parameters() if not p.requires_grad]
+        sharded = shard_copy(trained, frozen)
+        return sharded, sharded
+    return DistributedDataParallel(trained), None
+
+
+def _param_groups(params: list[nn.Parameter], lm: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: ``params`` outside ``lm`` at ``cfg.lr``, inside it at ``cfg.lm_lr`` (or ``lr``)."""
+    lm_params = {id(p) for p in lm.parameters()}
+    return [
+        {"params": [p for p in params if id(p) not in lm_params], "lr": cfg.lr},
+        {"params": [p for p in params if id(p) in lm_params], "lr": cfg.lm_lr or cfg.lr},
+    ]
 
 
 def _aux_heads(model: RegionMLLM, cfg: TrainConfig, text_only: bool) -> RegionAttributeHeads | None:
