@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 import re
 import time
@@ -33,6 +32,7 @@ from backend.jobs import queue_figures
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.observability import Metrics, setup_logging
 from backend.predictions import predict_tasks
+from backend.request_body import check_length, parse_json_object, read_limited
 from backend.serving import ModelHolder, ModelUnavailable
 from backend.settings import Settings, get_settings
 
@@ -45,18 +45,13 @@ def error_response(status: int, detail: str) -> tuple[Response, int]:
     return jsonify({"status": status, "detail": detail}), status
 
 
-def json_body() -> dict[str, Any]:
-    """The request body as a JSON object (413 if over MAX_BODY_MB, 400 if malformed)."""
-    raw = request.get_data(cache=True)
-    if not raw:
-        raise ClientError("request body is empty; expected a JSON object")
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ClientError(f"malformed JSON body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ClientError(f"JSON body must be an object, got {type(payload).__name__}")
-    return payload
+def json_body(settings: Settings) -> dict[str, Any]:
+    """The request body as a JSON object (413 over MAX_BODY_MB, streamed or not; 400 when malformed,
+    nested deeper than MAX_JSON_DEPTH, non-finite or not valid Unicode: see backend.request_body)."""
+    limit = int(settings.max_body_mb * 2**20)
+    check_length(request.content_length, limit)  # before request.stream, which would raise its own 413
+    raw = read_limited(request.stream, limit)
+    return parse_json_object(raw, settings.max_json_depth)
 
 
 def config_from(payload: dict[str, Any], key: str) -> LabelConfig:
@@ -99,7 +94,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     metrics.attach_engine(holder.engine_if_loaded, lambda: holder.version)
     metrics.attach_queue(lambda: queue_figures(settings))
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 2**20)
+    # One byte over the limit reaches json_body's reader, which refuses it (a chunked body too).
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 2**20) + 1
     app.extensions["roi"] = {"settings": settings, "holder": holder, "fetcher": fetcher, "metrics": metrics}
     log.info("backend starting", extra={"settings": settings.redacted()})
     holder.start()
@@ -177,7 +173,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.post("/setup")
     def setup():
-        payload = json_body()
+        payload = json_body(settings)
         config = config_from(payload, "schema")
         for warning in config.warnings:
             log.warning("label config: %s", warning, extra={"project": payload.get("project")})
@@ -186,7 +182,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.post("/predict")
     def predict():
-        payload = json_body()
+        payload = json_body(settings)
         tasks = payload.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise ClientError("'tasks' must be a non-empty list of Label Studio tasks")
@@ -214,7 +210,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.post("/webhook")
     def webhook():
-        payload = json_body()
+        payload = json_body(settings)
         action = str(payload.get("action") or "none")
         status, body = webhooks.handle_webhook(payload, settings)
         label = re.sub(r"[^A-Z_]", "", action.upper())[:40] or "OTHER"

@@ -7,6 +7,7 @@ the README documents.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -44,6 +45,15 @@ class Settings:
     )
     basic_auth_user: str = _setting("", "HTTP basic auth user (empty: no auth)")
     basic_auth_pass: str = _setting("", "HTTP basic auth password")
+    webhook_secret: str = _setting(
+        "", "value /webhook requires in the X-Webhook-Secret header (empty: not required)"
+    )
+    webhook_max_skew_seconds: float = _setting(
+        300.0, "a webhook's updated_at may be at most this far in the future, seconds"
+    )
+    webhook_verify: bool = _setting(
+        False, "fetch each webhook's annotation (and task) from Label Studio and store that instead"
+    )
     device: str = _setting("auto", "torch device: auto, cpu, cuda, cuda:N")
     feature_cache_mb: int = _setting(256, "LRU of image features + prompt-prefix KV, MiB")
     image_cache_mb: int = _setting(64, "LRU of downloaded image bytes, MiB")
@@ -51,6 +61,10 @@ class Settings:
     max_relation_regions: int = _setting(8, "relations are asked among the first N boxes")
     max_new_tokens: int = _setting(24, "longest answer, tokens")
     max_body_mb: float = _setting(10.0, "largest request body, MiB")
+    max_json_depth: int = _setting(64, "deepest nesting of a request body's JSON arrays/objects")
+    max_text_chars: int = _setting(2000, "longest caption, text or region id a webhook may store, characters")
+    max_tasks_per_request: int = _setting(1000, "most tasks in one /predict (413 beyond)")
+    predict_chunk_tasks: int = _setting(16, "tasks per model call (memory follows this, not the request)")
     max_image_mb: float = _setting(20.0, "largest image download, MiB")
     max_image_pixels: int = _setting(40_000_000, "largest decoded image, pixels (decompression bombs)")
     image_timeout: float = _setting(10.0, "image download timeout, seconds")
@@ -101,14 +115,20 @@ class Settings:
             raise SettingsError(
                 f"LABEL_STUDIO_URL must start with http:// or https://, got {settings.label_studio_url!r}"
             )
+        if settings.webhook_verify and not (settings.label_studio_url and settings.label_studio_api_key):
+            raise SettingsError("WEBHOOK_VERIFY needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        for name in ("max_json_depth", "max_text_chars", "max_tasks_per_request", "predict_chunk_tasks"):
+            if getattr(settings, name) < 1:
+                raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         return settings
 
     def redacted(self) -> dict[str, Any]:
-        """Settings for logs: secrets masked (API key, auth password, the Redis URL's password)."""
+        """Settings for logs: secrets masked (API key, auth password, webhook secret, the Redis URL's
+        password)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
+            if f.name in ("label_studio_api_key", "basic_auth_pass", "webhook_secret") and value:
                 value = "***"
             elif f.name == "redis_url":
                 value = redact_url(value)
@@ -139,6 +159,8 @@ def _parse(name: str, raw: str, kind: type) -> Any:
             value: Any = int(raw)
         elif kind is float:
             value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("must be a finite number")
         elif issubclass(kind, Path):
             return Path(raw).expanduser()
         else:

@@ -315,7 +315,7 @@ def test_refusals_are_logged_as_json_with_the_detail_and_counted(env, json_log):
     refused = [json.loads(r) for r in json_log if json.loads(r)["message"] == "refused"]
     assert [(r["level"], r["path"], r["status"], r["error"]) for r in refused] == [
         ("WARNING", "/predict", 400, "ImageError"),
-        ("WARNING", "/setup", 400, "ClientError"),
+        ("WARNING", "/setup", 400, "BodyError"),
     ]
     assert [r["reason"] for r in refused] == [detail(image), detail(empty)]
     text = client.get("/metrics").text
