@@ -13,6 +13,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+__all__ = [
+    "CONFIG_DIR",
+    "FEATURE_NORMS",
+    "LMConfig",
+    "ModelConfig",
+    "OPEN_CLIP_CONFIG_DIR",
+    "PromptConfig",
+    "RegionEncoderConfig",
+    "TrainConfig",
+    "VisionConfig",
+    "dataclass_from_dict",
+    "load_model_config",
+    "save_json",
+]
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 OPEN_CLIP_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
 
@@ -67,8 +82,8 @@ class RegionEncoderConfig:
     # Normalisation of the pooled visual part before the box embedding is added: "none" (GPT4RoI),
     # "batch" (per-feature statistics over boxes) or "layer" (per box; older configs' ``true``).
     # "layer" is scale-invariant per box, and most of what varies between boxes is the overall scale
-    # of the pooled features, so it leaves a near-constant vector (measured: variance across boxes
-    # 0.05% of its squared mean) and the region token carries only the box position.
+    # of the pooled features, so it leaves a near-constant vector and the region token carries only
+    # the box position (figure: docs/design-notes.md).
     feature_norm: str = "none"
 
     def __post_init__(self) -> None:
@@ -112,7 +127,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
 @dataclass
@@ -144,10 +159,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a (nested) dataclass from a dict, rejecting unknown keys with a clear message."""
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
@@ -162,7 +177,7 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
         )
         sub = default() if default is not None else None
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = _from_dict(type(sub), value)
+            kwargs[name] = dataclass_from_dict(type(sub), value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
