@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve the ML backend (gunicorn) with the model registry's current version; on a fresh machine the
 # registry is seeded from the embedded default model (model/default).  Settings: environment
-# (see README, "Configuration").  Listens on 0.0.0.0:${PORT:-9090}.
+# (see docs/configuration.md).  Listens on 0.0.0.0:${PORT:-9090}.
 #
 #   bash scripts/serve.sh
 set -euo pipefail

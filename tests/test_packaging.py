@@ -1,5 +1,6 @@
-"""Packaging: docker-compose stack validates, settings parse with clear errors, docs match the code,
-and CI runs exactly the README's commands."""
+"""Packaging: docker-compose stack validates, settings parse with clear errors, docs match the code
+(the generated settings table in docs/configuration.md, the README's links), and CI runs exactly the
+README's commands."""
 
 from __future__ import annotations
 
@@ -87,11 +88,36 @@ def test_secrets_are_redacted():
     assert "tok-123" not in text and "pw'" not in text
 
 
-def test_env_example_and_readme_table_match_the_settings_module():
+def test_env_example_and_configuration_table_match_the_settings_module():
     assert (REPO / ".env.example").read_text() == env_example(), (
         "regenerate: python -m backend.settings --env-example"
     )
-    assert markdown_table() in (REPO / "README.md").read_text(), "README settings table is out of date"
+    assert markdown_table() in (REPO / "docs" / "configuration.md").read_text(), (
+        "docs/configuration.md settings table is out of date: python -m tools.settings_doc"
+    )
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    """The README stays short (details live in docs/) and every relative link in it and in docs/
+    names a file that exists (and a heading of it, for a link with an anchor)."""
+    readme = REPO / "README.md"
+    assert readme.stat().st_size <= 10_000, (
+        f"README.md is {readme.stat().st_size} bytes; move details to docs/"
+    )
+    pages = [readme, *sorted((REPO / "docs").glob("*.md"))]
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#\s]+)(?:#([^)]*))?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            assert (page.parent / target).exists(), (page.name, target)
+            if anchor:
+                assert anchor in heading_anchors(page.parent / target), (page.name, target, anchor)
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the Markdown headings of ``page``."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 def test_ci_runs_exactly_the_readme_commands():
