@@ -141,7 +141,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Ad
 
     ``ipaddress`` knows IPv4-mapped, 6to4 and Teredo (server and de-obfuscated client); NAT64
     (``64:ff9b::/96``, and ``64:ff9b:1::/48`` in its /96 layout) and IPv4-compatible
-    (``::/96``) keep the IPv4 address in the last 32 bits."""
+    (``::/96`` but ``::`` and ``::1``) keep the IPv4 address in the last 32 bits."""
     found: list[tuple[str, ipaddress.IPv4Address]] = []
     if ip.ipv4_mapped is not None:
         found.append(("IPv4-mapped", ip.ipv4_mapped))
@@ -153,7 +153,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Ad
     last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _NAT64 or (ip in _LOCAL_NAT64 and (int(ip) >> 32) & (2**48 - 1) == 0):
         found.append(("NAT64", last32))
-    if ip in _IPV4_COMPATIBLE:
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are unspecified and loopback (RFC 4291)
         found.append(("IPv4-compatible", last32))
     return found
 

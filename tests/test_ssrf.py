@@ -478,3 +478,28 @@ def test_nul_and_control_characters_are_a_400(ref, internal, tmp_path, network):
     proxied = fetcher(label_studio_url=internal.url, label_studio_api_key="tok-SECRET")
     assert refused(proxied, ref).status == 400
     assert internal.seen.requests == []
+
+
+# ---------------------------------------------------------------------------- through the app
+@pytest.mark.parametrize(
+    "ref, status",
+    [
+        ("/data/local-files/?d=img.png%00.jpg", 400),
+        ("/data/upload/../../api/current-user/token", 403),
+        ("http://127.0.0.1:{port}\\@1.1.1.1/img.png", 400),
+    ],
+)
+def test_predict_answers_refused_images_with_a_4xx(ref, status, internal, tmp_path, tiny_checkpoint):
+    from backend.app import create_app
+    from backend.serving import ModelHolder
+    from tests.test_backend_app import SCENE, detail, ls_task, make_settings, predict_payload, rect
+
+    (tmp_path / "img.png").write_bytes(PNG)
+    settings = make_settings(
+        tmp_path, tiny_checkpoint, label_studio_url=internal.url, local_files_root=str(tmp_path)
+    )
+    client = create_app(settings, ModelHolder(settings)).test_client()
+    task = ls_task(1, [rect("a", SCENE.objects[0].box)], image=ref.format(port=internal.port))
+    resp = client.post("/predict", json=predict_payload([task]))
+    assert resp.status_code == status, detail(resp)
+    assert internal.seen.requests == []
