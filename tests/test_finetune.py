@@ -15,13 +15,13 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from backend.finetune import MixedRecords, gate, score_records
+from backend.finetune.sources import ToySceneEvaluator
 from backend.jobs import job_id
 from backend.registry import ModelRegistry
 from backend.store import open_store
 from backend.webhooks import handle_webhook
+from scripts.demo_active_learning import annotation_payload, correction_scenes, scene_result
 from tests.redis_helpers import job_settings, settings_env
-from tools.ls.demo_active_learning import correction_scenes
-from tools.ls.payloads import scene_payload
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixtures: redis_db, use_settings
 
@@ -41,16 +41,17 @@ def test_mixed_records_share():
 
 
 def test_gate_rules():
+    metrics = ToySceneEvaluator.metrics  # the embedded default's gated figures
     parent = {"base": {"caption_exact_match": 0.9, "attribute_accuracy": 0.9, "relation_accuracy": math.nan},
               "corrections": {"accuracy": 0.1}}  # fmt: skip
     ok = {"base": {"caption_exact_match": 0.89, "attribute_accuracy": 0.95, "relation_accuracy": 0.5},
           "corrections": {"accuracy": 0.1}}  # fmt: skip
-    assert gate(parent, ok, 0.02) == (True, [])
+    assert gate(parent, ok, 0.02, metrics) == (True, [])
     worse_base = {**ok, "base": {**ok["base"], "attribute_accuracy": 0.87}}
-    accepted, reasons = gate(parent, worse_base, 0.02)
+    accepted, reasons = gate(parent, worse_base, 0.02, metrics)
     assert not accepted and "attribute_accuracy" in reasons[0]
     worse_corr = {**ok, "corrections": {"accuracy": 0.05}}
-    assert gate(parent, worse_corr, 0.02)[1][0].startswith("held-out corrections")
+    assert gate(parent, worse_corr, 0.02, metrics)[1][0].startswith("held-out corrections")
 
 
 def _post_corrections(settings, images: Path, regions: int, project: int = 1) -> int:
@@ -61,7 +62,7 @@ def _post_corrections(settings, images: Path, regions: int, project: int = 1) ->
         scene.image.save(images / f"s{i}.png")
         stamp = f"2025-06-01T12:00:{i:02d}Z"
         ref = f"/data/local-files/?d=s{i}.png"
-        payload = scene_payload(scene, 100 + i, ref, stamp, project, task_id=200 + i)
+        payload = annotation_payload(scene_result(scene), 100 + i, 200 + i, project, ref, stamp)
         code, body = handle_webhook(payload, settings)
         assert code == 201, body
         total += body["result"]["regions"]
