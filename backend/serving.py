@@ -5,6 +5,14 @@ version.  Request threads call :meth:`ModelHolder.get`; at most every ``MODEL_PO
 call also reads the registry pointer, and when it names another version a background thread loads
 it and then swaps one reference.  Requests already holding the old engine finish on it; nothing is
 dropped and no request waits for a reload (only the very first load is waited for).
+
+Before a version serves: its manifest and headers are verified and its memory estimated from the
+config (nothing allocated); unless the registry records it as cleared, it is loaded and smoke-tested
+in a child process first (:meth:`backend.registry.ModelRegistry.check_in_child`), so a version that
+crashes or exhausts memory while loading kills the child, not this worker; then it is loaded here
+and smoke-tested once more.  A refused version is recorded as bad in the registry and not tried
+again; the worker keeps the version it serves, and a fresh worker falls back to the newest earlier
+version that loads.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.registry import ModelRegistry, RegistryError
+from backend.registry import CHECK_TIMEOUT, ModelRegistry, RegistryError
 from backend.settings import Settings
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import CheckpointError, check_memory, load_model, smoke_check, verify_checkpoint
 from model.device import pick_device
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
+
+__all__ = ["Loader", "ModelHolder", "ModelUnavailable", "VersionRefused", "default_loader"]
 
 log = logging.getLogger("backend.serving")
 
@@ -29,6 +39,10 @@ Loader = Callable[[Path, str], RegionMLLM]
 
 class ModelUnavailable(RuntimeError):
     """No model could be loaded (answered as 503)."""
+
+
+class VersionRefused(RuntimeError):
+    """A version that failed its checks (recorded as bad in the registry)."""
 
 
 def default_loader(settings: Settings) -> Loader:
@@ -46,8 +60,10 @@ class ModelHolder:
         settings: Settings,
         registry: ModelRegistry | None = None,
         loader: Loader | None = None,
+        check_timeout: float = CHECK_TIMEOUT,
     ) -> None:
         self.settings = settings
+        self.check_timeout = check_timeout
         self.registry = registry or ModelRegistry(settings.model_dir, settings.default_model)
         self.loader = loader or default_loader(settings)
         self._current: tuple[InferenceEngine, str] | None = None
@@ -55,9 +71,10 @@ class ModelHolder:
         self._tried = False
         self._last_poll = 0.0
         self._loading: str | None = None
-        self._failed: dict[str, float] = {}  # version -> time of the last failed load
+        self._failed: dict[str, float] = {}  # version -> time of a failure not recorded as bad
         self._error: str | None = None
         self.swaps = 0
+        self.load_attempts: dict[str, int] = {}  # version -> times this worker tried to load it
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -113,6 +130,14 @@ class ModelHolder:
         current = self._current
         if current is not None and current[1] == wanted:
             return
+        try:
+            bad = self.registry.bad_reason(wanted)
+        except (RegistryError, OSError) as exc:
+            log.warning("registry check record unreadable: %s", exc)
+            return
+        if bad is not None:  # recorded as bad: never tried again until a check clears it
+            self._error = f"version {wanted} refused: {bad}"
+            return
         failed_at = self._failed.get(wanted)
         if failed_at is not None and now - failed_at < max(30.0, 10 * self.settings.model_poll_seconds):
             return
@@ -131,10 +156,39 @@ class ModelHolder:
         return False
 
     # ------------------------------------------------------------------ loading
+    def _validate(self, version: str) -> Path:
+        """Checks before this worker allocates anything for ``version`` (see the module docstring);
+        raises :class:`VersionRefused` after recording it as bad."""
+        folder = self.registry.path(version)  # an invalid or unknown name: refused, not recorded
+        bad = self.registry.bad_reason(version)
+        if bad is not None:
+            raise VersionRefused(f"version {version} refused: {bad}")
+        try:
+            verify_checkpoint(folder)
+            check_memory(folder)
+            if not self.registry.is_cleared(version):
+                self.registry.check_in_child(version, timeout=self.check_timeout)
+        except CheckpointError as exc:
+            self._record_bad(version, str(exc))
+            raise VersionRefused(f"version {version} refused: {exc}") from exc
+        return folder
+
+    def _record_bad(self, version: str, reason: str) -> None:
+        if self.registry.bad_reason(version) is None:
+            self.registry.record_check(version, False, reason, by="serving")
+        log.error("model version refused", extra={"version": version, "reason": reason})
+
     def _build(self, version: str) -> InferenceEngine:
-        folder = self.registry.path(version)
+        self.load_attempts[version] = self.load_attempts.get(version, 0) + 1
         started = time.monotonic()
-        model = self.loader(folder, version)
+        folder = self._validate(version)
+        try:
+            model = self.loader(folder, version)
+            smoke_check(model)
+        except Exception as exc:  # whatever the load raised, this version does not serve
+            reason = f"{type(exc).__name__}: {exc}"
+            self._record_bad(version, reason)
+            raise VersionRefused(f"version {version} refused: {reason}") from exc
         engine = InferenceEngine(
             model,
             version,
@@ -144,15 +198,40 @@ class ModelHolder:
         log.info("model loaded", extra={"version": version, "seconds": round(time.monotonic() - started, 2)})
         return engine
 
+    def _candidates(self, wanted: str) -> list[str]:
+        """The current version, then earlier ones newest first, then the seed: what a fresh worker
+        tries in turn."""
+        names = [wanted, *reversed(self.registry.history())]
+        try:
+            names.append(self.registry.seed_version())
+        except RegistryError:
+            pass
+        known = set(self.registry.version_names())
+        return [v for i, v in enumerate(names) if v in known and v not in names[:i]]
+
     def _initial_load(self) -> None:
         with self._load_lock:
             if self._current is not None or self._tried:
                 return
             try:
                 self.registry.ensure_initialized()
-                version = self.registry.current()
-                self._current = (self._build(version), version)
-                self._error = None
+                wanted = self.registry.current()
+                refusals: list[str] = []
+                for version in self._candidates(wanted):
+                    try:
+                        self._current = (self._build(version), version)
+                        break
+                    except (VersionRefused, RegistryError) as exc:
+                        refusals.append(str(exc))
+                if self._current is None:
+                    self._error = "; ".join(refusals) or f"version {wanted} is not in the registry"
+                elif self._current[1] != wanted:
+                    self._error = refusals[0]
+                    log.warning(
+                        "serving an earlier version", extra={"version": self._current[1], "wanted": wanted}
+                    )
+                else:
+                    self._error = None
             except (RegistryError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
                 self._error = f"{type(exc).__name__}: {exc}"
                 log.exception("initial model load failed")
@@ -173,6 +252,8 @@ class ModelHolder:
                 self.swaps += 1
                 self._failed.pop(version, None)
                 log.info("model swapped", extra={"version": version, "previous": old})
+        except VersionRefused as exc:  # recorded as bad: poll() will not try it again
+            self._error = str(exc)
         except Exception as exc:  # a bad version must never take the server down
             self._failed[version] = time.monotonic()
             self._error = f"{type(exc).__name__}: {exc}"

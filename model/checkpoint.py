@@ -7,31 +7,63 @@ A checkpoint folder holds everything needed to rebuild the model::
     version.json         version metadata: version, parent, stage, created, data counts, metrics
     model.safetensors    trainable parts: region_encoder.*, projector.*, lm.* (or LoRA adapter weights)
     vision.safetensors   frozen vision tower weights (``visual.*``), hard-linked from the parent
+                         when that file is read-only (a committed registry version), else copied
     tokenizer/           Hugging Face tokenizer files
+    manifest.json        SHA-256 and size of every other file (:func:`write_manifest`), written when
+                         the folder is committed; :func:`verify_checkpoint` checks it
+
+``load_model(folder, verify=True)`` is the guarded path for folders that may have been tampered
+with: manifest, self-containment and file headers first, then a memory estimate from the config
+(nothing allocated yet), then the load, then a smoke forward that must give finite outputs.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import shutil
+import sys
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import ModelConfig, TrainConfig, load_model_config, save_json
 from model.device import pick_dtype
+from model.footprint import MemoryEstimate, estimate_memory
 from model.mllm import RegionMLLM
 from model.tokenizer import load_tokenizer
+
+__all__ = [
+    "DEFAULT_DIR",
+    "MANIFEST",
+    "VISION_WEIGHTS",
+    "WEIGHTS",
+    "CheckpointError",
+    "build_lm",
+    "build_model",
+    "check_memory",
+    "load_model",
+    "read_metadata",
+    "save_checkpoint",
+    "smoke_check",
+    "verify_checkpoint",
+    "write_manifest",
+]
 
 # The embedded default (built by ``python -m toyworld.build_default``): served when nothing else is.
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 WEIGHTS = "model.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
+MANIFEST = "manifest.json"
+SMOKE_QUESTION = "What is <region1>?"
 
 
 class CheckpointError(RuntimeError):
@@ -101,8 +133,10 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     vision_source: str | Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder.  ``vision_source`` is an existing vision weights file to
-    hard-link (or copy); otherwise the tower's weights are written."""
+    """Write a complete checkpoint folder.  ``vision_source`` is an existing vision weights file:
+    hard-linked when it is read-only (a committed registry version, which nothing edits), copied
+    otherwise (a link to a writable file, e.g. the tracked ``model/default``, would let an edit of
+    one folder change the other); without it the tower's weights are written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict(model.cfg.to_dict())
@@ -114,6 +148,8 @@ def save_checkpoint(
         else:
             vision_path.unlink(missing_ok=True)
             try:
+                if os.stat(vision_source).st_mode & 0o222:
+                    raise PermissionError("writable source: copy it")
                 os.link(vision_source, vision_path)
             except OSError:
                 shutil.copyfile(vision_source, vision_path)
@@ -140,12 +176,30 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
 
 
 def load_model(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = False,
+    memory_budget: int | None = None,
 ) -> RegionMLLM:
     """Rebuild a model from its checkpoint folder alone, on ``device`` in ``dtype`` (default: bf16
     on CUDA, float32 on CPU; RoIAlign always runs in float32).  Raises :class:`CheckpointError`
-    with a clear message for a missing, truncated or tampered folder."""
+    with a clear message for a missing, truncated or tampered folder.
+
+    ``verify``: first :func:`verify_checkpoint` and :func:`check_memory` (``memory_budget`` bytes at
+    most), then :func:`smoke_check` on the loaded model — for folders that may have been tampered
+    with (model registry versions)."""
     folder = Path(folder)
+    if verify:
+        verify_checkpoint(folder)
+        check_memory(folder, memory_budget)
+    model = _load(folder, device, dtype)
+    if verify:
+        smoke_check(model)
+    return model
+
+
+def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -> RegionMLLM:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
     weights = folder / WEIGHTS
@@ -186,3 +240,166 @@ def _is_tied(model: RegionMLLM, key: str, state: dict[str, torch.Tensor]) -> boo
     sd = model.state_dict()
     ptr = sd[key].data_ptr()
     return any(k in state and sd[k].data_ptr() == ptr for k in sd if k != key)
+
+
+# ---------------------------------------------------------------------- integrity
+def _walk(folder: Path) -> list[str]:
+    """Relative POSIX paths of the regular files under ``folder``; refuses symlinks and special files."""
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames) + sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                raise CheckpointError(f"{folder}: {rel} is a symlink; a checkpoint holds only regular files")
+            if name in filenames:
+                if not path.is_file():
+                    raise CheckpointError(f"{folder}: {rel} is not a regular file")
+                files.append(rel)
+    return sorted(files)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """Record the SHA-256 and size of every file of ``folder`` in ``manifest.json`` (written to a
+    new file, then renamed over the old one); returns the manifest."""
+    folder = Path(folder)
+    files = {
+        rel: {"sha256": _sha256(folder / rel), "bytes": (folder / rel).stat().st_size}
+        for rel in _walk(folder)
+        if rel != MANIFEST
+    }
+    manifest = {"algorithm": "sha256", "files": files}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def _inside(folder: Path, value: str | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    resolved = (folder / path).resolve()
+    if path.is_absolute() or not resolved.is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{folder}: {what} {value!r} must be a relative path inside the checkpoint folder"
+        )
+    return resolved
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Check a folder without building anything: every file listed in ``manifest.json`` with its
+    SHA-256, no file missing or added, no symlinks, config paths inside the folder, vision weights
+    as safetensors, and every safetensors header readable.  Raises :class:`CheckpointError`
+    naming the offending file."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("'files' is not an object")
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no {MANIFEST}: its files cannot be verified") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: {MANIFEST} is unreadable: {exc}") from None
+    present = [rel for rel in _walk(folder) if rel != MANIFEST]
+    for rel in present:
+        if rel not in listed:
+            raise CheckpointError(f"{folder}: {rel} is not in {MANIFEST} (added after the commit?)")
+    for rel, entry in sorted(listed.items()):
+        path = folder / rel
+        if rel not in present:
+            raise CheckpointError(f"{folder}: {rel} is listed in {MANIFEST} but missing")
+        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"{folder}: {rel} has another size than {MANIFEST} records (tampered?)")
+        if _sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"{folder}: {rel} does not match its SHA-256 in {MANIFEST} (tampered?)")
+    try:
+        cfg = load_model_config(folder)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{folder}: config.json is unusable: {exc}") from None
+    vision = _inside(folder, cfg.vision.checkpoint, "vision.checkpoint")
+    if vision is None or vision.suffix != ".safetensors":
+        raise CheckpointError(f"{folder}: vision.checkpoint must name a .safetensors file in the folder")
+    _inside(folder, cfg.lm.tokenizer_path, "lm.tokenizer_path")
+    _inside(folder, cfg.lm.pretrained_path, "lm.pretrained_path")
+    if WEIGHTS not in listed:
+        raise CheckpointError(f"{folder} has no {WEIGHTS}")
+    for rel in (r for r in listed if r.endswith(".safetensors")):
+        try:
+            with safe_open(str(folder / rel), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"cannot load checkpoint {folder}: {rel} is damaged (truncated or tampered?): {exc}"
+            ) from None
+
+
+def check_memory(folder: str | Path, budget: int | None = None) -> MemoryEstimate:
+    """Refuse (:class:`CheckpointError`) a checkpoint whose config needs more memory than is
+    available (or than ``budget`` bytes) — estimated from the config, before allocating."""
+    folder = Path(folder)
+    try:
+        estimate = estimate_memory(load_model_config(folder), folder, budget)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: cannot estimate its memory: {exc}") from None
+    if not estimate.fits:
+        raise CheckpointError(f"checkpoint {folder} does not fit in memory: {estimate.describe()}")
+    return estimate
+
+
+@torch.inference_mode()
+def smoke_check(model: RegionMLLM) -> dict[str, float]:
+    """One forward on a fixed input (a gradient image, one box, one question); raises
+    :class:`CheckpointError` unless every logit is finite.  Returns the largest ``|logit|``."""
+    side = model.cfg.vision.image_size
+    image = Image.linear_gradient("L").resize((side + side // 2, side)).convert("RGB")
+    enc = model.prompts.encode_question(SMOKE_QUESTION, num_boxes=1)
+    ids = torch.tensor([enc.input_ids])
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(
+            model.processor(image).unsqueeze(0),
+            [torch.tensor([[0.25, 0.25, 0.75, 0.75]])],
+            ids,
+            torch.ones_like(ids),
+            None,
+            [enc.region_order],
+        )
+    finally:
+        model.train(was_training)
+    logits = out.logits.float()
+    if not torch.isfinite(logits).all():
+        tensors = chain(model.named_parameters(), model.named_buffers())
+        bad = [n for n, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+        where = f"; non-finite weights: {', '.join(bad[:5])}" if bad else ""
+        raise CheckpointError(f"smoke forward on a fixed input gave non-finite outputs (NaN/inf){where}")
+    return {"logits_abs_max": float(logits.abs().max())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="checkpoint folder manifests (SHA-256 of every file)")
+    ap.add_argument("command", choices=["manifest", "verify"])
+    ap.add_argument("folder", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "manifest":
+            print(f"{len(write_manifest(args.folder)['files'])} files recorded in {args.folder / MANIFEST}")
+        else:
+            verify_checkpoint(args.folder)
+            print(f"{args.folder}: every file matches {MANIFEST}")
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
