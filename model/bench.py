@@ -36,6 +36,8 @@ from model.inference.image_input import EncodedImage, ImageLike, decode_rgb, enc
 from model.inference.reference import generate_naive
 from model.tasks import CAPTION_QUESTION
 
+__all__ = ["format_results", "main", "run"]
+
 # A scene of the default's world shipped beside its weights (``--image`` picks another picture).
 SAMPLE_IMAGE = "sample.png"
 

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+__all__ = ["derived", "parameter_versions"]
+
 T = TypeVar("T")
 
 # per module, per name: (the parameters it was built from, their versions then, the value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["pick_device", "pick_dtype"]
+
 
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested`` ('cpu', 'cuda', 'cuda:1', 'auto' or None) -> a usable device."""

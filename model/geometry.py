@@ -18,6 +18,20 @@ from collections.abc import Sequence
 
 import torch
 
+__all__ = [
+    "Box",
+    "BoxError",
+    "box_center",
+    "boxes_tensor",
+    "check_pixel_box",
+    "input_to_feature_scale",
+    "normalized_to_input",
+    "normalized_to_pixels",
+    "percent_to_pixels",
+    "pixels_to_normalized",
+    "pixels_to_percent",
+]
+
 Box = tuple[float, float, float, float]
 
 

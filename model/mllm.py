@@ -20,6 +20,8 @@ from model.prompt import BBOX, IGNORE_INDEX, IM_PATCH, EncodedPrompt, PromptBuil
 from model.region_encoder import RegionEncoder
 from model.vision import ImageProcessor, VisionFeatures, VisionTower
 
+__all__ = ["PlaceholderError", "RegionMLLM", "merge_placeholders", "merge_regions"]
+
 
 class PlaceholderError(ValueError):
     """The number of placeholder tokens does not match the number of features to put there."""

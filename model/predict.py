@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from model.geometry import BoxError, boxes_tensor
 from model.prompt import PromptError
 
+__all__ = ["main"]
+
 
 def _parse_box(text: str) -> list[float]:
     try:

@@ -27,6 +27,14 @@ from model.config import RegionEncoderConfig
 from model.derived_weights import derived
 from model.geometry import input_to_feature_scale, normalized_to_input
 
+__all__ = [
+    "BoxBatchNorm",
+    "MultiLevelFuse",
+    "RegionEncoder",
+    "RegionFeatureExtractor",
+    "freeze_norm_statistics",
+]
+
 
 def _coord_channels(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, C + 2, H, W)`` with x, y in [-1, 1] appended (CoordConv)."""
@@ -134,7 +142,7 @@ class RegionFeatureExtractor(nn.Module):
             sizes.setdefault(side, []).append(lvl)
         self.level_groups = list(sizes.values())  # level indices sharing one side, first-seen order
         self.flatten_linear = nn.Linear(f * o * o, cfg.hidden_dim)
-        # The flattened RoI features are ~100x larger than the box embedding (which ends in a
+        # The flattened RoI features are far larger than the box embedding (which ends in a
         # LayerNorm); without a norm the box position is a rounding error in the sum.
         self.feature_norm = _feature_norm(cfg.feature_norm, cfg.hidden_dim)
         bands = cfg.pos_fourier_bands
@@ -233,7 +241,7 @@ class RegionEncoder(nn.Module):
         self.roi_align = RegionFeatureExtractor(cfg, input_size)
         self.updims = nn.Linear(cfg.hidden_dim, out_dim)
         # GPT4RoI has no output norm; a small LM trained from scratch reads tokens of a fixed scale
-        # far more easily (without it the region tokens drift to norms 100x the image tokens').
+        # far more easily (without it the region tokens drift to norms far above the image tokens').
         self.out_norm = nn.LayerNorm(out_dim) if cfg.out_norm else nn.Identity()
         if cfg.out_norm:
             # A constant part in every region token (the norm's bias, started away from zero): the LM's

@@ -11,6 +11,33 @@ from collections.abc import Sequence
 
 from model.geometry import box_center, pixels_to_normalized
 
+__all__ = [
+    "ATTRIBUTE_QUESTION",
+    "ATTRIBUTE_QUESTIONS",
+    "ATTRIBUTE_VALUES",
+    "CAPTION_QUESTION",
+    "CAPTION_QUESTIONS",
+    "POSITION_COLUMNS",
+    "POSITION_MARGIN",
+    "POSITION_QUESTIONS",
+    "POSITION_ROWS",
+    "RELATION_LABELS",
+    "RELATION_QUESTION",
+    "RELATION_QUESTIONS",
+    "SIZE_ORDER",
+    "SIZE_THRESHOLDS",
+    "attribute_of_value",
+    "attribute_vocabulary",
+    "caption_text",
+    "normalize_relation_label",
+    "parse_caption",
+    "parse_relation",
+    "position_text",
+    "relation_labels",
+    "relation_text",
+    "size_class",
+]
+
 CAPTION_QUESTIONS = ("What is {a}?", "Describe {a} briefly.", "What can you see in {a}?")
 ATTRIBUTE_QUESTIONS: dict[str, tuple[str, ...]] = {
     "color": ("What colour is {a}?", "What is the colour of {a}?"),

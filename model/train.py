@@ -18,6 +18,8 @@ from model.data.dataset import load_jsonl_records
 from model.training.distributed import init_distributed, world
 from model.training.loop import TrainOptions, train
 
+__all__ = ["main"]
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Continue training a checkpoint on region-text JSONL")

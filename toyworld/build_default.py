@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import DEFAULT_DIR, build_model, load_model, read_metadata, save_checkpoint
-from model.config import TrainConfig, _from_dict, load_model_config
+from model.config import TrainConfig, dataclass_from_dict, load_model_config
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 from model.tokenizer import train_tokenizer
@@ -32,6 +32,21 @@ from model.training import TrainOptions, train
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from toyworld.train_clip import train_clip
+
+__all__ = [
+    "BuildRecipe",
+    "ClipRecipe",
+    "DEFAULT_RECIPE",
+    "DEFAULT_VERSION",
+    "RECIPE_DIR",
+    "build_default",
+    "eval_progress",
+    "evaluation_rates",
+    "load_recipe",
+    "loss_summary",
+    "main",
+    "training_records",
+]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "roi-tiny-default"
@@ -63,7 +78,7 @@ class BuildRecipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecipe:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
 def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:

@@ -38,6 +38,8 @@ from toyworld.build_default import (
 from toyworld.evaluate import evaluate
 from toyworld.scenes import SceneSpec, make_scene, scene_rng
 
+__all__ = ["main", "switch_to_batch_norm"]
+
 
 @torch.no_grad()
 def switch_to_batch_norm(model: RegionMLLM, scenes: int = 64) -> None:

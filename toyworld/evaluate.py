@@ -31,6 +31,19 @@ from toyworld.scenes import (
     render_scene,
 )
 
+__all__ = [
+    "EVAL_SEED_OFFSET",
+    "RELATION_AXES",
+    "TARGETS",
+    "eval_scenes",
+    "evaluate",
+    "format_table",
+    "main",
+    "position_accuracy",
+    "region_reading",
+    "score_scenes",
+]
+
 TARGETS = {"caption_exact_match": 0.95, "attribute_accuracy": 0.97, "relation_accuracy": 0.90}
 EVAL_SEED_OFFSET = 7_919_000  # far from every training seed
 # The three independent parts of a relation answer, scored separately to show which one fails.

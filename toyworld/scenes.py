@@ -25,6 +25,25 @@ from model.tasks import (
     relation_text,
 )
 
+__all__ = [
+    "COLORS",
+    "HELD_OUT_COLORS",
+    "SHAPES",
+    "SIZE_FRACTIONS",
+    "Scene",
+    "SceneObject",
+    "SceneSpec",
+    "SyntheticRecords",
+    "corpus_texts",
+    "draw_shape",
+    "make_scene",
+    "render_scene",
+    "scene_record",
+    "scene_rng",
+    "scene_turns",
+    "synthetic_records",
+]
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 160, 55),

@@ -20,6 +20,8 @@ from model.config import VisionConfig
 from model.vision import ImageProcessor, build_clip
 from toyworld.scenes import SceneSpec, make_scene
 
+__all__ = ["COLS", "ROWS", "clip_pair", "train_clip"]
+
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "centre", "right")
 

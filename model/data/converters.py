@@ -34,6 +34,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+__all__ = [
+    "REFCOCO_TEMPLATES",
+    "REQUIRED_KEYS",
+    "Record",
+    "Region",
+    "SOURCES",
+    "convert_coco",
+    "convert_refcoco",
+    "convert_visual_genome",
+    "main",
+    "read_jsonl",
+    "validate_record",
+    "write_jsonl",
+]
+
 Record = dict[str, Any]
 JsonSource = str | os.PathLike[str] | Mapping[str, Any] | Sequence[Any]
 

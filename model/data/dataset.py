@@ -20,6 +20,15 @@ from model.geometry import boxes_tensor
 from model.mllm import RegionMLLM
 from model.prompt import EncodedPrompt
 
+__all__ = [
+    "RecordDataset",
+    "Sample",
+    "collate_samples",
+    "load_jsonl_records",
+    "load_record_image",
+    "record_turns",
+]
+
 
 @dataclass
 class Sample:

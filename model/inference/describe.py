@@ -15,6 +15,8 @@ from model.inference.engine import Answer, InferenceEngine
 from model.inference.image_input import ImageLike
 from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION, parse_relation
 
+__all__ = ["ATTRIBUTES", "ImageReport", "RegionReport", "RelationReport", "describe_regions"]
+
 ATTRIBUTES = tuple(ATTRIBUTE_QUESTION)
 
 

@@ -2,11 +2,11 @@
 
 The engine's greedy loop runs one LM forward per generated token.  On a small LM most of a
 Hugging Face forward is Python and dispatch around the maths (output capturing, mask building,
-cache objects, kwargs plumbing): a batch-1 decode step of the embedded default takes about 0.58 ms
-through the library and 0.26 ms here.  :class:`LlamaSteps` runs the same Llama maths - the model's
-own weights, the same operations - straight on preallocated key/value buffers, with the rotary
-tables computed once, q/k/v and gate/up as one matmul each, and the last layer of a multi-token
-forward computed past its keys and values for the last token only (nothing else reads the rest).
+cache objects, kwargs plumbing; step times in docs/design-notes.md).  :class:`LlamaSteps` runs
+the same Llama maths - the model's own weights, the same operations - straight on preallocated
+key/value buffers, with the rotary tables computed once, q/k/v and gate/up as one matmul each,
+and the last layer of a multi-token forward computed past its keys and values for the last token
+only (nothing else reads the rest).
 It applies to plain Llama-architecture models (the GPT4RoI LMs: LLaMA / Vicuna, and the embedded
 default); anything else (LoRA-wrapped, other architectures, other rotary scalings) goes through
 :class:`HFSteps`, the library's own forward.
@@ -32,6 +32,19 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from model.derived_weights import derived
+
+__all__ = [
+    "COPY_LIMIT_BYTES",
+    "DecodeSteps",
+    "HFSteps",
+    "KV",
+    "LeanLlamaWeights",
+    "LlamaSteps",
+    "lean_llama_supported",
+    "lean_weights",
+    "make_steps",
+    "prefill",
+]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,8 +107,8 @@ class _Matmul:
 
     With ``copy``: one ``torch.mm`` / ``addmm`` on a transposed ``(in, sum of outs)`` copy of the
     stacked weights - one call instead of one per layer, and a row-major right operand, which at
-    a decode step's sizes takes MKL's fast path (``F.linear`` multiplies by the transposed view:
-    ~1.5x the time per call at 1-13 rows of 128).  Without: ``F.linear`` on each original weight.
+    a decode step's sizes takes MKL's fast path (``F.linear`` multiplies by the transposed view,
+    slower per call; docs/design-notes.md).  Without: ``F.linear`` on each original weight.
     """
 
     def __init__(self, linears: Sequence[torch.nn.Linear], copy: bool) -> None:

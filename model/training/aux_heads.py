@@ -1,12 +1,12 @@
 """Auxiliary per-box attribute heads on the region tokens (training only, never saved).
 
 A small LM trained from scratch finds the box position in a region token long before it finds the
-box's content: with the LM loss alone, a linear probe on the tokens of a 4,200-step build read
-colour and shape at chance (18% / 28%) while reading size at 100%, and the model answered colour from
-the image tokens only (20% with them hidden).  A linear classifier per attribute on the region token,
-trained jointly with the LM loss, puts the content into the token within ~200 steps; the LM then
-learns to read it.  Only records that carry ``box_labels`` (the synthetic set) feed this loss; the
-heads are discarded after training, so checkpoints keep the GPT4RoI layout.
+box's content: with the LM loss alone the tokens carried size but not colour or shape, and the
+model answered colour from the image tokens instead (figures: docs/design-notes.md).  A linear
+classifier per attribute on the region token, trained jointly with the LM loss, puts the content
+into the token early; the LM then learns to read it.  Only records that carry ``box_labels`` (the
+synthetic set) feed this loss; the heads are discarded after training, so checkpoints keep the
+GPT4RoI layout.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.tasks import attribute_vocabulary
+
+__all__ = ["BoxLabels", "RegionAttributeHeads"]
 
 BoxLabels = Sequence[dict[str, str]] | None  # per box of one image: {"color": "red", ...}
 

@@ -48,8 +48,8 @@ def lm_only_loss(lm: nn.Module, device: torch.device, batch: dict) -> torch.Tens
 def hide_image_tokens(batch: dict, image_patch_id: int, share: float, rng: random.Random) -> None:
     """Mask the image tokens out of attention for about ``share`` of the prompts of ``batch``.
 
-    A small LM trained from scratch otherwise learns to answer from the 64 image tokens (attention
-    shows ~0 weight on the ``<bbox>`` token for colour questions), which cannot say *which* object
+    A small LM trained from scratch otherwise learns to answer from the image tokens (its attention
+    all but ignores the ``<bbox>`` token for colour questions), which cannot say *which* object
     is meant; prompts without them can only be answered from their region tokens.  Serving always
     shows the image tokens, and the model is trained on both kinds of prompts.
     """
