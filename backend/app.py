@@ -212,7 +212,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     def webhook():
         payload = json_body(settings)
         action = str(payload.get("action") or "none")
-        status, body = webhooks.handle_webhook(payload, settings)
+        secret = request.headers.get(webhooks.SECRET_HEADER)
+        # basic auth, when configured, was checked before this view ran (_check_basic_auth)
+        status, body = webhooks.handle_webhook(
+            payload, settings, secret, basic_auth=bool(settings.basic_auth_user)
+        )
         label = re.sub(r"[^A-Z_]", "", action.upper())[:40] or "OTHER"
         metrics.webhooks.labels(label, str(status)).inc()
         log.info("webhook", extra={"action": label, "status": status})

@@ -35,6 +35,7 @@ from model.tasks import (
 )
 
 RECT_TYPES = ("rectanglelabels", "rectangle")
+MAX_SIDE = 2**31 - 1  # image sides are stored as SQLite integers and handed to image libraries
 ATTRIBUTE_TYPES = ("choices", "taxonomy")
 
 
@@ -82,7 +83,16 @@ def _number(value: Any) -> float | None:
 
 def _size(item: Mapping[str, Any], key: str) -> int | None:
     value = _number(item.get(key))
-    return int(value) if value is not None and value >= 1 and value == int(value) else None
+    if value is None or not 1 <= value <= MAX_SIDE or value != int(value):
+        return None
+    return int(value)
+
+
+def _check_length(text: str, what: str, limit: int | None) -> None:
+    if limit is not None and len(text) > limit:
+        raise CorrectionError(
+            f"{what} is {len(text)} characters; at most {limit} are stored (MAX_TEXT_CHARS)", 422
+        )
 
 
 def _clean_text(text: Any) -> str:
@@ -134,11 +144,13 @@ def parse_result(
     result: Any,
     image_name: str | None = None,
     caption_control: str | None = None,
+    max_text_chars: int | None = None,
 ) -> ParsedAnnotation:
     """Turn an annotation ``result`` list into regions.
 
     ``image_name`` (the config's ``<Image name>``) restricts items to that image when given;
-    ``caption_control`` picks the TextArea holding captions when a config has several.
+    ``caption_control`` picks the TextArea holding captions when a config has several;
+    ``max_text_chars``: a region id or caption longer than this refuses the whole annotation (422).
     """
     if not isinstance(result, list):
         raise CorrectionError(f"annotation 'result' must be a list, got {type(result).__name__}")
@@ -162,6 +174,7 @@ def parse_result(
         if not isinstance(rid, str) or not rid:
             skipped.append("a rectangle has no region id")
             continue
+        _check_length(rid, f"region id {rid[:40]!r}...", max_text_chars)
         if rid in regions:
             skipped.append(f"{label} appears twice; the first one is kept")
             continue
@@ -192,6 +205,7 @@ def parse_result(
                 skipped.append(f"textarea {item.get('from_name')!r} is not the caption control")
             elif region.caption is None:
                 text = _clean_text(_value(item).get("text"))
+                _check_length(text, f"caption of region {rid[:40]!r}", max_text_chars)
                 if text:
                     region.caption = text
         elif kind in ATTRIBUTE_TYPES and rid is not None:

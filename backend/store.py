@@ -13,11 +13,16 @@ Tables::
 
 Idempotency: an annotation write is applied only if its ``updated_at`` is newer than the stored one;
 an equal one (replay, duplicate delivery) and an older one (out-of-order delivery) change nothing.
+
+Ownership: an annotation id belongs to the project of the first write that names it (a create, or
+the tombstone of a delete that arrived first); a write or delete naming another project is refused
+(:class:`StoreError`, 409) and the transaction changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -76,20 +81,31 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+MAX_EPOCH_SECONDS = 253_402_300_800  # 10000-01-01T00:00:00Z
+
+
 class StoreError(ClientError):
-    """Input the store cannot record (bad timestamp, ids)."""
+    """Input the store cannot record (bad timestamp, ids; 409: an id owned by another project)."""
+
+
+def _not_owner(annotation_id: int, owner: int, project_id: int, what: str) -> StoreError:
+    return StoreError(f"annotation {annotation_id} belongs to project {owner}, not {project_id}; {what}", 409)
 
 
 def parse_timestamp(value: Any) -> int:
-    """Label Studio ``updated_at`` (ISO 8601, ``Z`` or offset; or epoch seconds) -> UTC microseconds."""
+    """Label Studio ``updated_at`` (ISO 8601, ``Z`` or offset; or epoch seconds) -> UTC microseconds.
+
+    Epoch seconds must be finite and within years 1970-9999 (``datetime``'s range for strings)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value < MAX_EPOCH_SECONDS:
+            raise StoreError(f"timestamp {value!r:.40} is not epoch seconds between 1970 and 9999", 422)
         return int(round(float(value) * 1_000_000))
     if not isinstance(value, str) or not value.strip():
-        raise StoreError(f"timestamp must be an ISO 8601 string, got {value!r}")
+        raise StoreError(f"timestamp must be an ISO 8601 string, got {value!r:.80}")
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise StoreError(f"timestamp {value!r} is not ISO 8601") from None
+        raise StoreError(f"timestamp {value!r:.80} is not ISO 8601") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)  # Label Studio stores UTC
     delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -195,6 +211,8 @@ class CorrectionStore:
                 "SELECT updated_us, deleted, project_id FROM annotations WHERE annotation_id = ?",
                 (annotation_id,),
             ).fetchone()
+            if row is not None and row["project_id"] != project_id:
+                raise _not_owner(annotation_id, row["project_id"], project_id, "nothing was stored")
             if row is not None and row["deleted"]:
                 status = "deleted"  # Label Studio never reuses ids: a late delivery must not revive it
             elif row is not None and updated_us <= row["updated_us"]:
@@ -205,9 +223,9 @@ class CorrectionStore:
                 con.execute(
                     "INSERT INTO annotations (annotation_id, project_id, task_id, updated_us, updated_at,"
                     " image, width, height, deleted, seq, received_at) VALUES (?,?,?,?,?,?,?,?,0,?,?)"
-                    " ON CONFLICT (annotation_id) DO UPDATE SET project_id=excluded.project_id,"
-                    " task_id=excluded.task_id, updated_us=excluded.updated_us,"
-                    " updated_at=excluded.updated_at, image=excluded.image, width=excluded.width,"
+                    " ON CONFLICT (annotation_id) DO UPDATE SET task_id=excluded.task_id,"
+                    " updated_us=excluded.updated_us, updated_at=excluded.updated_at, image=excluded.image,"
+                    " width=excluded.width,"
                     " height=excluded.height, seq=excluded.seq, received_at=excluded.received_at",
                     (annotation_id, project_id, task_id, updated_us, str(updated_at), image, width, height,
                      seq, time.time()),
@@ -225,13 +243,17 @@ class CorrectionStore:
         return WriteResult(status, len(regions), new, requested)
 
     def delete_annotations(self, project_id: int, annotation_ids: Sequence[int]) -> int:
-        """Remove annotations (tombstones keep late deliveries out); returns how many had data."""
+        """Remove annotations (tombstones keep late deliveries out); returns how many had data.
+
+        All or nothing: an id stored under another project refuses the whole delete (409)."""
         removed = 0
         with self.transaction() as con:
             for aid in annotation_ids:
                 row = con.execute(
-                    "SELECT deleted FROM annotations WHERE annotation_id = ?", (aid,)
+                    "SELECT deleted, project_id FROM annotations WHERE annotation_id = ?", (aid,)
                 ).fetchone()
+                if row is not None and row["project_id"] != project_id:
+                    raise _not_owner(aid, row["project_id"], project_id, "nothing was deleted")
                 if row is not None and row["deleted"]:
                     continue
                 removed += row is not None

@@ -13,48 +13,101 @@ answer is still 201 (the correction is stored) and the request waits in the outb
 * ``ANNOTATIONS_DELETED``: the annotations and their regions are removed.
 * ``START_TRAINING``: a training request for the project, whatever the count.
 * any other action: 200 ``{"status": "Unknown event"}``; a malformed payload: 400 with the reason.
+
+Trust (every refusal is answered with its status and reason and logged at WARNING):
+
+* ``WEBHOOK_SECRET`` set: the ``X-Webhook-Secret`` header must equal it (constant-time compare),
+  else 401.  ``START_TRAINING`` carries no data and Label Studio's "Start Training" button sends it
+  over the ML backend connection, which can send basic auth but no custom header: with
+  ``BASIC_AUTH_*`` configured (the app has checked it) it needs no secret.
+* An annotation id belongs to the project that first stored it: an update or delete naming another
+  project is refused (409) and changes nothing; the body's project ids must agree (400).
+* ``updated_at`` more than ``WEBHOOK_MAX_SKEW_SECONDS`` ahead of this server's clock is refused
+  (422), so a forged far-future time cannot pin a record against the reviewer's real edits.
+* ``WEBHOOK_VERIFY``: the annotation is fetched from Label Studio and that is stored
+  (:mod:`backend.webhook_verify`).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from backend import webhook_verify
 from backend.corrections import image_reference, parse_result
 from backend.errors import ClientError
 from backend.jobs import flush_outbox
 from backend.label_config import ConfigError, parse_label_config
 from backend.settings import Settings
-from backend.store import open_store
+from backend.store import open_store, parse_timestamp
+
+__all__ = ["HANDLERS", "SECRET_HEADER", "PayloadError", "handle_webhook"]
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+SECRET_HEADER = "X-Webhook-Secret"
+MAX_ID = 2**63 - 1  # Label Studio's ids are positive 64-bit integers, as SQLite stores them
 
 
 class PayloadError(ClientError):
-    """A webhook payload missing what its action needs (answered with 400)."""
+    """A webhook payload missing what its action needs, or naming what it may not (4xx)."""
+
+
+def _authenticate(action: str, secret: str | None, settings: Settings, basic_auth: bool) -> None:
+    """401 unless the delivery carries ``WEBHOOK_SECRET`` (see the module docstring)."""
+    if not settings.webhook_secret:
+        return
+    given = (secret or "").encode()
+    if hmac.compare_digest(given, settings.webhook_secret.encode()):
+        return
+    if action == "START_TRAINING" and basic_auth:
+        return
+    why = "missing" if secret is None else "wrong"
+    raise PayloadError(f"webhook refused: header {SECRET_HEADER} is {why} (WEBHOOK_SECRET is set)", 401)
 
 
 def _id(value: Any, what: str) -> int:
     if isinstance(value, Mapping):
         value = value.get("id")
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise PayloadError(f"{what} must be an integer id, got {value!r}")
+        raise PayloadError(f"{what} must be an integer id, got {value!r:.80}")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise PayloadError(f"{what} must be an integer id, got {value!r}") from None
+        raise PayloadError(f"{what} must be an integer id, got {value!r:.80}") from None
+    if not 1 <= number <= MAX_ID:
+        raise PayloadError(f"{what} must be an integer id between 1 and 2**63-1, got {value!r:.80}")
+    return number
 
 
 def _project_id(payload: Mapping[str, Any]) -> int:
-    project = payload.get("project")
-    if project is None and isinstance(payload.get("annotation"), Mapping):
-        project = payload["annotation"].get("project")
-    if project is None:
+    """The delivery's project; every place the body names one must agree."""
+    named = []
+    for where, holder in (("project", payload), ("annotation.project", payload.get("annotation")),
+                          ("task.project", payload.get("task"))):  # fmt: skip
+        if isinstance(holder, Mapping) and holder.get("project") is not None:
+            named.append((where, _id(holder["project"], f"{where} id")))
+    if not [where for where, _ in named if where != "task.project"]:
         raise PayloadError("payload has no 'project'")
-    return _id(project, "project id")
+    if len({pid for _, pid in named}) > 1:
+        raise PayloadError(f"payload names different projects: {', '.join(f'{w}={p}' for w, p in named)}")
+    return named[0][1]
+
+
+def _check_not_future(updated_at: Any, settings: Settings) -> None:
+    """422 for a time beyond this server's clock plus ``WEBHOOK_MAX_SKEW_SECONDS``."""
+    ahead = parse_timestamp(updated_at) / 1e6 - time.time()
+    if ahead > settings.webhook_max_skew_seconds:
+        raise PayloadError(
+            f"annotation updated_at {str(updated_at)[:40]!r} is in the future ({ahead:.0f} s ahead of this "
+            f"server's clock; at most {settings.webhook_max_skew_seconds:g} s allowed, "
+            "WEBHOOK_MAX_SKEW_SECONDS)",
+            422,
+        )
 
 
 def _label_config(payload: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -79,11 +132,19 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
         raise PayloadError(f"{payload['action']} needs a 'task' object")
     project_id = _project_id(payload)
     annotation_id = _id(annotation.get("id"), "annotation.id")
+    if settings.webhook_verify:
+        annotation, task = webhook_verify.verified_annotation(settings, annotation_id, project_id)
     updated_at = annotation.get("updated_at") or annotation.get("created_at")
     if updated_at is None:
         raise PayloadError("annotation has no 'updated_at' (needed to order deliveries)")
+    _check_not_future(updated_at, settings)
     image_var, image_name, caption = _label_config(payload)
-    parsed = parse_result(annotation.get("result"), image_name=image_name, caption_control=caption)
+    parsed = parse_result(
+        annotation.get("result"),
+        image_name=image_name,
+        caption_control=caption,
+        max_text_chars=settings.max_text_chars,
+    )
     if annotation.get("was_cancelled"):
         parsed.regions = []  # a skipped task corrects nothing; drop what an earlier version said
     image = image_reference(task.get("data"), image_var)
@@ -118,6 +179,8 @@ def _on_deleted(payload: Mapping[str, Any], settings: Settings) -> dict[str, Any
         raise PayloadError("ANNOTATIONS_DELETED needs an 'annotations' list")
     ids = [_id(item, "annotations[].id") for item in items]
     project_id = _project_id(payload)
+    if settings.webhook_verify:
+        webhook_verify.verify_deleted(settings, ids)
     removed = open_store(settings.data_dir).delete_annotations(project_id, ids)
     return {"project": project_id, "deleted": removed}
 
@@ -136,21 +199,29 @@ HANDLERS = {
 }
 
 
-def handle_webhook(payload: dict[str, Any], settings: Settings) -> tuple[int, dict[str, Any]]:
-    """Process one webhook delivery: persist first, then try to enqueue (see module doc)."""
-    if not isinstance(payload, Mapping):
-        return 400, {"status": "error", "detail": "webhook body must be a JSON object"}
-    action = payload.get("action")
-    if not isinstance(action, str) or not action:
-        return 400, {"status": "error", "detail": "webhook body has no 'action'"}
-    handler = HANDLERS.get(action)
-    if handler is None:
-        return 200, {"status": "Unknown event", "action": action}
+def handle_webhook(
+    payload: dict[str, Any], settings: Settings, secret: str | None = None, basic_auth: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """Process one webhook delivery: persist first, then try to enqueue (see module doc).
+
+    ``secret``: the request's ``X-Webhook-Secret`` header (None when absent); ``basic_auth``: the
+    request passed the app's HTTP basic auth.
+    """
+    action = payload.get("action") if isinstance(payload, Mapping) else None
     try:
+        _authenticate(action if isinstance(action, str) else "", secret, settings, basic_auth)
+        if not isinstance(payload, Mapping):
+            raise PayloadError("webhook body must be a JSON object")
+        if not isinstance(action, str) or not action:
+            raise PayloadError("webhook body has no 'action'")
+        handler = HANDLERS.get(action)
+        if handler is None:
+            return 200, {"status": "Unknown event", "action": action}
         result = handler(payload, settings)
     except ClientError as exc:
         log.warning("webhook refused", extra={"action": action, "status": exc.status, "reason": exc.message})
-        return exc.status, {"status": "error", "action": action, "detail": exc.message}
+        body = {"status": "error", "detail": exc.message}
+        return exc.status, ({**body, "action": action} if isinstance(action, str) and action else body)
     # The correction is committed; a Redis failure below only delays the job (outbox).
     result["jobs"] = flush_outbox(settings, open_store(settings.data_dir))
     return 201, {"status": "ok", "action": action, "result": result}
