@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.geometry import boxes_tensor
+from model.inference.cache import SizedLRU
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import EncodedImage, image_key
 from model.inference.reference import generate_naive
@@ -90,6 +91,20 @@ def test_stop_string_candidates(scrambled):
     sep = tok("###", add_special_tokens=False).input_ids
     assert set(sep) <= engine.stop.tokens
     assert all("#" in tok.convert_ids_to_tokens(i) for i in engine.stop.tokens)
+
+
+def test_sized_lru_evicts_least_recently_used_by_size():
+    lru: SizedLRU[str, bytes] = SizedLRU(10, len)
+    lru.put("a", b"1234")
+    lru.put("b", b"1234")
+    assert lru.get("a") == b"1234"  # "a" is now the most recent
+    lru.put("c", b"1234")  # 12 bytes > 10: the least recent ("b") goes
+    assert lru.get("b") is None and len(lru) == 2 and lru.used == 8
+    lru.put("big", b"x" * 11)  # larger than the whole cache: not stored, nothing evicted
+    assert lru.get("big") is None and len(lru) == 2
+    lru.put("a", b"12")  # replacing an entry counts its new size only
+    assert lru.used == 6
+    assert (lru.hits, lru.misses) == (1, 2)
 
 
 def test_image_key_depends_on_content():

@@ -75,6 +75,12 @@ def test_placeholder_count_mismatch_raises_clear_error():
         cut = ids[:, : first_patch + 3]  # only 3 of the image's patch tokens remain
         with pytest.raises(PlaceholderError, match="3 image placeholder tokens but 16 image features"):
             m.embed_prompts(cut, vision, feats, [0], [[]])
+        # The engine's question embeddings go through the same check and merge.
+        question = torch.tensor([m.prompts.question_ids("What is <region1>?", True, len(boxes))[0]])
+        with pytest.raises(PlaceholderError, match=r"prompt 0 refers to region 9 but its image has \d+"):
+            m.embed_questions(question, feats, [0], [[8]])
+        with pytest.raises(PlaceholderError, match="1 region placeholder tokens but 2 region features"):
+            m.embed_questions(question, feats, [0], [[0, 1]])
 
 
 def test_loss_only_on_answer_tokens():
