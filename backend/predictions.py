@@ -1,4 +1,4 @@
-"""Label Studio tasks -> boxes -> one batched model call -> Label Studio prediction results.
+"""Label Studio tasks -> boxes -> batched model calls (bounded chunks) -> Label Studio prediction results.
 
 Where a task's boxes come from, first match wins:
 
@@ -38,7 +38,7 @@ GEOMETRY = ("x", "y", "width", "height", "rotation")
 
 
 class PredictionError(ClientError):
-    """Bad input in a predict request (answered with 400)."""
+    """Bad input in a predict request (400; 413 for more tasks than MAX_TASKS_PER_REQUEST)."""
 
 
 @dataclass
@@ -221,52 +221,49 @@ def _region_tensor(plan: TaskPlan, width: int, height: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- batch
-def predict_tasks(
-    tasks: Sequence[Any],
+@dataclass
+class _Chunk:
+    """Tasks for one ``describe_regions`` call.  An image not yet encoded in this request appears
+    in it at most once: the engine encodes every uncached copy it is handed, so a second task on
+    that image waits for the next chunk, when the first chunk's encoding is in the engine's cache."""
+
+    tasks: list[int] = field(default_factory=list)
+    images: list[EncodedImage] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    cold: set[str] = field(default_factory=set)  # image keys first encoded by this chunk
+    by_ref: dict[str, EncodedImage] = field(default_factory=dict)
+    by_key: dict[str, EncodedImage] = field(default_factory=dict)  # one object (one decode) per content
+
+    def image(self, ref: str, task_id: Any, fetcher: ImageFetcher) -> EncodedImage:
+        image = self.by_ref.get(ref) or fetcher.fetch_encoded(ref, task_id)
+        self.by_ref[ref] = image = self.by_key.setdefault(image.key, image)
+        return image
+
+
+def _describe(
+    chunk: _Chunk,
+    plans: list[TaskPlan],
     config: LabelConfig,
     context: dict | None,
     engine: InferenceEngine,
     version: str,
-    fetcher: ImageFetcher,
     settings: Settings,
-) -> tuple[list[dict], PredictStats]:
-    """One prediction per task, from one batched ``describe_regions`` call for the whole request."""
-    if context and len(tasks) != 1:
-        raise PredictionError(f"params.context (interactive mode) needs exactly one task, got {len(tasks)}")
-    plans = [plan_task(t, config, context, settings) for t in tasks]
-    stats = PredictStats(tasks=len(plans))
-    # Encoded: the engine decodes an image only if its cache lacks it (a box drawn on an image
-    # already seen costs no decode and no pixel hash).
-    images: list[EncodedImage] = []
-    tensors: list[torch.Tensor] = []
-    only: list[list[int] | None] = []
-    active: list[int] = []
-    fetched: dict[str, EncodedImage] = {}
-    for i, plan in enumerate(plans):
-        stats.sources[plan.source] = stats.sources.get(plan.source, 0) + 1
-        if not plan.regions:
-            continue
-        image = fetched.get(plan.image_ref) or fetcher.fetch_encoded(plan.image_ref, plan.task_id)
-        fetched[plan.image_ref] = image
-        tensors.append(_region_tensor(plan, image.width, image.height))
-        images.append(image)
-        only.append(plan.focus)
-        active.append(i)
-    reports: list[ImageReport] = []
-    if active:
-        reports = describe_regions(
-            engine,
-            images,
-            tensors,
-            caption=config.caption is not None,
-            attributes=config.wanted_attributes,
-            relations=config.wants_relations,
-            max_relation_boxes=settings.max_relation_regions,
-            only=only if context else None,
-        )
-    results: list[dict] = [{"result": [], "model_version": version} for _ in plans]
-    for j, i in enumerate(active):
-        plan, report, image = plans[i], reports[j], images[j]
+    results: list[dict],
+    stats: PredictStats,
+) -> None:
+    """One batched model call for the chunk's tasks; their predictions go into ``results``."""
+    reports: list[ImageReport] = describe_regions(
+        engine,
+        chunk.images,
+        chunk.tensors,
+        caption=config.caption is not None,
+        attributes=config.wanted_attributes,
+        relations=config.wants_relations,
+        max_relation_boxes=settings.max_relation_regions,
+        only=[plans[i].focus for i in chunk.tasks] if context else None,
+    )
+    for i, report, image in zip(chunk.tasks, reports, chunk.images):
+        plan = plans[i]
         focus = plan.focus if plan.focus is not None else range(len(plan.regions))
         items: list[dict] = []
         for k in focus:
@@ -279,4 +276,50 @@ def predict_tasks(
             "score": round(score, 4) if math.isfinite(score) else 0.0,
             "model_version": version,
         }
+
+
+def predict_tasks(
+    tasks: Sequence[Any],
+    config: LabelConfig,
+    context: dict | None,
+    engine: InferenceEngine,
+    version: str,
+    fetcher: ImageFetcher,
+    settings: Settings,
+) -> tuple[list[dict], PredictStats]:
+    """One prediction per task, from batched ``describe_regions`` calls of at most
+    ``PREDICT_CHUNK_TASKS`` tasks each: memory follows the chunk, not the request.  Images are
+    fetched per chunk and kept encoded; the engine decodes one only if its cache lacks it (a box
+    drawn on an image already seen costs no decode and no pixel hash), and an image shown by many
+    tasks is encoded once (see :class:`_Chunk`)."""
+    if len(tasks) > settings.max_tasks_per_request:
+        raise PredictionError(
+            f"request has {len(tasks)} tasks; at most {settings.max_tasks_per_request} are predicted per "
+            "request (MAX_TASKS_PER_REQUEST): send fewer tasks at a time",
+            413,
+        )
+    if context and len(tasks) != 1:
+        raise PredictionError(f"params.context (interactive mode) needs exactly one task, got {len(tasks)}")
+    plans = [plan_task(t, config, context, settings) for t in tasks]
+    stats = PredictStats(tasks=len(plans))
+    results: list[dict] = [{"result": [], "model_version": version} for _ in plans]
+    warm: set[str] = set()  # image keys encoded by an earlier chunk (in the engine's cache)
+    chunk = _Chunk()
+    for i, plan in enumerate(plans):
+        stats.sources[plan.source] = stats.sources.get(plan.source, 0) + 1
+        if not plan.regions:
+            continue
+        image = chunk.image(plan.image_ref, plan.task_id, fetcher)
+        if len(chunk.tasks) >= settings.predict_chunk_tasks or image.key in chunk.cold:
+            _describe(chunk, plans, config, context, engine, version, settings, results, stats)
+            warm |= chunk.cold
+            chunk = _Chunk()
+            image = chunk.image(plan.image_ref, plan.task_id, fetcher)
+        if image.key not in warm:
+            chunk.cold.add(image.key)
+        chunk.tasks.append(i)
+        chunk.images.append(image)
+        chunk.tensors.append(_region_tensor(plan, image.width, image.height))
+    if chunk.tasks:
+        _describe(chunk, plans, config, context, engine, version, settings, results, stats)
     return results, stats
