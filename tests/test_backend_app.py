@@ -358,8 +358,8 @@ def test_webhook_delegates(env, monkeypatch):
     client, _, _, settings = env
     seen = []
 
-    def fake(payload, s):
-        seen.append((payload["action"], s is settings))
+    def fake(payload, s, secret, basic_auth):
+        seen.append((payload["action"], s is settings, secret, basic_auth))
         return 201, {"result": "stored", "status": "ok"}
 
     monkeypatch.setattr(app_module.webhooks, "handle_webhook", fake)
@@ -375,9 +375,9 @@ def test_webhook_delegates(env, monkeypatch):
         "task": {"id": 1, "data": {"image": "/data/upload/1/x.png"}, "meta": {}, "project": 1},
         "project": {"id": 1, "label_config": CAPTION_XML, "model_version": "1.0.0"},
     }
-    resp = client.post("/webhook", json=payload)
+    resp = client.post("/webhook", json=payload, headers={"X-Webhook-Secret": "from-ls"})
     assert resp.status_code == 201 and resp.get_json() == {"result": "stored", "status": "ok"}
-    assert seen == [("ANNOTATION_CREATED", True)]
+    assert seen == [("ANNOTATION_CREATED", True, "from-ls", False)]  # the header is handed on
     assert 'roi_webhooks_total{action="ANNOTATION_CREATED",status="201"} 1.0' in client.get("/metrics").text
 
 
