@@ -110,21 +110,22 @@ def measure(size: int, same_image: bool, extra_env: dict[str, str], image_base: 
             "REDIS_URL": "redis://127.0.0.1:1/0",  # /predict needs no Redis
             **extra_env,
         }
-        port_file = Path(tmp) / "port"
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port_file)], env=env, cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        port_file, log_file = Path(tmp) / "port", Path(tmp) / "backend.log"
+        with log_file.open("wb") as log:  # a file, not a pipe: a pipe nobody reads blocks the backend
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(port_file)], env=env, cwd=REPO,
+                stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
         try:
             deadline = time.monotonic() + 300
             while not port_file.exists() or not port_file.read_text():
                 if child.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"backend did not start: {child.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"backend did not start: {log_file.read_text()[-2000:]}")
                 time.sleep(0.1)
             base = f"http://127.0.0.1:{port_file.read_text()}"
             while not requests.get(f"{base}/health", timeout=30).json().get("loaded"):
                 if time.monotonic() > deadline:
-                    raise RuntimeError("model did not load")
+                    raise RuntimeError(f"model did not load: {log_file.read_text()[-2000:]}")
                 time.sleep(0.2)
             warm = requests.post(f"{base}/predict", json=payload([10**6], image_base), timeout=600)
             warm.raise_for_status()
