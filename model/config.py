@@ -33,6 +33,9 @@ OPEN_CLIP_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
 
 T = TypeVar("T")
 
+PREPROCESS_MODES = ("squash", "gpt4roi")
+PROMPT_TEMPLATES = ("roi_v0", "gpt4roi_v0", "chat_template")
+
 
 @dataclass
 class VisionConfig:
@@ -47,12 +50,22 @@ class VisionConfig:
 
     open_clip_model: str = "roi-vit-tiny"
     checkpoint: str | None = None
-    image_size: int = 112
+    # None: the tower's own (open_clip ``preprocess_cfg``); a value the tower was not built for is
+    # refused when the model is built (the positional embedding fixes the input side).
+    image_size: int | None = None
     width: int = 128
     image_token_layer: int = -2
     region_layers: list[int] = field(default_factory=lambda: [-5, -4, -3, -2])
-    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
-    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    mean: list[float] | None = None  # None: the tower's preprocess_cfg
+    std: list[float] | None = None
+    interpolation: str | None = None  # "bicubic" | "bilinear"; None: the tower's preprocess_cfg
+    # "squash": resize to image_size x image_size (no crop, boxes stay inside); "gpt4roi": the
+    # official demo's resize (short side to image_size, no crop, then bilinear to the square).
+    preprocess: str = "squash"
+
+    def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"vision.preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
 
 
 FEATURE_NORMS = ("none", "batch", "layer")
@@ -95,21 +108,32 @@ class RegionEncoderConfig:
 
 @dataclass
 class LMConfig:
-    """Causal language model: a local Hugging Face folder or an architecture built from ``hf_config``."""
+    """Causal language model: pretrained weights (a local Hugging Face folder, relative to the
+    checkpoint folder, or a Hub repo id) or an architecture built from ``hf_config``."""
 
     pretrained_path: str | None = None
     hf_config: dict[str, Any] | None = None
     tokenizer_path: str | None = None
     lora: dict[str, Any] | None = None
     max_length: int = 512
+    # LoRA versions: SHA-256 over the base LM's weight files (model.lm.base_fingerprint); a
+    # different base under the same path or repo id is refused at load.
+    base_sha256: str | None = None
 
 
 @dataclass
 class PromptConfig:
-    """Conversation template (GPT4RoI / LLaVA-v0 style); see ``model.prompt``."""
+    """Conversation template by name (see ``model.prompt``): ``roi_v0`` (this project's: LLaVA-v0
+    turns, answers end with EOS), ``gpt4roi_v0`` (as the official GPT4RoI checkpoints were trained:
+    answers end with "\\n###") or ``chat_template`` (the tokenizer's own chat template)."""
 
     system: str = "A chat between a curious human and an artificial intelligence assistant."
     image_intro: str = "The <image> provides an overview of the picture."
+    template: str = "roi_v0"
+
+    def __post_init__(self) -> None:
+        if self.template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt.template must be one of {PROMPT_TEMPLATES}, got {self.template!r}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.inference.cache import ImageState, SizedLRU
-from model.inference.decode import StopString, greedy_decode, question_batch
+from model.inference.decode import STOP_STRING, StopString, greedy_decode, question_batch
 from model.inference.image_input import ImageLike, cache_key, pixels
 from model.inference.kv_decode import KV, make_steps, prefill
 from model.mllm import RegionMLLM
@@ -61,7 +61,7 @@ class InferenceEngine:
         self._cache: SizedLRU[tuple[str, str], ImageState] = SizedLRU(cache_bytes, lambda s: s.nbytes)
         self._lock = threading.RLock()  # torch modules are not re-entrant across gunicorn threads
         self.lean = lean  # lean Llama decode steps where they apply (model.inference.kv_decode)
-        self.stop = StopString(model.tokenizer)
+        self.stop = StopString(model.tokenizer, model.prompts.stop_text or STOP_STRING)
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:
