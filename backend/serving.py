@@ -1,10 +1,14 @@
 """The model in a serving process: loaded once, shared by threads, swapped when the registry moves.
 
 :class:`ModelHolder` owns the :class:`model.inference.engine.InferenceEngine` of the registry's current
-version.  Request threads call :meth:`ModelHolder.get`; at most every ``MODEL_POLL_SECONDS`` that
-call also reads the registry pointer, and when it names another version a background thread loads
-it and then swaps one reference.  Requests already holding the old engine finish on it; nothing is
-dropped and no request waits for a reload (only the very first load is waited for).
+version.  Request threads call :meth:`ModelHolder.get`.  A watcher thread of the process
+(:meth:`ModelHolder.start`) reads the registry pointer every ``MODEL_POLL_SECONDS``, whether requests
+arrive or not; when it names another version the watcher loads it and then swaps one reference
+(the *swap point*).  A request that takes the engine after the swap point is answered by the new
+version (its results carry that ``model_version``), as are ``/health`` and ``/setup``; requests
+already holding the old engine finish on it.  Nothing is dropped and no request waits for a reload
+(only the very first load is waited for).  A holder that was never started (or whose watcher did
+not survive a fork) falls back to polling from :meth:`ModelHolder.get`.
 
 Before a version serves: its manifest and headers are verified and its memory estimated from the
 config (nothing allocated); unless the registry records it as cleared, it is loaded and smoke-tested
@@ -18,12 +22,13 @@ version that loads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.registry import CHECK_TIMEOUT, ModelRegistry, RegistryError
+from backend.registry import CHECK_TIMEOUT, CURRENT, ModelRegistry, RegistryError
 from backend.settings import Settings
 from model.checkpoint import CheckpointError, check_memory, load_model, smoke_check, verify_checkpoint
 from model.device import pick_device
@@ -35,6 +40,7 @@ __all__ = ["Loader", "ModelHolder", "ModelUnavailable", "VersionRefused", "defau
 log = logging.getLogger("backend.serving")
 
 Loader = Callable[[Path, str], RegionMLLM]
+MIN_POLL_SECONDS = 0.1  # the watcher's floor: MODEL_POLL_SECONDS=0 must not spin a core
 
 
 class ModelUnavailable(RuntimeError):
@@ -75,11 +81,27 @@ class ModelHolder:
         self._error: str | None = None
         self.swaps = 0
         self.load_attempts: dict[str, int] = {}  # version -> times this worker tried to load it
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._watcher_pid: int | None = None  # the process the watcher runs in (None: not started)
+        self._watch_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
-        """Begin loading the current version in the background (returns at once)."""
+        """Begin loading the current version in the background and start the watcher thread that
+        follows the registry pointer (both return at once)."""
         threading.Thread(target=self._initial_load, name="model-load", daemon=True).start()
+        self._start_watcher()
+
+    def stop(self) -> None:
+        """Stop the watcher thread (a load in progress finishes)."""
+        self._stop.set()
+
+    @property
+    def watching(self) -> bool:
+        """Is this process's watcher thread running?"""
+        watcher = self._watcher
+        return watcher is not None and watcher.is_alive() and self._watcher_pid == os.getpid()
 
     def get(self) -> tuple[InferenceEngine, str]:
         """The current ``(engine, version)``; blocks only while the first load runs."""
@@ -88,9 +110,9 @@ class ModelHolder:
             self._initial_load()  # waits for a load already running in the background
             current = self._current
             if current is None:
-                self.poll()  # a later registry fix is picked up by a background load
+                self._follow()  # a later registry fix is picked up by a background load
                 raise ModelUnavailable(f"no model could be loaded: {self._error}")
-        self.poll()
+        self._follow()
         return current
 
     @property
@@ -100,6 +122,7 @@ class ModelHolder:
     @property
     def version(self) -> str:
         """Version of the loaded engine, or the registry's current one before the first load."""
+        self._ensure_watcher()
         current = self._current
         if current is not None:
             return current[1]
@@ -117,33 +140,92 @@ class ModelHolder:
         return current[0] if current else None
 
     def poll(self, force: bool = False) -> None:
-        """Check the registry pointer (rate-limited) and load a new version in the background."""
+        """Check the registry pointer (rate-limited) and load a new version in a background thread."""
         now = time.monotonic()
         if not force and now - self._last_poll < self.settings.model_poll_seconds:
             return
         self._last_poll = now
+        wanted = self._wanted(now)
+        if wanted is not None and self._loading is None:
+            self._loading = wanted
+            threading.Thread(target=self._swap_to, args=(wanted,), name="model-swap", daemon=True).start()
+
+    def _wanted(self, now: float) -> str | None:
+        """The registry's current version when this process should load it now: not the one
+        serving, not recorded as bad, not a load that failed moments ago."""
         try:
             wanted = self.registry.current()
         except (RegistryError, OSError, ValueError) as exc:
             log.warning("registry pointer unreadable: %s", exc)
-            return
+            return None
         current = self._current
         if current is not None and current[1] == wanted:
-            return
+            return None
         try:
             bad = self.registry.bad_reason(wanted)
         except (RegistryError, OSError) as exc:
             log.warning("registry check record unreadable: %s", exc)
-            return
+            return None
         if bad is not None:  # recorded as bad: never tried again until a check clears it
             self._error = f"version {wanted} refused: {bad}"
-            return
+            return None
         failed_at = self._failed.get(wanted)
         if failed_at is not None and now - failed_at < max(30.0, 10 * self.settings.model_poll_seconds):
+            return None
+        return wanted
+
+    # ------------------------------------------------------------------ watcher
+    def _start_watcher(self) -> None:
+        with self._watch_lock:
+            if self.watching:
+                return
+            self._stop.clear()
+            self._watcher_pid = os.getpid()
+            self._watcher = threading.Thread(target=self._watch, name="model-watch", daemon=True)
+            self._watcher.start()
+
+    def _ensure_watcher(self) -> None:
+        """Start the watcher again in a forked child (threads do not survive a fork)."""
+        if self._watcher_pid is not None and self._watcher_pid != os.getpid():
+            self._start_watcher()
+
+    def _follow(self) -> None:
+        """What a request does to follow the registry: nothing while the watcher runs."""
+        self._ensure_watcher()
+        if not self.watching:
+            self.poll()
+
+    def _watch(self) -> None:
+        period = max(self.settings.model_poll_seconds, MIN_POLL_SECONDS)
+        while not self._stop.wait(period):
+            try:
+                self._check_pointer()
+            except Exception:  # the watcher must outlive any registry trouble
+                log.exception("model watcher: registry check failed")
+
+    def _check_pointer(self) -> None:
+        """One watcher round: load and swap in (in this thread) a new current version."""
+        if not self._tried or self._loading is not None:
+            return  # the first load, or a load started by poll(), takes the current version
+        now = time.monotonic()
+        wanted = self._wanted(now)
+        if wanted is None:
             return
-        if self._loading is None:
-            self._loading = wanted
-            threading.Thread(target=self._swap_to, args=(wanted,), name="model-swap", daemon=True).start()
+        previous = self._current[1] if self._current else None
+        log.info(
+            "model version noticed",
+            extra={"version": wanted, "serving": previous, "promoted_s_ago": self._pointer_age()},
+        )
+        self._loading = wanted
+        self._swap_to(wanted)
+
+    def _pointer_age(self) -> float | None:
+        """Seconds since the registry pointer was written (for the log: how long a version took to
+        be noticed)."""
+        try:
+            return round(time.time() - (self.registry.root / CURRENT).stat().st_mtime, 2)
+        except OSError:
+            return None
 
     def wait_for_version(self, version: str, timeout: float = 30.0) -> bool:
         """Poll until ``version`` is serving (for tests and tools)."""
@@ -151,7 +233,8 @@ class ModelHolder:
         while time.monotonic() < deadline:
             if self._current is not None and self._current[1] == version:
                 return True
-            self.poll(force=self._loading is None)
+            if not self.watching:
+                self.poll(force=self._loading is None)
             time.sleep(0.05)
         return False
 
@@ -240,6 +323,7 @@ class ModelHolder:
                 self._tried = True
 
     def _swap_to(self, version: str) -> None:
+        started = time.monotonic()
         try:
             with self._load_lock:
                 current = self._current
@@ -247,11 +331,19 @@ class ModelHolder:
                     return
                 engine = self._build(version)
                 old = current[1] if current else None
-                self._current = (engine, version)  # one reference assignment: atomic for readers
+                self._current = (engine, version)  # the swap point: one reference assignment
                 self._error = None
                 self.swaps += 1
                 self._failed.pop(version, None)
-                log.info("model swapped", extra={"version": version, "previous": old})
+                log.info(
+                    "model swapped",
+                    extra={
+                        "version": version,
+                        "previous": old,
+                        "seconds": round(time.monotonic() - started, 2),
+                        "promoted_s_ago": self._pointer_age(),
+                    },
+                )
         except VersionRefused as exc:  # recorded as bad: poll() will not try it again
             self._error = str(exc)
         except Exception as exc:  # a bad version must never take the server down
