@@ -9,6 +9,7 @@ the region encoder).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,30 @@ def build_clip(model_name: str, checkpoint: str | Path | None = None) -> nn.Modu
     return open_clip.create_model(model_name, pretrained=str(checkpoint) if checkpoint else None)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.text
+
+
+def _tower_to_fill(model_name: str) -> nn.Module:
+    """The bare vision tower of ``model_name``, for weights loaded into it right after: open_clip's
+    "initialized randomly" warning about it (on the root logger) is dropped, as users read it as a
+    broken model; a tower left random (:func:`build_visual` without a checkpoint) still warns."""
+    quiet = _DropMessage(
+        f"No pretrained weights loaded for model '{model_name}'. Model initialized randomly."
+    )
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return build_clip(model_name).visual
+    finally:
+        root.removeFilter(quiet)
+
+
 def _visual_from_state(
     model_name: str, state: dict[str, torch.Tensor], visual: nn.Module | None = None
 ) -> nn.Module:
@@ -80,7 +105,7 @@ def _visual_from_state(
     CLIPVisionModel has no output projection: the tower's is zeroed, it is never used here)."""
     from model.convert.clip import VisionSourceError
 
-    visual = visual if visual is not None else build_clip(model_name).visual
+    visual = visual if visual is not None else _tower_to_fill(model_name)
     own = {k[len("visual.") :]: v for k, v in state.items()}
     if "proj" not in own and getattr(visual, "proj", None) is not None:
         own["proj"] = torch.zeros_like(visual.proj)
@@ -114,7 +139,7 @@ def build_visual(model_name: str, checkpoint: str | Path | None = None) -> nn.Mo
     path = Path(checkpoint)
     if path.is_dir():
         config, state = read_hf_clip_folder(path)
-        visual = build_clip(model_name).visual
+        visual = _tower_to_fill(model_name)
         check_hf_matches_tower(config, visual, model_name)  # sizes and activation, named
         return _visual_from_state(model_name, state, visual)
     if not path.is_file():
