@@ -7,8 +7,10 @@ the README documents.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
 
 class SettingsError(ValueError):
@@ -28,6 +32,12 @@ def _setting(default: Any, help: str, env: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
+    host: str = _setting(
+        "127.0.0.1", "address the backend (gunicorn) listens on; 0.0.0.0 or :: for every interface"
+    )
+    port: int = _setting(9090, "port the backend (gunicorn) listens on")
+    web_workers: int = _setting(1, "gunicorn worker processes (each holds its own copy of the model)")
+    web_threads: int = _setting(4, "request threads per gunicorn worker (they share its model)")
     model_dir: Path = _setting(REPO_ROOT / "models", "registry root: versions/, current.json")
     default_model: Path = _setting(REPO_ROOT / "model" / "default", "embedded default checkpoint folder")
     data_dir: Path = _setting(REPO_ROOT / "models" / "data", "corrections store (SQLite) and exports")
@@ -120,6 +130,13 @@ class Settings:
             )
         if settings.webhook_verify and not (settings.label_studio_url and settings.label_studio_api_key):
             raise SettingsError("WEBHOOK_VERIFY needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        if not 1 <= settings.port <= 65535:
+            raise SettingsError(f"PORT must be between 1 and 65535, got {settings.port}")
+        if not _is_host(settings.host):
+            raise SettingsError(f"HOST must be an IP address or a host name, got {settings.host!r}")
+        for name in ("web_workers", "web_threads"):
+            if getattr(settings, name) < 1:
+                raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         if not settings.job_heartbeat_seconds > 0:
             raise SettingsError(f"JOB_HEARTBEAT_SECONDS must be positive, got {settings.job_heartbeat_seconds}")
         for name in ("max_json_depth", "max_text_chars", "max_tasks_per_request", "predict_chunk_tasks"):
@@ -139,6 +156,23 @@ class Settings:
                 value = redact_url(value)
             out[f.name] = str(value)
         return out
+
+
+def _is_host(value: str) -> bool:
+    """An IPv4/IPv6 address or a DNS host name (what gunicorn can bind)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(value))
+
+
+def bind_address(settings: Settings) -> str:
+    """``HOST:PORT`` as gunicorn's ``bind`` takes it (an IPv6 address in brackets)."""
+    host = settings.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{settings.port}"
 
 
 def redact_url(url: str) -> str:
