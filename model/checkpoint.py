@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model import lm as lm_module
 from model.config import ModelConfig, TrainConfig, load_model_config, save_json
 from model.device import pick_dtype
 from model.footprint import MemoryEstimate, estimate_memory
@@ -70,53 +71,49 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be loaded (missing, truncated, tampered, wrong keys)."""
 
 
-def build_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, root: Path | None) -> PreTrainedModel:
-    """Causal LM from a local Hugging Face folder or from ``hf_config``; embeddings resized to the
-    tokenizer (new rows start at the mean embedding, as GPT4RoI does)."""
-    lm_cfg = cfg.lm
-    if lm_cfg.pretrained_path:
-        path = Path(lm_cfg.pretrained_path)
-        if root is not None and not path.is_absolute():
-            path = root / path
-        if not path.is_dir():
-            raise FileNotFoundError(f"language model folder not found: {path}")
-        lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    elif lm_cfg.hf_config:
-        hf = dict(lm_cfg.hf_config)
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
-    else:
-        raise ValueError("lm config needs pretrained_path (a local HF folder) or hf_config")
-    if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    if lm_cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", **lm_cfg.lora))
-    return lm
+def build_lm(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    root: Path | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    empty: bool = False,
+) -> PreTrainedModel:
+    """Causal LM (see :func:`model.lm.build_lm`): a local folder or Hub repo id loaded in ``dtype``
+    with low host memory, or ``hf_config``; embeddings resized to the tokenizer, new rows set to
+    the mean embedding as GPT4RoI does."""
+    return lm_module.build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty)
 
 
 def build_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, root: Path | None = None
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    root: Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    empty_lm: bool = False,
 ) -> RegionMLLM:
-    """Fresh model from a config (weights of vision tower / LM from their configured sources)."""
+    """Fresh model from a config (weights of vision tower / LM from their configured sources;
+    ``empty_lm``: an ``hf_config`` LM left on the meta device for :func:`load_model` to assign)."""
     if tokenizer is None:
         if not cfg.lm.tokenizer_path:
             raise ValueError("no tokenizer given and lm.tokenizer_path is not set")
-        tok_path = Path(cfg.lm.tokenizer_path)
-        tokenizer = load_tokenizer(
-            root / tok_path if root is not None and not tok_path.is_absolute() else tok_path
-        )
+        tokenizer = load_tokenizer(lm_module.resolve_pretrained(cfg.lm.tokenizer_path, root))
     torch.manual_seed(0)
-    lm = build_lm(cfg, tokenizer, root)
-    return RegionMLLM(cfg, tokenizer, lm, checkpoint_root=root)
+    lm = build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
+    model = RegionMLLM(cfg, tokenizer, lm, checkpoint_root=root)
+    model.source_root = root  # where the config's relative paths start (save_checkpoint re-bases them)
+    return model
 
 
 def _trainable_state(model: RegionMLLM) -> dict[str, torch.Tensor]:
-    """Everything but the frozen vision tower; tied tensors stored once."""
+    """Everything but the frozen vision tower; tied tensors stored once.  With a LoRA LM only the
+    adapters of the LM are stored (the base comes from ``lm.pretrained_path``, checked by hash)."""
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    lora = bool(model.cfg.lm.lora)
     for name, tensor in model.state_dict().items():
-        if name.startswith("vision."):
+        if name.startswith("vision.") or (lora and name.startswith("lm.") and "lora_" not in name):
             continue
         ptr = tensor.data_ptr()
         if ptr in seen:
@@ -163,6 +160,11 @@ def save_checkpoint(
         # The full LM is in model.safetensors: record its architecture so the folder stands alone.
         cfg.lm.hf_config = model.lm.config.to_dict()
         cfg.lm.pretrained_path = None
+    elif cfg.lm.pretrained_path:
+        # The base stays outside: a folder is referenced relative to this one, a repo id as is.
+        cfg.lm.pretrained_path = lm_module.relative_source(
+            cfg.lm.pretrained_path, getattr(model, "source_root", None), folder
+        )
     save_json(cfg.to_dict(), folder / "config.json")
     if train_cfg is not None:
         save_json(train_cfg.to_dict(), folder / "train_config.json")
@@ -213,10 +215,14 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
         ) from exc
     try:
         cfg = load_model_config(folder)
-        model = build_model(cfg, root=folder)
+        # A full LM is assigned from the file: build it on the meta device (no random init, no
+        # float32 copy of a large model); a LoRA base loads its pretrained weights.
+        model = build_model(cfg, root=folder, empty_lm=not cfg.lm.lora)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from exc
     own = {k for k in model.state_dict() if not k.startswith("vision.")}
+    if cfg.lm.lora:  # the base LM's own weights come from lm.pretrained_path
+        own = {k for k in own if not k.startswith("lm.") or "lora_" in k or k in state}
     unexpected = sorted(set(state) - own)
     missing = sorted(own - set(state))
     # Tied weights (e.g. lm_head tied to embeddings) are stored once; anything else missing is an error.
@@ -230,16 +236,22 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(shapes[k].shape)]
     if bad:
         raise CheckpointError(f"checkpoint {folder}: tensor shapes differ from the config for {bad[:5]}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
     model.lm.tie_weights()
+    empty = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if empty:
+        raise CheckpointError(f"checkpoint {folder}: no weights for {empty[:5]}")
     device = torch.device(device)
     return model.to(device=device, dtype=dtype or pick_dtype(device)).eval()
 
 
 def _is_tied(model: RegionMLLM, key: str, state: dict[str, torch.Tensor]) -> bool:
-    sd = model.state_dict()
-    ptr = sd[key].data_ptr()
-    return any(k in state and sd[k].data_ptr() == ptr for k in sd if k != key)
+    """``key`` is the same parameter as a key stored in ``state`` (identity, not storage address:
+    parameters on the meta device all share address 0)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    return any(k in state and p is params[key] for k, p in params.items() if k != key)
 
 
 # ---------------------------------------------------------------------- integrity

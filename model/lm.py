@@ -49,11 +49,10 @@ def resolve_pretrained(name: str, root: Path | None = None) -> Path:
     if path.is_absolute() or not _REPO_ID.match(name):
         raise FileNotFoundError(f"pretrained model {name!r}: no such folder and not a Hub repo id")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id=name))
-    except LocalEntryNotFoundError as exc:
+    except OSError as exc:  # not cached while offline, unknown repo, network (all OSError subclasses)
         raise FileNotFoundError(
             f"pretrained model {name!r} is neither a folder nor in the Hugging Face cache "
             f"(offline, or the download failed): {exc}"

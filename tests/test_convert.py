@@ -282,3 +282,113 @@ def test_gpt4roi_preprocessing_is_the_official_demo():
     got = ImageProcessor(cfg)(image)
     assert got.shape == (3, 56, 56)
     torch.testing.assert_close(got, want, atol=0.02, rtol=0)
+
+
+# ---------------------------------------------------------------------- using a converted folder
+def test_converted_folder_predicts_trains_and_serves(merged, tmp_path, capsys):
+    """The folder is what model.predict, model.train --stage 2 and the backend's /predict load."""
+    from backend.app import create_app
+    from backend.serving import ModelHolder
+    from model.predict import main as predict_main
+    from model.train import main as train_main
+    from tests.test_backend_app import CAPTION_XML, ls_task, make_settings, predict_payload, rect
+
+    src_dir, _, out = merged
+    if not any(src_dir.glob("*.bin")):
+        pytest.skip("the safetensors variant converts to the same folder layout")
+    image = Image.linear_gradient("L").resize((90, 60)).convert("RGB")
+    image.save(tmp_path / "img.png")
+    rc = predict_main([str(tmp_path / "img.png"), "What is <region1>?", "--box", "5,5,40,40",
+                       "--model", str(out), "--max-new-tokens", "3", "--device", "cpu"])  # fmt: skip
+    assert rc == 0 and "confidence" in capsys.readouterr().err
+    record = {"image": "img.png", "width": 90, "height": 60, "boxes": [[5, 5, 40, 40], [30, 10, 80, 55]],
+              "conversations": [{"from": "human", "value": "What is <region1>?"},
+                                {"from": "gpt", "value": "a grey region"},
+                                {"from": "human", "value": "And <region2>?"},
+                                {"from": "gpt", "value": "a lighter one"}],
+              "source": "labelstudio", "id": "r1"}  # fmt: skip
+    (tmp_path / "data.jsonl").write_text((json.dumps(record) + "\n") * 4)
+    tuned = tmp_path / "tuned"
+    rc = train_main(["--init", str(out), "--data", str(tmp_path / "data.jsonl"), "--stage", "2",
+                     "--steps", "2", "--batch-size", "2", "--out", str(tuned)])  # fmt: skip
+    assert rc == 0 and read_metadata(tuned)["parent"] == "1.0.0"
+    assert load_model(tuned).cfg.prompt.template == "gpt4roi_v0"
+    settings = make_settings(tmp_path, out)
+    holder = ModelHolder(settings)
+    client = create_app(settings, holder).test_client()
+    task = ls_task(1, [rect("a0", (5, 5, 40, 40), 90, 60)], image=_data_url(image))
+    try:
+        resp = client.post("/predict", json=predict_payload([task], CAPTION_XML))
+    finally:
+        holder.stop()  # the registry watcher would outlive the test's folders
+    assert resp.status_code == 200, resp.data[:300]
+    (prediction,) = resp.get_json()["results"]
+    assert prediction["model_version"] == "1.0.0"
+    assert {(r["id"], r["from_name"]) for r in prediction["result"]} >= {("a0", "bbox"), ("a0", "caption")}
+
+
+def _data_url(image: Image.Image) -> str:
+    import base64
+
+    from tests.model_helpers import png_bytes
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+# ---------------------------------------------------------------------- prompt templates
+def test_gpt4roi_template_ids_equal_the_whole_conversation(merged):
+    """Segment by segment, the ids are those of the official conversation string tokenised at
+    once (train.py's _add_speaker_and_signal); answers end with "\\n###", not EOS."""
+    from model.prompt import PromptBuilder
+
+    _, _, out = merged
+    model = load_model(out)
+    tok, cfg = model.tokenizer, model.cfg.prompt
+    builder = PromptBuilder(tok, cfg, num_image_tokens=4)
+    turns = [("What is <region1>?", "a red square"), ("Is <region2> left of <region1>?", "yes")]
+    enc = builder.encode_conversation(turns, num_boxes=2)
+    image = "<im_start>" + "<im_patch>" * 4 + "<im_end>"
+    text = (f"{cfg.system}\n\n### Human: {cfg.image_intro.replace('<image>', image)}\n"
+            "What is region1 <bbox>?\n### Assistant: a red square\n"
+            "### Human: Is region2 <bbox> left of region1 <bbox>?\n### Assistant: yes\n###")  # fmt: skip
+    assert enc.input_ids == tok(text).input_ids
+    assert tok.eos_token_id not in enc.input_ids and enc.region_order == [0, 1, 0]
+    answers = tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100])
+    assert answers.replace(" ", "") == "aredsquare\n###yes\n###"
+    assert (
+        builder.stop_text == "###"
+        and builder.decode(tok(" a red square\n### Human").input_ids[1:]) == "a red square"
+    )
+    question = builder.prefix_ids + builder.question_ids("What is <region1>?", first=True, num_boxes=1)[0]
+    assert question == tok(text.split(" a red square")[0]).input_ids
+
+
+def test_chat_template_and_default_template():
+    """``chat_template`` follows the tokenizer's own template; ``roi_v0`` (the default) still ends
+    answers with EOS."""
+    from model.config import PromptConfig
+    from model.prompt import PromptBuilder
+    from tests.model_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    default = PromptBuilder(tok, PromptConfig(), num_image_tokens=2)
+    assert default.answer_ids("a cat")[-1] == tok.eos_token_id
+    from transformers import PreTrainedTokenizerFast
+
+    chat = PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="[PAD]"
+    )
+    chat.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    builder = PromptBuilder(
+        chat, PromptConfig(system="Be brief.", template="chat_template"), num_image_tokens=2
+    )
+    enc = builder.encode_conversation([("What is <region1>?", "a cat")], num_boxes=1)
+    image = "<im_start><im_patch><im_patch><im_end>"
+    text = (f"<|system|>\nBe brief.</s>\n<|user|>\nThe {image} provides an overview of the picture.\n"
+            "What is region1 <bbox>?</s>\n<|assistant|>\na cat</s>\n")  # fmt: skip
+    assert enc.input_ids == chat(text, add_special_tokens=False).input_ids
+    assert chat.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100]) == "a cat</s>\n"
+    assert builder.stop_text == "</s>"

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--open-clip-model", default="ViT-L-14-quickgelu", help="open_clip architecture")
     g.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored dtype (source: fp16)")
-    g.add_argument("--name", default="gpt4roi-7b", help="model name / version recorded in the folder")
+    g.add_argument("--name", default="gpt4roi-7b", help="model name recorded in the folder")
+    g.add_argument("--version", default="1.0.0", help="version (MAJOR.MINOR.PATCH) recorded in version.json")
     args = ap.parse_args(argv)
     if args.delta is not None and args.base is None:
         ap.error("--delta needs --base LLAMA_DIR")
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             open_clip_model=args.open_clip_model,
             dtype=DTYPES[args.dtype],
             name=args.name,
+            version=args.version,
         )
     except (ConversionError, VisionSourceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

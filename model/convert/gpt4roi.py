@@ -385,6 +385,7 @@ def convert_gpt4roi(
     open_clip_model: str = "ViT-L-14-quickgelu",
     dtype: torch.dtype = torch.float16,
     name: str = "gpt4roi-7b",
+    version: str = "1.0.0",
 ) -> dict[str, Any]:
     """Write the checkpoint folder ``out`` (config.json, model.safetensors, vision.safetensors,
     tokenizer/, version.json); returns a summary (tensors, bytes, seconds)."""
@@ -447,7 +448,8 @@ def convert_gpt4roi(
     }
     save_json(
         {
-            "version": name,
+            "version": version,
+            "name": name,
             "parent": None,
             "stage": 2,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
