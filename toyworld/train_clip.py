@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model.config import VisionConfig
-from model.vision import ImageProcessor, build_clip
+from model.vision import ImageProcessor, build_clip, resolve_preprocessing
 from toyworld.scenes import SceneSpec, make_scene
 
 __all__ = ["COLS", "ROWS", "clip_pair", "train_clip"]
@@ -50,6 +50,7 @@ def train_clip(
     spec = spec or SceneSpec()
     model = build_clip(cfg.open_clip_model)
     tokenizer = open_clip.get_tokenizer(cfg.open_clip_model)
+    resolve_preprocessing(cfg, model.visual, cfg.open_clip_model)  # size/mean/std from the tower
     processor = ImageProcessor(cfg)
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
