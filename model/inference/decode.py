@@ -4,10 +4,17 @@ Each row is ``[prefix | pad gap | question]``: the question right-aligned after 
 that is masked out and skipped in positions, so every row's last token sits in the same slot and
 one forward gives every row's next-token logits.  Finished rows leave the batch, so no compute is
 spent on padding after EOS.
+
+A byte-level tokenizer's token may hold part of a character's UTF-8 bytes, so answers are turned
+into text through the tokens' bytes (:class:`AnswerText`): text ends before the first byte sequence
+that is not a complete character, never with U+FFFD for a split character.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,9 +23,112 @@ from transformers import PreTrainedTokenizerBase
 
 from model.inference.kv_decode import DecodeSteps
 
-__all__ = ["STOP_STRING", "Generated", "QuestionBatch", "StopString", "greedy_decode", "question_batch"]
+__all__ = [
+    "STOP_STRING",
+    "AnswerText",
+    "Generated",
+    "QuestionBatch",
+    "StopString",
+    "complete_utf8",
+    "greedy_decode",
+    "question_batch",
+    "token_bytes",
+]
 
 STOP_STRING = "###"  # the template's turn separator (model.prompt)
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+_METASPACE = "\u2581"
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoder_types(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """Types of the fast tokenizer's decoder (a ``Sequence``'s members included); empty if slow."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    spec = json.loads(backend.to_str()).get("decoder") or {}
+    return {spec.get("type", "")} | {d.get("type", "") for d in spec.get("decoders", [])}
+
+
+def _build_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes] | None:
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    if "ByteLevel" in _decoder_types(tokenizer):
+        # Lazy import: the module is heavy and only its GPT-2 byte alphabet is needed.
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        table = []
+        for i, piece in enumerate(pieces):
+            piece = piece or ""
+            if i in special or not all(c in to_byte for c in piece):
+                table.append(b"" if i in special else piece.encode("utf-8"))  # added tokens are plain text
+            else:
+                table.append(bytes(to_byte[c] for c in piece))
+        return table
+    if any(_BYTE_PIECE.match(p or "") for p in pieces):
+        table = []
+        for i, piece in enumerate(pieces):
+            m = _BYTE_PIECE.match(piece or "")
+            if i in special:
+                table.append(b"")
+            elif m:
+                table.append(bytes([int(m.group(1), 16)]))
+            else:
+                table.append((piece or "").replace(_METASPACE, " ").encode("utf-8"))
+        return table
+    return None
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes] | None:
+    """The UTF-8 bytes each token id stands for (special tokens: ``b""``), for byte-level BPE and
+    SentencePiece byte-fallback vocabularies; None for others.  Built once per tokenizer."""
+    try:
+        return _TABLES[tokenizer]
+    except KeyError:
+        table = _TABLES[tokenizer] = _build_table(tokenizer)
+        return table
+
+
+def complete_utf8(data: bytes) -> str:
+    """``data`` decoded up to the first byte that does not belong to a complete UTF-8 character
+    (an incomplete tail or an invalid sequence ends the text there)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return data[: err.start].decode("utf-8")
+
+
+class AnswerText:
+    """Generated ids -> answer text: special tokens dropped, text up to the last complete character
+    (:func:`complete_utf8`) and before ``stop_text``, stripped.
+
+    Text holds U+FFFD only where the model produced that character's own bytes.  Answers without
+    a broken character are exactly the tokenizer's ``decode``; for a vocabulary whose token bytes
+    are unknown (:func:`token_bytes` is None), a decoded U+FFFD ends the text.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_text: str | None = STOP_STRING) -> None:
+        self.tokenizer = tokenizer
+        self.stop_text = stop_text
+        self.table = token_bytes(tokenizer)
+
+    def raw(self, ids: Sequence[int]) -> str:
+        """The complete characters of ``ids`` (special tokens dropped), before any stop text."""
+        tok = self.tokenizer
+        text = tok.decode(list(ids), skip_special_tokens=True)
+        if "\ufffd" not in text:  # the usual case: nothing split, the tokenizer's own text
+            return text
+        if self.table is None:
+            return text.split("\ufffd")[0]
+        text = complete_utf8(b"".join(self.table[i] for i in ids))
+        if getattr(tok, "clean_up_tokenization_spaces", False):
+            text = tok.clean_up_tokenization(text)
+        return text
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        text = self.raw(ids)
+        return (text.split(self.stop_text)[0] if self.stop_text else text).strip()
 
 
 class StopString:
@@ -26,20 +136,32 @@ class StopString:
     turn's separator instead).
 
     A stop string that newly appears overlaps the last token's text, and the overlap ends the
-    string: only tokens holding its last character (:attr:`tokens`) can complete it, so only those
-    are worth decoding the last ``window`` tokens for.
+    string: only tokens holding its last byte (:attr:`tokens`) can complete it, so only those
+    are worth checking the last ``window`` tokens for.  Compared as bytes where the vocabulary's
+    bytes are known (:func:`token_bytes`): a token may hold part of a character.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, text: str = STOP_STRING, window: int = 4) -> None:
         self.tokenizer = tokenizer
         self.text = text
-        self.window = window
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self.tokens = {i for i, piece in enumerate(pieces) if text[-1] in (piece or "")}
+        self.table = token_bytes(tokenizer)
+        self.data = text.encode("utf-8")
+        # A token holds at least one byte, so this many tokens always cover the stop text.
+        self.window = max(window, len(self.data)) if self.table is not None else window
+        if self.table is not None:
+            self.tokens = {i for i, b in enumerate(self.table) if self.data[-1] in b}
+        else:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            self.tokens = {i for i, piece in enumerate(pieces) if text[-1] in (piece or "")}
 
     def ends(self, tokens: list[int]) -> bool:
         """True when ``tokens`` (one row's generated ids so far) now end an answer."""
-        return tokens[-1] in self.tokens and self.text in self.tokenizer.decode(tokens[-self.window :])
+        if tokens[-1] not in self.tokens:
+            return False
+        last = tokens[-self.window :]
+        if self.table is not None:
+            return self.data in b"".join(self.table[t] for t in last)
+        return self.text in self.tokenizer.decode(last)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.inference.cache import ImageState, SizedLRU
-from model.inference.decode import STOP_STRING, StopString, greedy_decode, question_batch
+from model.inference.decode import STOP_STRING, AnswerText, StopString, greedy_decode, question_batch
 from model.inference.image_input import ImageLike, cache_key, pixels
 from model.inference.kv_decode import KV, make_steps, prefill
 from model.mllm import RegionMLLM
@@ -62,6 +62,7 @@ class InferenceEngine:
         self._lock = threading.RLock()  # torch modules are not re-entrant across gunicorn threads
         self.lean = lean  # lean Llama decode steps where they apply (model.inference.kv_decode)
         self.stop = StopString(model.tokenizer, model.prompts.stop_text or STOP_STRING)
+        self.text = AnswerText(model.tokenizer, model.prompts.stop_text)  # whole characters only
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:
@@ -189,10 +190,7 @@ class InferenceEngine:
             self.max_new_tokens,
         )
         self.stats.generated_tokens += sum(len(g.probs) for g in rows)
-        return [
-            Answer(m.prompts.decode(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens))
-            for g in rows
-        ]
+        return [Answer(self.text(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens)) for g in rows]
 
     @staticmethod
     def _row_prefixes(states: Sequence[ImageState], row_image: list[int]) -> KV:

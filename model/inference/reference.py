@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from model.inference.decode import AnswerText
 from model.mllm import RegionMLLM
 
 __all__ = ["generate_naive"]
@@ -21,7 +22,8 @@ def generate_naive(
     """Encode the image, build the prompt, call ``generate`` (greedy).
 
     ``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
-    probability, EOS included).  The batched engine must give the same answers.
+    probability, EOS included); the answer holds whole characters only, as the engine's
+    (:class:`~model.inference.decode.AnswerText`).  The batched engine must give the same answers.
     """
     tok = model.tokenizer
     enc = model.prompts.encode_question(question, num_boxes=len(boxes))
@@ -45,4 +47,4 @@ def generate_naive(
         cut = tokens.index(tok.eos_token_id)
         tokens, probs = tokens[:cut], probs[: cut + 1]
     score = sum(probs) / max(len(probs), 1)
-    return model.prompts.decode(tokens), score
+    return AnswerText(tok, model.prompts.stop_text)(tokens), score
