@@ -214,7 +214,12 @@ class ModelHolder:
         previous = self._current[1] if self._current else None
         log.info(
             "model version noticed",
-            extra={"version": wanted, "serving": previous, "promoted_s_ago": self._pointer_age()},
+            extra={
+                "version": wanted,
+                "serving": previous,
+                "promoted_s_ago": self._pointer_age(),
+                "pid": os.getpid(),
+            },
         )
         self._loading = wanted
         self._swap_to(wanted)
@@ -342,6 +347,7 @@ class ModelHolder:
                         "previous": old,
                         "seconds": round(time.monotonic() - started, 2),
                         "promoted_s_ago": self._pointer_age(),
+                        "pid": os.getpid(),
                     },
                 )
         except VersionRefused as exc:  # recorded as bad: poll() will not try it again

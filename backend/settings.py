@@ -50,6 +50,12 @@ class Settings:
     label_studio_api_key: str = _setting(
         "", "Label Studio API token (legacy token or PAT)", env="LABEL_STUDIO_API_KEY"
     )
+    label_studio_sync_seconds: float = _setting(
+        300.0, "after a promotion, how long the worker waits for Label Studio to see the new version, seconds"
+    )
+    label_studio_predict_tasks: int = _setting(
+        20, "after a promotion, tasks Label Studio predicts with the new version so its project can select it"
+    )
     local_files_root: str = _setting(
         "", "LOCAL_FILES_DOCUMENT_ROOT for /data/local-files", env="LOCAL_FILES_DOCUMENT_ROOT"
     )
@@ -134,7 +140,7 @@ class Settings:
             raise SettingsError(f"PORT must be between 1 and 65535, got {settings.port}")
         if not _is_host(settings.host):
             raise SettingsError(f"HOST must be an IP address or a host name, got {settings.host!r}")
-        for name in ("web_workers", "web_threads"):
+        for name in ("web_workers", "web_threads", "label_studio_predict_tasks"):
             if getattr(settings, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         if not settings.job_heartbeat_seconds > 0:
