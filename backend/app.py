@@ -31,6 +31,7 @@ from backend.images import ImageError, ImageFetcher
 from backend.jobs import queue_figures
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.observability import Metrics, setup_logging
+from backend.predicted import remember_predictions
 from backend.predictions import predict_tasks
 from backend.request_body import check_length, parse_json_object, read_limited
 from backend.serving import ModelHolder, ModelUnavailable
@@ -195,6 +196,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             raise ClientError("'params.context' must be an object or null")
         engine, version = holder.get()
         results, stats = predict_tasks(tasks, config, context, engine, version, fetcher, settings)
+        remember_predictions(settings, tasks, results)  # what a later annotation is compared with
         metrics.regions.inc(stats.regions)
         metrics.tasks.labels("interactive" if context else "batch").inc(stats.tasks)
         log.info(

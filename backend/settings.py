@@ -22,6 +22,9 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
 
+TRAIN_TRIGGERS = ("threshold", "manual", "schedule")
+
+
 class SettingsError(ValueError):
     """An environment variable with a value that cannot be used."""
 
@@ -86,7 +89,13 @@ class Settings:
     image_timeout: float = _setting(10.0, "image download timeout, seconds")
     allow_private_urls: bool = _setting(False, "allow image URLs on private/loopback hosts")
     model_poll_seconds: float = _setting(2.0, "how often serving checks the registry for a new version")
-    train_min_corrections: int = _setting(20, "new corrected regions that trigger a fine-tuning job")
+    train_trigger: str = _setting(
+        "threshold,manual",
+        "what starts fine-tuning, comma-separated: threshold, manual, schedule (docs/training.md)",
+    )
+    train_min_corrections: int = _setting(
+        20, "new corrected regions (text the reviewer changed or the model never gave) that start a job"
+    )
     train_steps: int = _setting(300, "fine-tuning steps per job")
     train_batch_size: int = _setting(16, "fine-tuning global batch size")
     train_lr: float = _setting(3e-4, "fine-tuning learning rate")
@@ -108,6 +117,18 @@ class Settings:
     retrain_cron: str = _setting("", "cron schedule of periodic retraining (e.g. '0 3 * * *'); empty: off")
     retrain_interval: int = _setting(0, "periodic retraining interval in seconds; 0: off")
     log_level: str = _setting("INFO", "logging level")
+
+    @property
+    def train_triggers(self) -> frozenset[str]:
+        """The words of ``TRAIN_TRIGGER`` (SettingsError for an unknown one)."""
+        words = {w.strip().lower() for w in self.train_trigger.split(",") if w.strip()}
+        unknown = sorted(words - set(TRAIN_TRIGGERS))
+        if unknown or not words:
+            raise SettingsError(
+                f"TRAIN_TRIGGER={self.train_trigger!r}: expected a comma-separated list of "
+                f"{', '.join(TRAIN_TRIGGERS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        return frozenset(words)
 
     @staticmethod
     def env_name(f) -> str:
@@ -136,6 +157,14 @@ class Settings:
             )
         if settings.webhook_verify and not (settings.label_studio_url and settings.label_studio_api_key):
             raise SettingsError("WEBHOOK_VERIFY needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        scheduled = bool(settings.retrain_cron or settings.retrain_interval)
+        if "schedule" in settings.train_triggers and not scheduled:
+            raise SettingsError("TRAIN_TRIGGER includes schedule: set RETRAIN_CRON or RETRAIN_INTERVAL")
+        if scheduled and "schedule" not in settings.train_triggers:
+            raise SettingsError(
+                f"RETRAIN_CRON/RETRAIN_INTERVAL is set but TRAIN_TRIGGER={settings.train_trigger!r} does not "
+                "include schedule: add it (e.g. TRAIN_TRIGGER=threshold,manual,schedule) or unset them"
+            )
         if not 1 <= settings.port <= 65535:
             raise SettingsError(f"PORT must be between 1 and 65535, got {settings.port}")
         if not _is_host(settings.host):

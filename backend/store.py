@@ -5,7 +5,9 @@ Tables::
     annotations  one row per Label Studio annotation id: project, task, image reference, original
                  size, ``updated_us`` (ordering key) and ``seq`` (store-wide change counter);
                  ``deleted=1`` rows are tombstones (no regions) so a late delivery cannot revive them
-    regions      the annotation's region-text pairs: pixel box, caption, attributes, relations
+    regions      the annotation's region-text pairs: pixel box, caption, attributes, relations, and
+                 ``corrected``: the reviewer gave it text the model did not (:mod:`backend.predicted`);
+                 only those count towards ``TRAIN_MIN_CORRECTIONS``, all are training data
     projects     per project ``trained_seq``: changes up to it were taken by a training job
     outbox       per project, a training request not yet handed to Redis (or waiting for a running
                  job); survives a Redis outage and is flushed by the next webhook, the worker,
@@ -26,7 +28,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +63,7 @@ CREATE TABLE IF NOT EXISTS regions (
     caption TEXT,
     attributes TEXT NOT NULL,
     relations TEXT NOT NULL,
+    corrected INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (annotation_id, idx)
 );
 CREATE TABLE IF NOT EXISTS projects (
@@ -154,6 +157,13 @@ class CorrectionStore:
             # WAL is a property of the database file: set once, every later connection inherits it.
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            if "corrected" not in {r["name"] for r in con.execute("PRAGMA table_info(regions)")}:
+                # A store written before corrections were told apart: regions with text count.
+                con.execute("ALTER TABLE regions ADD COLUMN corrected INTEGER NOT NULL DEFAULT 1")
+                con.execute(
+                    "UPDATE regions SET corrected = 0"
+                    " WHERE caption IS NULL AND attributes = '{}' AND relations = '[]'"
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -199,8 +209,11 @@ class CorrectionStore:
         regions: Sequence[Region],
         task_id: int | None = None,
         train_threshold: int | None = None,
+        corrections: Collection[str] | None = None,
     ) -> WriteResult:
         """Record one annotation version (created or updated) in one transaction.
+
+        ``corrections``: ids of the regions that count as corrections (None: every region with text).
 
         When ``train_threshold`` is given and the project's new corrections reach it, a training
         request is put in the outbox in the same transaction.
@@ -231,9 +244,11 @@ class CorrectionStore:
                      seq, time.time()),
                 )  # fmt: skip
                 con.execute("DELETE FROM regions WHERE annotation_id = ?", (annotation_id,))
+                with_text = {r.region_id for r in regions if r.has_text}
+                counted = with_text if corrections is None else set(corrections)
                 con.executemany(
-                    "INSERT INTO regions VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [_region_row(annotation_id, i, r) for i, r in enumerate(regions)],
+                    "INSERT INTO regions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [_region_row(annotation_id, i, r, r.region_id in counted) for i, r in enumerate(regions)],
                 )
             new = self._new_corrections(con, project_id)
             requested = False
@@ -313,7 +328,8 @@ class CorrectionStore:
     def _new_corrections(con: sqlite3.Connection, project_id: int) -> int:
         row = con.execute(
             "SELECT COUNT(*) FROM regions r JOIN annotations a USING (annotation_id)"
-            " WHERE a.project_id = ? AND a.deleted = 0 AND a.seq >"
+            " WHERE r.corrected = 1"
+            " AND a.project_id = ? AND a.deleted = 0 AND a.seq >"
             " COALESCE((SELECT trained_seq FROM projects WHERE project_id = ?), 0)",
             (project_id, project_id),
         ).fetchone()
@@ -418,11 +434,11 @@ class CorrectionStore:
         return write_jsonl(self.export_records(project_id), path)
 
 
-def _region_row(annotation_id: int, idx: int, r: Region) -> tuple:
+def _region_row(annotation_id: int, idx: int, r: Region, corrected: bool) -> tuple:
     relations = [{"target": rel.target, "labels": list(rel.labels)} for rel in r.relations]
     return (
         annotation_id, idx, r.region_id, *r.box, r.caption,
-        json.dumps(r.attributes, sort_keys=True), json.dumps(relations),
+        json.dumps(r.attributes, sort_keys=True), json.dumps(relations), int(corrected),
     )  # fmt: skip
 
 

@@ -11,7 +11,12 @@ answer is still 201 (the correction is stored) and the request waits in the outb
 * ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: the annotation's regions replace its previous
   version, if newer (replays and out-of-order deliveries change nothing).
 * ``ANNOTATIONS_DELETED``: the annotations and their regions are removed.
-* ``START_TRAINING``: a training request for the project, whatever the count.
+* ``START_TRAINING``: a training request for the project, whatever the count, when
+  ``TRAIN_TRIGGER`` includes ``manual`` (else 409, nothing requested).
+
+Training trigger: a region counts towards ``TRAIN_MIN_CORRECTIONS`` only when the reviewer gave it
+text that the model did not (:mod:`backend.predicted`), and the count requests training only when
+``TRAIN_TRIGGER`` includes ``threshold``.
 * any other action: 200 ``{"status": "Unknown event"}``; a malformed payload: 400 with the reason.
 
 Trust (every refusal is answered with its status and reason and logged at WARNING):
@@ -37,10 +42,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from backend import webhook_verify
-from backend.corrections import image_reference, parse_result
+from backend.corrections import Region, image_reference, parse_result
 from backend.errors import ClientError
 from backend.jobs import flush_outbox
 from backend.label_config import ConfigError, parse_label_config
+from backend.predicted import corrected_regions, open_prediction_log
 from backend.settings import Settings
 from backend.store import open_store, parse_timestamp
 
@@ -123,6 +129,21 @@ def _label_config(payload: Mapping[str, Any]) -> tuple[str | None, str | None, s
     return cfg.image_var, cfg.image_name, cfg.caption
 
 
+def _corrections(
+    regions: list[Region],
+    annotation: Mapping[str, Any],
+    project_id: int,
+    task_id: int | None,
+    settings: Settings,
+) -> set[str]:
+    """Ids of the regions that count as corrections: text the model did not give."""
+    with_text = [r.region_id for r in regions if r.has_text]
+    if not with_text:
+        return set()
+    said = open_prediction_log(settings.data_dir).predicted_for(project_id, task_id, annotation)
+    return corrected_regions(annotation.get("result"), with_text, said)
+
+
 def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
     annotation = payload.get("annotation")
     if not isinstance(annotation, Mapping):
@@ -148,6 +169,8 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
     if annotation.get("was_cancelled"):
         parsed.regions = []  # a skipped task corrects nothing; drop what an earlier version said
     image = image_reference(task.get("data"), image_var)
+    task_id = _id(task.get("id"), "task.id") if task.get("id") is not None else None
+    corrected = _corrections(parsed.regions, annotation, project_id, task_id, settings)
     store = open_store(settings.data_dir)
     written = store.apply_annotation(
         project_id,
@@ -157,8 +180,9 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
         parsed.width,
         parsed.height,
         parsed.regions,
-        task_id=_id(task.get("id"), "task.id") if task.get("id") is not None else None,
-        train_threshold=settings.train_min_corrections,
+        task_id=task_id,
+        train_threshold=settings.train_min_corrections if "threshold" in settings.train_triggers else None,
+        corrections=corrected,
     )
     if parsed.skipped:
         log.info("annotation %s: skipped %s", annotation_id, "; ".join(parsed.skipped[:10]))
@@ -167,6 +191,7 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
         "project": project_id,
         "stored": written.status,
         "regions": written.regions,
+        "corrections": len(corrected),
         "new_corrections": written.new_corrections,
         "training_requested": written.training_requested,
         "skipped": parsed.skipped,
@@ -187,6 +212,10 @@ def _on_deleted(payload: Mapping[str, Any], settings: Settings) -> dict[str, Any
 
 def _on_start_training(payload: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
     project_id = _project_id(payload)
+    if "manual" not in settings.train_triggers:
+        raise PayloadError(
+            f"START_TRAINING ignored: TRAIN_TRIGGER={settings.train_trigger} does not include manual", 409
+        )
     open_store(settings.data_dir).request_training(project_id, "START_TRAINING")
     return {"project": project_id, "training_requested": True}
 

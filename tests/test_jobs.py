@@ -105,6 +105,7 @@ def test_request_while_running_waits_for_a_follow_up(tmp_path: Path, redis_db):
 
 def test_scheduled_retrain_uses_rq_cron(tmp_path: Path, redis_db, use_settings):
     settings = job_settings(tmp_path, retrain_interval=3600, train_min_corrections=10**6)
+    settings = replace(settings, train_trigger="threshold,manual,schedule")  # RETRAIN_INTERVAL needs it
     use_settings(settings)
     assert build_cron(replace(settings, retrain_interval=0), redis_db) is None
     with pytest.raises(ValueError, match="not both"):
