@@ -221,7 +221,6 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from exc
     model.lm.tie_weights()  # tie on the meta device too, so tied keys are recognised by identity
-    model.lm.tie_weights()  # on the meta device too, so a tied head is the embedding's parameter
     own = {k for k in model.state_dict() if not k.startswith("vision.")}
     if cfg.lm.lora:  # the base LM's own weights come from lm.pretrained_path
         own = {k for k in own if not k.startswith("lm.") or "lora_" in k or k in state}
