@@ -10,7 +10,11 @@
   later (next webhook, worker start and every ``OUTBOX_POLL_SECONDS`` in the worker, the schedule,
   or ``python -m backend.jobs flush``).
 * Jobs get ``Retry(max=JOB_RETRIES)`` and ``job_timeout=JOB_TIMEOUT``; progress (phase, step,
-  steps, loss, eta_s) is kept in ``job.meta`` via :func:`progress_reporter`.
+  steps, loss, eta_s) is kept in ``job.meta`` via :func:`progress_reporter`, and each round ends
+  with its outcome there (decision, accepted, reasons, version, label_studio).  Phase ``load``
+  starts a round: the previous round's progress and outcome fields are dropped then, so a reader
+  never sees round 1's step or decision next to round 2's phase.  ``python -m backend.jobs status``
+  shows the meta and the rounds of a finished job.
 * Scheduled retraining uses RQ's own cron (``rq.cron.CronScheduler``): ``RETRAIN_CRON`` (cron
   expression, local time) or ``RETRAIN_INTERVAL`` (seconds) runs :func:`scheduled_retrain`, which
   requests training for every project with corrections newer than its last job.
@@ -41,6 +45,9 @@ log = logging.getLogger(__name__)
 JOB_FUNCTION = "backend.finetune.run_finetune_job"
 PENDING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED}
 RESULT_TTL = 7 * 86_400  # keep a finished job's result and meta for a week (for /jobs views)
+PROGRESS_FIELDS = ("step", "steps", "loss", "eta_s")
+ROUND_FIELDS = (*PROGRESS_FIELDS, "decision", "accepted", "reasons", "version", "label_studio")
+ROUND_START = "load"  # the first phase of every round (see the module doc)
 
 
 def job_id(project_id: int) -> str:
@@ -152,7 +159,7 @@ def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None)
     def report(entry: dict) -> None:
         meta = {"phase": phase, **(extra or {})}
         meta.update({k: entry[k] for k in ("step", "steps", "loss", "eta_s") if k in entry})
-        log.info("progress %s", json.dumps(meta))
+        log.info("progress", extra=meta)
         if job is not None:
             job.meta.update(meta)
             job.save_meta()
@@ -161,10 +168,13 @@ def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None)
 
 
 def set_phase(phase: str, **fields: Any) -> None:
-    """Record the job's current phase (``load``, ``train``, ``evaluate``, ``commit``...) in meta."""
+    """Record the job's current phase (``load``, ``train``, ``evaluate``, ``commit``, ``done``) in
+    meta; ``load`` starts a round and drops the previous round's fields."""
     job = get_current_job()
-    log.info("phase %s %s", phase, json.dumps(fields, default=str))
+    log.info("phase", extra={"phase": phase, **fields})
     if job is not None:
+        for key in ROUND_FIELDS if phase == ROUND_START else ():
+            job.meta.pop(key, None)
         job.meta.update({"phase": phase, **fields})
         job.save_meta()
 
@@ -175,7 +185,22 @@ def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[s
         job = Job.fetch(job_id(project_id), connection=connection)
     except Exception:  # NoSuchJobError, or a job hash an older version wrote
         return None
-    return {"id": job.id, "status": job.get_status().value, "meta": job.get_meta(refresh=False)}
+    status = job.get_status().value
+    return {
+        "id": job.id,
+        "status": status,
+        "meta": job.get_meta(refresh=False),
+        "rounds": _rounds(job) if status == JobStatus.FINISHED.value else [],
+    }
+
+
+def _rounds(job: Job) -> list[dict[str, Any]]:
+    """The rounds a finished job returned (version, decision, parent, gate with its reasons, data)."""
+    try:
+        result = job.return_value()
+    except Exception:  # a result an older version wrote, or one that expired
+        return []
+    return list(result.get("rounds", [])) if isinstance(result, dict) else []
 
 
 def queue_figures(settings: Settings) -> dict[str, int | None]:

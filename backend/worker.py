@@ -19,6 +19,7 @@ import argparse
 import logging
 import multiprocessing
 import socket
+import sys
 import threading
 
 from redis.exceptions import RedisError
@@ -26,11 +27,20 @@ from rq import Worker
 from rq.cron import CronScheduler
 
 from backend.jobs import build_cron, flush_outbox, redis_connection, training_queue
+from backend.observability import JsonFormatter
 from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings, get_settings
 from backend.store import open_store
 
 log = logging.getLogger("backend.worker")
+
+
+def json_logging(level: str) -> None:
+    """JSON lines on stderr for every logger of the process (RQ's and its cron scheduler's too: RQ
+    adds no handler of its own when the root logger has one), as the backend writes them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def prepare(settings: Settings) -> dict:
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--health", choices=["worker", "scheduler"], help="check registration and exit")
     args = ap.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    json_logging(settings.log_level)
     if args.health:
         return 0 if healthy(settings, args.health) else 1
     if args.cron_only:

@@ -112,6 +112,8 @@ def _finetune(
         log.warning(
             "project %s: no usable corrections (%d unreadable images)", project_id, len(split.unreadable)
         )
+        set_phase("done", project=project_id, parent=parent, decision="no-data",
+                  reasons=[f"no usable corrections ({len(split.unreadable)} unreadable images)"])  # fmt: skip
         return {
             "project": project_id,
             "parent": parent,
@@ -156,8 +158,13 @@ def _finetune(
     version = commit_version(registry, model, cfg, summary, history, lineage.evaluator.metrics, t0)
     summary["version"] = version
     promote_if_accepted(registry, settings, summary, version)
-    log.info("project %s: %s %s (%s)", project_id, summary["decision"], version, "; ".join(reasons) or "ok")
-    set_phase("done", project=project_id, version=version, decision=summary["decision"])
+    outcome = {
+        "project": project_id, "parent": parent, "version": version, "decision": summary["decision"],
+        "accepted": accepted, "reasons": list(summary["gate"]["reasons"]),
+        "label_studio": summary.get("label_studio"),
+    }  # fmt: skip
+    log.info("gate decision", extra=outcome)
+    set_phase("done", **outcome)
     return summary
 
 
