@@ -78,6 +78,9 @@ class Settings:
     image_cache_mb: int = _setting(64, "LRU of downloaded image bytes, MiB")
     max_regions: int = _setting(64, "most boxes per task")
     max_relation_regions: int = _setting(8, "relations are asked among the first N boxes")
+    min_box_px: float = _setting(
+        4.0, "a box with a side shorter than this (pixels, inside the image) is skipped, not described"
+    )
     max_new_tokens: int = _setting(24, "longest answer, tokens")
     max_body_mb: float = _setting(10.0, "largest request body, MiB")
     max_json_depth: int = _setting(64, "deepest nesting of a request body's JSON arrays/objects")
@@ -149,6 +152,8 @@ class Settings:
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if not 0.0 <= settings.heldout_fraction < 1.0:
             raise SettingsError(f"HELDOUT_FRACTION must be in [0, 1), got {settings.heldout_fraction}")
+        if not (math.isfinite(settings.min_box_px) and settings.min_box_px >= 0):
+            raise SettingsError(f"MIN_BOX_PX must be a number >= 0, got {settings.min_box_px}")
         if not 0.0 <= settings.replay_fraction < 1.0:
             raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
         if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):

@@ -36,7 +36,12 @@ Box = tuple[float, float, float, float]
 
 
 class BoxError(ValueError):
-    """A box that cannot be used (NaN, zero area, outside the image)."""
+    """A box that cannot be used; ``kind`` names why in one word: ``invalid``, ``not_finite``,
+    ``zero_area``, ``outside_image`` or ``tiny`` (a side below ``min_side``)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def percent_to_pixels(x: float, y: float, width: float, height: float, image_w: int, image_h: int) -> Box:
@@ -79,27 +84,37 @@ def input_to_feature_scale(map_size: int, input_size: int) -> float:
     return float(map_size) / float(input_size)
 
 
-def check_pixel_box(box: Sequence[float], image_w: int, image_h: int, clip: bool = True) -> Box:
-    """Validate a pixel ``xyxy`` box against its image; clip small overhangs.
+def check_pixel_box(
+    box: Sequence[float], image_w: int, image_h: int, clip: bool = True, min_side: float = 0.0
+) -> Box:
+    """Validate a pixel ``xyxy`` box against its image; clip overhangs.
 
-    Raises :class:`BoxError` for NaN/inf values, inverted or zero-area boxes, and boxes lying
-    entirely outside the image.  With ``clip`` the box is clipped to the image first.
+    Raises :class:`BoxError` for NaN/inf values, inverted or zero-area boxes, boxes lying entirely
+    outside the image, and (``min_side`` > 0) boxes with a side shorter than ``min_side`` pixels.
+    With ``clip`` the box is clipped to the image first, so the sides measured are those inside it.
     """
     if len(box) != 4:
         raise BoxError(f"a box needs 4 numbers (x0, y0, x1, y1), got {len(box)}")
     vals = [float(v) for v in box]
     if not all(math.isfinite(v) for v in vals):
-        raise BoxError(f"box {vals} has a NaN or infinite coordinate")
+        raise BoxError(f"box {vals} has a NaN or infinite coordinate", "not_finite")
+    shown = [round(v, 2) for v in vals]  # messages are read by people; float noise is not news
     x0, y0, x1, y1 = vals
     if x1 <= x0 or y1 <= y0:
-        raise BoxError(f"box {vals} has zero or negative area")
+        raise BoxError(f"box {shown} has zero or negative area", "zero_area")
     if x1 <= 0 or y1 <= 0 or x0 >= image_w or y0 >= image_h:
-        raise BoxError(f"box {vals} lies outside the {image_w}x{image_h} image")
+        raise BoxError(f"box {shown} lies outside the {image_w}x{image_h} image", "outside_image")
     if clip:
         x0, y0 = max(0.0, x0), max(0.0, y0)
         x1, y1 = min(float(image_w), x1), min(float(image_h), y1)
         if x1 - x0 < 1e-6 or y1 - y0 < 1e-6:
-            raise BoxError(f"box {vals} has zero area inside the image")
+            raise BoxError(f"box {shown} has zero area inside the image", "outside_image")
+    if min(x1 - x0, y1 - y0) < min_side:
+        raise BoxError(
+            f"box {shown} is {x1 - x0:.1f}x{y1 - y0:.1f} pixels{' inside the image' if clip else ''}, "
+            f"a side below the {min_side:g}-pixel minimum",
+            "tiny",
+        )
     return (x0, y0, x1, y1)
 
 
