@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model import lm as lm_module
@@ -208,7 +208,7 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS}")
     try:
-        state = load_file(str(weights))
+        state = _read_state(weights)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(
             f"cannot load checkpoint {folder}: {WEIGHTS} is damaged (truncated or tampered?): {exc}"
@@ -244,6 +244,15 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
         raise CheckpointError(f"checkpoint {folder}: no weights for {empty[:5]}")
     device = torch.device(device)
     return model.to(device=device, dtype=dtype or pick_dtype(device)).eval()
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, each in its own allocation: they become the model's
+    parameters (``assign=True``), and the reader's buffers are not aligned as torch's allocator
+    aligns, which changes float rounding in some kernels (outputs would differ in the last bits
+    from the model that was saved)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key).clone() for key in f.keys()}
 
 
 def _is_tied(model: RegionMLLM, key: str, state: dict[str, torch.Tensor]) -> bool:

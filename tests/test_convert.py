@@ -392,3 +392,52 @@ def test_chat_template_and_default_template():
     assert enc.input_ids == chat(text, add_special_tokens=False).input_ids
     assert chat.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100]) == "a cat</s>\n"
     assert builder.stop_text == "</s>"
+
+
+def test_serve_sh_answers_with_a_converted_folder(merged, tmp_path):
+    """``scripts/serve.sh`` (gunicorn) seeded with the converted folder answers /predict."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import requests
+
+    from tests.redis_helpers import TEST_REDIS_URL
+    from tests.test_backend_app import CAPTION_XML, ls_task, predict_payload, rect
+    from tests.test_distributed import free_port
+    from tests.test_serve_settings import REPO, _env
+
+    src_dir, _, out = merged
+    if not any(src_dir.glob("*.bin")):
+        pytest.skip("one format is enough for the server")
+    port = free_port()
+    env = _env(HOST="127.0.0.1", PORT=str(port), MODEL_DIR=str(tmp_path / "models"),
+               DATA_DIR=str(tmp_path / "data"), DEFAULT_MODEL=str(out), REDIS_URL=TEST_REDIS_URL,
+               KEY_PREFIX=f"test-convert-{port}", OMP_NUM_THREADS="1", WEB_THREADS="2")  # fmt: skip
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(["bash", "scripts/serve.sh"], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        loaded = False
+        while not loaded and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                loaded = requests.get(f"{base}/health", timeout=5).json().get("loaded") is True
+            except (requests.RequestException, ValueError):
+                pass
+            if not loaded:
+                time.sleep(0.5)
+        assert loaded, (tmp_path / "serve.log").read_text()[-3000:]
+        image = Image.linear_gradient("L").resize((90, 60)).convert("RGB")
+        task = ls_task(1, [rect("a0", (5, 5, 40, 40), 90, 60)], image=_data_url(image))
+        resp = requests.post(f"{base}/predict", json=predict_payload([task], CAPTION_XML), timeout=300)
+        assert resp.status_code == 200, resp.text[:500]
+        (prediction,) = resp.json()["results"]
+        assert prediction["model_version"] == "1.0.0" and prediction["result"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
