@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def build_lm(
     return lm_module.build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty)
 
 
+_BUILD_LOCK = threading.RLock()
+
+
 def build_model(
     cfg: ModelConfig,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -99,9 +103,12 @@ def build_model(
         if not cfg.lm.tokenizer_path:
             raise ValueError("no tokenizer given and lm.tokenizer_path is not set")
         tokenizer = load_tokenizer(lm_module.resolve_pretrained(cfg.lm.tokenizer_path, root))
-    torch.manual_seed(0)
-    lm = build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
-    model = RegionMLLM(cfg, tokenizer, lm, checkpoint_root=root)
+    # accelerate's empty-weights context patches nn.Module for the whole process: a model built in
+    # another thread meanwhile would get meta parameters, so builds take turns.
+    with _BUILD_LOCK:
+        torch.manual_seed(0)
+        lm = build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
+        model = RegionMLLM(cfg, tokenizer, lm, checkpoint_root=root)
     model.source_root = root  # where the config's relative paths start (save_checkpoint re-bases them)
     return model
 
