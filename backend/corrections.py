@@ -5,10 +5,14 @@ A reviewer's annotation is a flat ``result`` list (see the protocol reference, s
 * ``rectanglelabels`` / ``rectangle`` items are the regions (percent of the original image);
 * per-region ``textarea`` items carrying the **same id** as a rectangle hold its caption;
 * per-region ``choices`` / ``taxonomy`` items with the same id hold attribute values (``"pink"``,
-  ``["Colour", "pink"]``); :func:`model.tasks.attribute_of_value` says which attribute a word is;
+  ``["Colour", "pink"]``); :func:`model.tasks.attribute_of_value` says which attribute a word is.
+  A value the model does not know (``"Crimson"``) is kept as an answer to the attribute of its
+  control when the project's config names that control after it (``open_controls``, see
+  :attr:`backend.label_config.LabelConfig.open_controls`): it is data, and the model learns it;
 * ``relation`` items link two region ids with labels such as ``left_of``
   (:func:`model.tasks.normalize_relation_label`); direction ``left`` means the arrow goes
-  ``to_id -> from_id``.
+  ``to_id -> from_id``.  Labels the config declares beyond the model's (``touches``,
+  ``new_relations``) are kept too.
 
 Anything that cannot be used is skipped with a reason (returned in :attr:`ParsedAnnotation.skipped`)
 so one odd item does not discard a reviewer's whole annotation; a result that is not a list at all
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +36,7 @@ from model.tasks import (
     RELATION_QUESTIONS,
     attribute_of_value,
     normalize_relation_label,
+    relation_key,
 )
 
 RECT_TYPES = ("rectanglelabels", "rectangle")
@@ -145,12 +150,17 @@ def parse_result(
     image_name: str | None = None,
     caption_control: str | None = None,
     max_text_chars: int | None = None,
+    open_controls: Mapping[str, str] | None = None,
+    new_relations: Collection[str] = (),
 ) -> ParsedAnnotation:
     """Turn an annotation ``result`` list into regions.
 
     ``image_name`` (the config's ``<Image name>``) restricts items to that image when given;
     ``caption_control`` picks the TextArea holding captions when a config has several;
-    ``max_text_chars``: a region id or caption longer than this refuses the whole annotation (422).
+    ``max_text_chars``: a region id or caption longer than this refuses the whole annotation (422);
+    ``open_controls``: Choices/Taxonomy name -> attribute whose every value is an answer to it (new
+    words included); ``new_relations``: relation labels (:func:`model.tasks.relation_key` form)
+    kept besides the model's.
     """
     if not isinstance(result, list):
         raise CorrectionError(f"annotation 'result' must be a list, got {type(result).__name__}")
@@ -213,21 +223,23 @@ def parse_result(
             if region is None:
                 skipped.append(f"{kind} {rid!r} does not belong to a usable rectangle")
                 continue
+            teaches = (open_controls or {}).get(str(item.get("from_name")))
             for word in _attribute_words(item):
                 attr = attribute_of_value(word)
+                if attr is None and teaches is not None and word.strip():
+                    attr = teaches  # a new value of the control's attribute: new vocabulary
                 if attr is None:
-                    continue  # e.g. "occluded": not something the model answers
+                    continue  # e.g. "occluded" in a control not named after an attribute
                 value = word.strip().lower()
                 if region.attributes.get(attr, value) != value:
                     skipped.append(f"region {rid!r} has two {attr} values; {region.attributes[attr]!r} kept")
                     continue
                 region.attributes[attr] = value
         elif kind == "relation":
-            _collect_relation(item, regions, pending, skipped)
+            _collect_relation(item, regions, pending, skipped, new_relations)
 
     for (src, dst), labels in pending.items():
-        ordered = tuple(lbl for lbl in RELATION_LABELS if lbl in labels)
-        regions[src].relations.append(Relation(dst, ordered))
+        regions[src].relations.append(Relation(dst, _ordered(labels)))
     return ParsedAnnotation(width, height, list(regions.values()), skipped)
 
 
@@ -236,6 +248,7 @@ def _collect_relation(
     regions: Mapping[str, Region],
     pending: dict[tuple[str, str], set[str]],
     skipped: list[str],
+    new_relations: Collection[str] = (),
 ) -> None:
     src, dst = item.get("from_id"), item.get("to_id")
     name = f"relation {src!r}->{dst!r}"
@@ -256,11 +269,12 @@ def _collect_relation(
         skipped.append(f"{name} has direction {direction!r}; only 'right' and 'left' are used")
         return
     raw = _list(item.get("labels"))
-    labels = {normalize_relation_label(lbl) for lbl in raw if isinstance(lbl, str)} - {None}
+    keys = [relation_key(lbl) for lbl in raw if isinstance(lbl, str)]
+    labels = {k for k in keys if normalize_relation_label(k) or k in new_relations}
     if not labels:
         skipped.append(f"{name} has no known relation label (got {list(raw)!r})")
         return
-    pending.setdefault((src, dst), set()).update(labels)  # type: ignore[arg-type]
+    pending.setdefault((src, dst), set()).update(labels)
 
 
 def image_reference(data: Any, image_var: str | None = None) -> str:
@@ -277,9 +291,17 @@ def image_reference(data: Any, image_var: str | None = None) -> str:
     raise CorrectionError(f"task data has no image reference (looked for {image_var or 'image'!r})")
 
 
+def _ordered(labels: Collection[str]) -> tuple[str, ...]:
+    """The model's relation labels in canonical order, then any others alphabetically."""
+    return tuple(lbl for lbl in RELATION_LABELS if lbl in labels) + tuple(
+        sorted(set(labels) - set(RELATION_LABELS))
+    )
+
+
 def relation_answer(labels: Sequence[str]) -> str:
-    """Relation labels -> the answer text the model is trained to give (``model.tasks`` format)."""
-    return ", ".join(lbl for lbl in RELATION_LABELS if lbl in labels) or "near"
+    """Relation labels -> the answer text the model is trained to give (``model.tasks`` format;
+    labels beyond the model's, such as ``touches``, follow its own)."""
+    return ", ".join(_ordered(labels)) or "near"
 
 
 def annotation_record(

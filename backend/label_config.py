@@ -2,18 +2,25 @@
 
 The backend never hard-codes control names: it reads them from the project's config.
 
-* ``<Image name value="$var">`` — the image tag; ``task.data[var]`` is the image URL.
+* ``<Image name value="$var">`` — the image tag; ``task.data[var]`` is the image URL.  With several
+  images, the one the first rectangle control points at is served (a warning names the others).
 * ``<RectangleLabels>`` / ``<Rectangle>`` pointing at that image — the boxes to describe.
 * a per-region ``<TextArea perRegion="true">`` — receives the caption.
 * per-region ``<Choices>`` / ``<Taxonomy>`` — receive attribute answers (colour, shape, size) when
   the control is named after an attribute (``color``, ``colour``, ``shape``, ``size``) or its
   values overlap the model's vocabulary for one (``model.tasks.attribute_vocabulary``).  Only values
-  the config declares are ever returned.
+  the config declares are ever returned.  A control *named* after its attribute is open: its values
+  the model does not know yet (``Crimson``) are new vocabulary — corrections choosing them are
+  stored and trained on, and the backend returns them once the model answers them.
 * ``<Relations>`` — relation labels matching ``model.tasks.RELATION_LABELS`` (case-insensitive,
-  ``_``/``-`` read as spaces) are returned as relations between boxes; without ``<Relations>``, a
+  ``_``/``-`` read as spaces) are returned as relations between boxes; other labels (``touches``)
+  are new vocabulary as above (returned once the model says them, if the config also has a label
+  the model predicts, so that relations are asked at all).  Without ``<Relations>``, a
   non-per-region TextArea whose name contains ``relation`` gets the relations as text.
 
-A config the backend cannot serve raises :class:`ConfigError` with a message for the user.
+Everything the backend will not fill in, or fills in only after training, is listed in
+:attr:`LabelConfig.warnings` (``/setup`` answers and logs them).  A config the backend cannot serve
+raises :class:`ConfigError` with a message for the user.
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from backend.errors import ClientError
-from model.tasks import ATTRIBUTE_QUESTION, attribute_vocabulary, normalize_relation_label
+from model.tasks import (
+    ATTRIBUTE_QUESTION,
+    RELATION_LABELS,
+    attribute_of_value,
+    attribute_vocabulary,
+    normalize_relation_label,
+    relation_key,
+)
 
 RECT_TAGS = {"rectanglelabels": "rectanglelabels", "rectangle": "rectangle"}
 ATTRIBUTE_NAMES = {"color": "color", "colour": "color", "shape": "shape", "size": "size"}
@@ -57,6 +71,8 @@ class AttributeControl:
     type: str  # "choices" or "taxonomy"
     values: dict[str, dict[str, str | tuple[str, ...]]]
     multiple: bool
+    open: bool = False  # named after its one attribute: every value it declares is an answer to teach
+    new_values: tuple[str, ...] = ()  # lowercased values beyond the model's vocabulary (open controls)
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -73,6 +89,7 @@ class LabelConfig:
     caption: str | None = None
     attributes: tuple[AttributeControl, ...] = ()
     relation_labels: dict[str, str] = field(default_factory=dict)  # model label -> config label
+    new_relation_labels: dict[str, str] = field(default_factory=dict)  # relation_key -> config label
     has_relations: bool = False
     relation_text: str | None = None
     control_names: frozenset[str] = frozenset()
@@ -98,15 +115,45 @@ class LabelConfig:
     def wants_relations(self) -> bool:
         return bool(self.relation_labels) or self.relation_text is not None
 
+    @property
+    def open_controls(self) -> dict[str, str]:
+        """Control name -> attribute, for controls whose every value is an answer to that attribute
+        (corrections choosing a value the model does not know teach it)."""
+        return {c.name: c.attributes[0] for c in self.attributes if c.open}
+
     def summary(self) -> dict:
-        """What the backend will fill in (for logs and the /setup answer)."""
+        """What the backend will fill in (for logs and the /setup answer): per control, the values
+        the model predicts now (``known``) and those it learns from corrections (``new``)."""
+        attributes = {}
+        for c in self.attributes:
+            attributes[c.name] = {
+                attr: {
+                    "known": sorted(_shown(v) for k, v in mapping.items() if k not in c.new_values),
+                    "new": sorted(_shown(v) for k, v in mapping.items() if k in c.new_values),
+                }
+                for attr, mapping in c.values.items()
+            }
+        relations: dict | str | None = None
+        if self.has_relations:
+            relations = {
+                "known": sorted(self.relation_labels.values()),
+                "new": sorted(self.new_relation_labels.values()),
+                "asked": self.wants_relations,
+            }
+        elif self.relation_text:
+            relations = {"text": self.relation_text}
         return {
             "image": self.image_name,
+            "image_field": self.image_var,
             "boxes": sorted(self.rect_names),
             "caption": self.caption,
-            "attributes": {c.name: list(c.attributes) for c in self.attributes},
-            "relations": sorted(self.relation_labels.values()) or self.relation_text,
+            "attributes": attributes,
+            "relations": relations,
         }
+
+
+def _shown(value: str | tuple[str, ...]) -> str:
+    return " / ".join(value) if isinstance(value, tuple) else value
 
 
 def _bool(node: ET.Element, attr: str) -> bool:
@@ -146,33 +193,72 @@ def _name_attribute(name: str) -> str | None:
     return hits.pop() if len(hits) == 1 else None
 
 
-def _attribute_control(node: ET.Element, kind: str) -> AttributeControl | None:
-    """Map a per-region Choices/Taxonomy onto model attributes (``None``: nothing to fill)."""
+def _taxonomy_leaves(paths: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
+    return {p for p in paths if not any(len(q) > len(p) and q[: len(p)] == p for q in paths)}
+
+
+def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | None, list[str]]:
+    """Map a per-region Choices/Taxonomy onto model attributes (``None``: nothing to fill), with
+    warnings about the values it will not fill in now."""
     name = node.get("name", "")
+    tag = f'<{node.tag} name="{name}">'
     vocab = attribute_vocabulary()
     if kind == "choices":
         entries: list[tuple[str, str | tuple[str, ...]]] = [
             (v, v) for v in (_choice_value(c) for c in node.iter() if _strip_ns(c.tag) == "choice") if v
         ]
+        leaves = [label for label, _ in entries]
     else:
-        entries = [(path[-1], path) for path in _taxonomy_paths(node)]
+        paths = _taxonomy_paths(node)
+        entries = [(path[-1], path) for path in paths]
+        leaves = [path[-1] for path in _taxonomy_leaves(paths)]
     values: dict[str, dict[str, str | tuple[str, ...]]] = {}
     for attr, words in vocab.items():
         matched = {label.strip().lower(): out for label, out in entries if label.strip().lower() in words}
         if matched:
             values[attr] = matched
     multiple = kind == "taxonomy" or node.get("choice", "single").lower() == "multiple"
+    unknown = sorted({v for v in leaves if attribute_of_value(v) is None}, key=leaves.index)
+    warnings: list[str] = []
+    new_values: tuple[str, ...] = ()
     named = _name_attribute(name)
     if named is not None:
-        values = {named: values.get(named, {})}
-    elif len(values) > 1 and not multiple:
-        # A single-choice control can show one answer: serve the attribute it covers best.
-        best = max(values, key=lambda a: len(values[a]))
-        values = {best: values[best]}
+        foreign = [v for v in leaves if attribute_of_value(v) not in (None, named)]
+        if foreign:
+            warnings.append(f"{tag}: {foreign} are not {named} values; they are never filled in")
+        mapping = dict(values.get(named, {}))
+        for label, out in entries:
+            if label in unknown and label.strip():
+                mapping.setdefault(label.strip().lower(), out)
+        new_values = tuple(dict.fromkeys(v.strip().lower() for v in unknown if v.strip()))
+        if new_values:
+            warnings.append(
+                f"{tag}: {unknown} are {named} values the model does not predict yet; corrections choosing "
+                "them are stored and teach them (new vocabulary), and they are filled in once the model "
+                "answers them"
+            )
+        values = {named: mapping}
+    else:
+        if len(values) > 1 and not multiple:
+            # A single-choice control can show one answer: serve the attribute it covers best.
+            best = max(values, key=lambda a: len(values[a]))
+            dropped = [out for a, m in values.items() if a != best for out in m.values()]
+            warnings.append(
+                f"{tag} is single-choice: it is filled with {best} only; {[_shown(v) for v in dropped]} "
+                "are never filled in"
+            )
+            values = {best: values[best]}
+        if unknown and values:
+            warnings.append(
+                f"{tag}: {unknown} are not values the model knows, and the control is not named after an "
+                "attribute (color, colour, shape, size): they are never filled in nor learned from "
+                "corrections (name the control after its attribute to teach them)"
+            )
     values = {a: v for a, v in values.items() if v}
     if not values:
-        return None
-    return AttributeControl(name=name, type=kind, values=values, multiple=multiple)
+        return None, warnings
+    control = AttributeControl(name, kind, values, multiple, open=named is not None, new_values=new_values)
+    return control, warnings
 
 
 def _reject_dtd(xml: str) -> None:
@@ -209,6 +295,19 @@ def parse_label_config(xml: str) -> LabelConfig:
     value = images[image_name].get("value", "")
     if not value.startswith("$") or len(value) < 2:
         raise ConfigError(f'<Image name="{image_name}"> needs value="$field", got {value!r}')
+    warnings: list[str] = []
+    if len(images) > 1:
+        others = sorted(n for n in images if n != image_name)
+        warnings.append(
+            f"label config has {len(images)} <Image> tags: boxes are described on {image_name!r} only (the "
+            f"image the rectangle control points at); nothing is filled in for {others}"
+        )
+    for _, n in rect_nodes:
+        if n.get("toName") != image_name:
+            warnings.append(
+                f'<{n.tag} name="{n.get("name")}"> draws on {n.get("toName")!r}, not on {image_name!r}: '
+                "its boxes are not described"
+            )
     rects = tuple(
         RectControl(
             name=n.get("name", ""),
@@ -227,37 +326,55 @@ def parse_label_config(xml: str) -> LabelConfig:
     relation_text = None
     attributes: list[AttributeControl] = []
     for t, n in tags:
+        tag = f'<{n.tag} name="{n.get("name")}">'
         if t == "textarea" and targets_image(n):
             if _bool(n, "perRegion"):
+                if caption is not None:
+                    warnings.append(f"{tag} is left empty: captions go to the first per-region TextArea")
                 caption = caption or n.get("name")
             elif "relation" in (n.get("name") or "").lower():
                 relation_text = relation_text or n.get("name")
-        elif t in ("choices", "taxonomy") and targets_image(n) and _bool(n, "perRegion"):
-            control = _attribute_control(n, t)
-            if control is not None:
-                attributes.append(control)
+        elif t in ("choices", "taxonomy"):
+            if not targets_image(n):
+                warnings.append(f"{tag} does not point at the image {image_name!r}: left empty")
+            elif not _bool(n, "perRegion"):
+                warnings.append(f'{tag} is not per-region (perRegion="true"): left empty')
+            else:
+                control, found = _attribute_control(n, t)
+                warnings += found
+                if control is not None:
+                    attributes.append(control)
+                elif not found:
+                    warnings.append(
+                        f"{tag} matches no attribute the model answers (color, shape, size): left empty"
+                    )
     relations_nodes = [n for t, n in tags if t == "relations"]
     relation_labels: dict[str, str] = {}
+    new_relation_labels: dict[str, str] = {}
     for rel_node in relations_nodes:
         for child in rel_node:
             label = child.get("value")
-            known = normalize_relation_label(label) if label else None
-            if known and known not in relation_labels:
-                relation_labels[known] = label  # type: ignore[assignment]
+            if not label or not relation_key(label):
+                continue
+            known = normalize_relation_label(label)
+            if known:
+                relation_labels.setdefault(known, label)
+            else:
+                new_relation_labels.setdefault(relation_key(label), label)
     has_relations = bool(relations_nodes)
-    warnings: list[str] = []
     if has_relations:
         relation_text = None  # real relations take precedence over text
+        new = sorted(new_relation_labels.values())
         if not relation_labels:
             warnings.append(
-                "<Relations> declares no label the model predicts (left of, right of, above, below, "
-                "larger than, smaller than; underscores or hyphens allowed): no relations will be returned"
+                f"<Relations> declares no label the model predicts ({', '.join(RELATION_LABELS)}; "
+                "underscores or hyphens allowed): no relations will be returned"
+                + (f"; {new} are stored from corrections and trained on" if new else "")
             )
-    mapped = {c.name for c in attributes}
-    for t, n in tags:
-        if t in ("choices", "taxonomy") and n.get("name") not in mapped:
+        elif new:
             warnings.append(
-                f'<{n.tag} name="{n.get("name")}"> is not per-region or matches no attribute: left empty'
+                f"<Relations>: {new} are not relations the model predicts yet; corrections using them are "
+                "stored and teach them (new vocabulary), and they are returned once the model says them"
             )
     config = LabelConfig(
         image_name=image_name,
@@ -266,6 +383,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         caption=caption,
         attributes=tuple(attributes),
         relation_labels=relation_labels,
+        new_relation_labels=new_relation_labels,
         has_relations=has_relations,
         relation_text=relation_text,
         control_names=frozenset(n.get("name") for _, n in tags if n.get("name") and n.get("toName")),

@@ -14,6 +14,7 @@ from typing import Any
 from backend.label_config import AttributeControl, LabelConfig
 from model.geometry import percent_to_pixels, pixels_to_percent
 from model.inference.describe import ImageReport, RegionReport
+from model.tasks import relation_key
 
 
 @dataclass
@@ -118,6 +119,9 @@ def relation_results(plan: TaskPlan, report: ImageReport, config: LabelConfig) -
     for rel in report.relations:
         if config.relation_labels:
             labels = [config.relation_labels[x] for x in rel.labels if x in config.relation_labels]
+            # labels the config adds to the model's (learned from corrections) are read from the answer
+            said = (relation_key(part) for part in rel.answer.text.split(","))
+            labels += [config.new_relation_labels[k] for k in said if k in config.new_relation_labels]
             if labels:
                 out.append(
                     {

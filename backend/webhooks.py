@@ -45,7 +45,7 @@ from backend import webhook_verify
 from backend.corrections import Region, image_reference, parse_result
 from backend.errors import ClientError
 from backend.jobs import flush_outbox
-from backend.label_config import ConfigError, parse_label_config
+from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.predicted import corrected_regions, open_prediction_log
 from backend.settings import Settings
 from backend.store import open_store, parse_timestamp
@@ -116,17 +116,16 @@ def _check_not_future(updated_at: Any, settings: Settings) -> None:
         )
 
 
-def _label_config(payload: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
-    """``(image_var, image_name, caption_control)`` from the project's config, when it is usable."""
+def _label_config(payload: Mapping[str, Any]) -> LabelConfig | None:
+    """The project's config, when it is usable."""
     project = payload.get("project")
     xml = project.get("label_config") if isinstance(project, Mapping) else None
     if not isinstance(xml, str) or not xml.strip():
-        return None, None, None
+        return None
     try:
-        cfg = parse_label_config(xml)
+        return parse_label_config(xml)
     except ConfigError:
-        return None, None, None  # corrections can still be read from the result items alone
-    return cfg.image_var, cfg.image_name, cfg.caption
+        return None  # corrections can still be read from the result items alone
 
 
 def _corrections(
@@ -159,12 +158,15 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
     if updated_at is None:
         raise PayloadError("annotation has no 'updated_at' (needed to order deliveries)")
     _check_not_future(updated_at, settings)
-    image_var, image_name, caption = _label_config(payload)
+    cfg = _label_config(payload)
+    image_var = cfg.image_var if cfg else None
     parsed = parse_result(
         annotation.get("result"),
-        image_name=image_name,
-        caption_control=caption,
+        image_name=cfg.image_name if cfg else None,
+        caption_control=cfg.caption if cfg else None,
         max_text_chars=settings.max_text_chars,
+        open_controls=cfg.open_controls if cfg else None,  # new choice values are new vocabulary
+        new_relations=tuple(cfg.new_relation_labels) if cfg else (),
     )
     if annotation.get("was_cancelled"):
         parsed.regions = []  # a skipped task corrects nothing; drop what an earlier version said

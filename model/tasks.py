@@ -33,6 +33,7 @@ __all__ = [
     "parse_caption",
     "parse_relation",
     "position_text",
+    "relation_key",
     "relation_labels",
     "relation_text",
     "size_class",
@@ -147,7 +148,12 @@ def attribute_of_value(value: str) -> str | None:
     return None
 
 
+def relation_key(label: str) -> str:
+    """A relation label as compared everywhere: ``"Left_of"``/``"left-of"`` -> ``"left of"``."""
+    return " ".join(label.strip().lower().replace("_", " ").replace("-", " ").split())
+
+
 def normalize_relation_label(label: str) -> str | None:
     """``"left_of"``/``"Left-of"`` -> ``"left of"`` if it is a known relation label, else ``None``."""
-    text = " ".join(label.strip().lower().replace("_", " ").replace("-", " ").split())
+    text = relation_key(label)
     return text if text in RELATION_LABELS else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +12,7 @@ from model.tasks import RELATION_LABELS
 from toyworld.scenes import COLORS, SHAPES, SIZE_FRACTIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "label_config"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "default"
 
 HEAD = (
     '<View><Image name="img" value="$picture"/>'
@@ -161,3 +163,158 @@ def test_unservable_configs_raise_clear_errors(xml, needle):
     with pytest.raises(ConfigError) as info:
         parse_label_config(xml)
     assert needle in str(info.value)
+
+
+# ---------------------------------------------------------------------- what the model cannot fill in (yet)
+UNKNOWN = (CONFIG_DIR / "unknown_choices.xml").read_text()
+
+
+def test_unknown_choices_config_says_what_it_will_not_fill_in():
+    c = parse_label_config(UNKNOWN)
+    warnings = "\n".join(c.warnings)
+    assert len(c.warnings) == 4, warnings
+    assert "2 <Image> tags" in warnings and "['reference']" in warnings
+    assert "['Crimson', 'Teal'] are color values the model does not predict yet" in warnings
+    assert '<Choices name="condition"> matches no attribute' in warnings
+    assert "['touches'] are not relations the model predicts yet" in warnings
+    assert c.open_controls == {"color": "color"}
+    assert c.new_relation_labels == {"touches": "touches"}
+    (color,) = c.attributes
+    assert color.values["color"]["crimson"] == "Crimson" and color.new_values == ("crimson", "teal")
+    mapping = c.summary()
+    assert mapping["attributes"] == {
+        "color": {"color": {"known": ["blue", "green", "red", "yellow"], "new": ["Crimson", "Teal"]}}
+    }
+    assert mapping["relations"] == {
+        "known": ["above", "below", "left_of", "right_of"],
+        "new": ["touches"],
+        "asked": True,
+    }
+    assert (mapping["image"], mapping["image_field"], mapping["caption"]) == ("image", "image", "caption")
+
+
+def test_shipped_configs_have_no_warnings():
+    for name in ("region_caption", "caption_attributes", "caption_relations"):
+        assert parse_label_config((CONFIG_DIR / f"{name}.xml").read_text()).warnings == (), name
+
+
+def test_values_a_control_cannot_show_are_warned_about():
+    foreign = parse_label_config(
+        cfg('<Choices name="colour" toName="img" perRegion="true"><Choice value="red"/>'
+            '<Choice value="circle"/></Choices>')
+    )  # fmt: skip
+    assert any("['circle'] are not color values" in w for w in foreign.warnings), foreign.warnings
+    single = parse_label_config(
+        cfg('<Choices name="attrs" toName="img" perRegion="true"><Choice value="red"/><Choice value="green"/>'
+            '<Choice value="circle"/></Choices>')
+    )  # fmt: skip
+    assert any("filled with color only; ['circle']" in w for w in single.warnings), single.warnings
+    closed = parse_label_config(
+        cfg('<Choices name="tint" toName="img" perRegion="true"><Choice value="Red"/>'
+            '<Choice value="Crimson"/></Choices>')
+    )  # fmt: skip
+    assert closed.open_controls == {} and closed.attributes[0].values == {"color": {"red": "Red"}}
+    assert any("['Crimson'] are not values the model knows" in w for w in closed.warnings), closed.warnings
+    second = parse_label_config(
+        cfg(
+            '<TextArea name="cap" toName="img" perRegion="true"/>'
+            '<TextArea name="note" toName="img" perRegion="true"/>'
+        )
+    )
+    assert any('name="note"> is left empty' in w for w in second.warnings), second.warnings
+
+
+def test_taxonomy_named_after_an_attribute_learns_its_new_leaves():
+    c = parse_label_config(
+        cfg('<Taxonomy name="color" toName="img" perRegion="true"><Choice value="Warm"><Choice value="red"/>'
+            '<Choice value="Crimson"/></Choice></Taxonomy>')
+    )  # fmt: skip
+    (control,) = c.attributes
+    assert control.values["color"] == {"red": ("Warm", "red"), "crimson": ("Warm", "Crimson")}
+    assert control.new_values == ("crimson",)  # the inner node "Warm" is not a value
+
+
+def test_corrections_keep_new_values_and_relations_and_training_reads_them():
+    """'Crimson' chosen in an open control and a 'touches' relation are stored as answers and become
+    training turns; the training data path encodes them like any other answer."""
+    from backend.corrections import annotation_record, parse_result
+    from model.config import load_model_config
+    from model.data.converters import validate_record
+    from model.data.dataset import RecordDataset, record_turns
+    from model.prompt import PromptBuilder
+    from model.tokenizer import load_tokenizer
+    from tools.ls.payloads import region_items, relation_item
+
+    c = parse_label_config(UNKNOWN)
+    a = region_items("a", (10, 10, 40, 40), 100, 100, "a small crimson circle")
+    b = region_items("b", (60, 10, 90, 40), 100, 100)
+    color = {
+        **a[0],
+        "from_name": "color",
+        "type": "choices",
+        "value": {**a[0]["value"], "choices": ["Crimson"]},
+    }
+    color["value"].pop("rectanglelabels")
+    condition = {**color, "from_name": "condition", "value": {**color["value"], "choices": ["scratched"]}}
+    result = [*a, *b, color, condition, relation_item("a", "b", ["left_of", "touches"])]
+    parsed = parse_result(
+        result,
+        c.image_name,
+        c.caption,
+        open_controls=c.open_controls,
+        new_relations=tuple(c.new_relation_labels),
+    )
+    region_a = parsed.regions[0]
+    assert region_a.attributes == {"color": "crimson"}  # 'scratched' answers no model question
+    assert [(r.target, r.labels) for r in region_a.relations] == [("b", ("left of", "touches"))]
+    without_config = parse_result(result)  # a config-less delivery keeps only what the model knows
+    assert without_config.regions[0].attributes == {}
+    assert [r.labels for r in without_config.regions[0].relations] == [("left of",)]
+
+    record = annotation_record(7, 1, 3, "/data/upload/1/x.png", 100, 100, parsed.regions)
+    validate_record(record)
+    turns = dict(record_turns(record))
+    assert "crimson" in turns.values() and "left of, touches" in turns.values()
+    # The training data path (model.data.dataset) with the embedded default's tokenizer and prompts.
+    cfg = load_model_config(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(DEFAULT_MODEL / "tokenizer")
+    builder = PromptBuilder(tokenizer, cfg.prompt, num_image_tokens=4)
+    model = SimpleNamespace(prompts=builder, cfg=cfg)  # what RecordDataset reads in text_only mode
+    sample = RecordDataset([record], model, text_only=True, separate_turns=True)[0]
+    answers = []
+    for prompt in sample.prompts:
+        ids = [lab for lab in prompt.labels if lab != -100]
+        answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    assert "crimson" in answers and "left of, touches" in answers, answers
+
+
+def test_new_vocabulary_is_filled_in_once_the_model_answers_it():
+    """After training on corrections the model may answer 'crimson' / 'touches': the backend returns
+    the config's own spelling; answers the config does not declare are still never returned."""
+    from backend.results import Region, TaskPlan, region_results, relation_results
+    from model.inference.describe import ImageReport, RegionReport, RelationReport
+    from model.inference.engine import Answer
+
+    c = parse_label_config(UNKNOWN)
+    regions = [
+        Region("a", "bbox", "rectanglelabels", ["Object"], pixels=(10, 10, 40, 40)),
+        Region("b", "bbox", "rectanglelabels", ["Object"], pixels=(60, 10, 90, 40)),
+    ]
+    crimson = RegionReport(Answer("a crimson circle", 0.9, 4), {"color": Answer("crimson", 0.8, 1)})
+    pink = RegionReport(Answer("a pink circle", 0.9, 4), {"color": Answer("pink", 0.8, 1)})
+    items = region_results(regions[0], crimson, c, 100, 100) + region_results(regions[1], pink, c, 100, 100)
+    assert [(r["id"], r["value"]["choices"]) for r in items if r["from_name"] == "color"] == [
+        ("a", ["Crimson"])
+    ]
+    report = ImageReport(
+        [crimson, pink],
+        [
+            RelationReport(0, 1, ["left of"], Answer("left of, touches", 0.7, 4)),
+            RelationReport(1, 0, ["right of"], Answer("right of, holds", 0.7, 4)),
+        ],
+    )
+    relations = relation_results(TaskPlan(1, "img", regions), report, c)
+    assert [(r["from_id"], r["to_id"], r["labels"]) for r in relations] == [
+        ("a", "b", ["left_of", "touches"]),
+        ("b", "a", ["right_of"]),
+    ]
