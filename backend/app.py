@@ -3,7 +3,13 @@
 Endpoints: ``GET /health`` (and ``/``), ``POST /setup``, ``POST /predict``, ``POST /webhook``,
 ``GET /versions``, ``GET /metrics``.  Every error is JSON ``{"status": code, "detail": message}``;
 bad input gets a 4xx with a clear message (every refusal is a :class:`backend.errors.ClientError`,
-logged at WARNING), unexpected failures a 500 without traceback (the traceback goes to the log).
+logged at WARNING with the project, task and region it concerns, and counted in
+``roi_refusals_total{reason}``), unexpected failures a 500 without traceback (the traceback goes to
+the log).  Label Studio 1.23.2 shows none of these bodies to its user ("400 Client Error … check
+the ML backend server console logs"): the log is where the reason is read.  ``/predict`` answers
+what it can: every box or task it leaves out is logged at WARNING (``region skipped`` /
+``task skipped``) and counted in ``roi_regions_skipped_total`` / ``roi_tasks_skipped_total``
+(see :mod:`backend.predictions`).  ``/setup`` answers the mapping it will use and its warnings.
 Optional HTTP basic auth guards everything but ``/health``.
 
 Gunicorn entry point: ``backend.wsgi:app`` (the model starts loading in the background when the
@@ -32,7 +38,7 @@ from backend.jobs import queue_figures
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.observability import Metrics, setup_logging
 from backend.predicted import remember_predictions
-from backend.predictions import predict_tasks
+from backend.predictions import Skip, predict_tasks
 from backend.request_body import check_length, parse_json_object, read_limited
 from backend.serving import ModelHolder, ModelUnavailable
 from backend.settings import Settings, get_settings
@@ -55,14 +61,31 @@ def json_body(settings: Settings) -> dict[str, Any]:
     return parse_json_object(raw, settings.max_json_depth)
 
 
+def project_of(payload: dict[str, Any]) -> int | str | None:
+    """The Label Studio project a request is about: ``"12.1795583044"`` (what Label Studio sends
+    to /setup and /predict) -> ``12``; else the first task's ``project``."""
+    value = payload.get("project")
+    tasks = payload.get("tasks")
+    if value is None and isinstance(tasks, list) and tasks and isinstance(tasks[0], dict):
+        value = tasks[0].get("project")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        head = value.split(".", 1)[0]
+        return int(head) if head.isdigit() and len(head) <= 18 else value[:40]
+    return None
+
+
 def config_from(payload: dict[str, Any], key: str) -> LabelConfig:
     xml = payload.get(key)
     if not isinstance(xml, str) or not xml.strip():
-        raise ClientError(f"'{key}' (the project's label config XML) is missing")
+        raise ClientError(f"'{key}' (the project's label config XML) is missing", code="label_config")
     try:
         return parse_label_config(xml)
     except ConfigError as exc:
-        raise ClientError(f"label config cannot be served: {exc.message}", exc.status) from None
+        raise ClientError(
+            f"label config cannot be served: {exc.message}", exc.status, code="label_config"
+        ) from None
 
 
 def _check_basic_auth(settings: Settings) -> Response | None:
@@ -126,18 +149,44 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     # ------------------------------------------------------------------ errors
     @app.errorhandler(ClientError)
     def _refused(exc: ClientError):
-        if isinstance(exc, ImageError):
+        if isinstance(exc, ImageError) and not any(exc is e for e in g.get("counted", ())):
             metrics.images.labels(str(exc.status)).inc()
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.refusals.labels(endpoint, exc.code).inc()
         log.warning(
             "refused",
             extra={
                 "path": request.path,
                 "status": exc.status,
                 "reason": exc.message,
+                "code": exc.code,
                 "error": type(exc).__name__,
+                "project": g.get("project"),
+                "task": exc.task,
+                "region": exc.region,
             },
         )
         return error_response(exc.status, exc.message)
+
+    def _skipped(skip: Skip) -> None:
+        """Log and count a box or task left out of a /predict answer."""
+        if skip.region is None:
+            metrics.skipped_tasks.labels(skip.code).inc()
+        else:
+            metrics.skipped_regions.labels(skip.code).inc()
+        if isinstance(skip.error, ImageError):
+            metrics.images.labels(str(skip.error.status)).inc()
+            g.setdefault("counted", []).append(skip.error)
+        log.warning(
+            "task skipped" if skip.region is None else "region skipped",
+            extra={
+                "project": g.get("project"),
+                "task": skip.task,
+                "region": skip.region,
+                "reason": skip.reason,
+                "code": skip.code,
+            },
+        )
 
     @app.errorhandler(ModelUnavailable)
     def _unavailable(exc: ModelUnavailable):
@@ -175,15 +224,20 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     @app.post("/setup")
     def setup():
         payload = json_body(settings)
+        g.project = project_of(payload)
         config = config_from(payload, "schema")
+        mapping = config.summary()
         for warning in config.warnings:
-            log.warning("label config: %s", warning, extra={"project": payload.get("project")})
-        log.info("setup", extra={"project": payload.get("project"), "serves": config.summary()})
-        return jsonify({"model_version": holder.version})
+            log.warning("label config warning", extra={"project": g.project, "reason": warning})
+        log.info("setup", extra={"project": g.project, "serves": mapping, "warnings": len(config.warnings)})
+        return jsonify(
+            {"model_version": holder.version, "mapping": mapping, "warnings": list(config.warnings)}
+        )
 
     @app.post("/predict")
     def predict():
         payload = json_body(settings)
+        g.project = project_of(payload)
         tasks = payload.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise ClientError("'tasks' must be a non-empty list of Label Studio tasks")
@@ -195,15 +249,20 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         if context is not None and not isinstance(context, dict):
             raise ClientError("'params.context' must be an object or null")
         engine, version = holder.get()
-        results, stats = predict_tasks(tasks, config, context, engine, version, fetcher, settings)
+        results, stats = predict_tasks(tasks, config, context, engine, version, fetcher, settings, _skipped)
         remember_predictions(settings, tasks, results)  # what a later annotation is compared with
         metrics.regions.inc(stats.regions)
+        metrics.clipped.inc(stats.clipped)
         metrics.tasks.labels("interactive" if context else "batch").inc(stats.tasks)
         log.info(
             "predicted",
             extra={
+                "project": g.project,
                 "tasks": stats.tasks,
                 "regions": stats.regions,
+                "skipped_tasks": stats.skipped_tasks,
+                "skipped_regions": stats.skipped_regions,
+                "clipped": stats.clipped,
                 "sources": stats.sources,
                 "version": version,
             },

@@ -127,6 +127,19 @@ class Metrics:
         self.images = Counter(
             "roi_image_errors", "image fetch failures by HTTP status", ["status"], registry=r
         )
+        # reason: a word from a fixed set (error class or skip code), never free text
+        self.refusals = Counter(
+            "roi_refusals", "requests refused with a 4xx/5xx reason", ["endpoint", "reason"], registry=r
+        )
+        self.skipped_regions = Counter(
+            "roi_regions_skipped", "boxes left out of a /predict answer", ["reason"], registry=r
+        )
+        self.skipped_tasks = Counter(
+            "roi_tasks_skipped", "tasks answered with no prediction by /predict", ["reason"], registry=r
+        )
+        self.clipped = Counter(
+            "roi_regions_clipped", "boxes partly outside their image, clipped and described", registry=r
+        )
 
     def attach_engine(self, engine: Callable[[], InferenceEngine | None], version: Callable[[], str]) -> None:
         self.registry.register(EngineCollector(engine, version))  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ without ``<Relations>``, relation text in a non-per-region TextArea.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.label_config import AttributeControl, LabelConfig
@@ -51,6 +51,7 @@ class TaskPlan:
     regions: list[Region]
     focus: list[int] | None = None  # None: every region
     source: str = "none"
+    skipped: list[Any] = field(default_factory=list)  # backend.predictions.Skip of regions left out
 
 
 def _base(region: Region, from_name: str, kind: str, to_name: str, w: int, h: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -10,11 +11,12 @@ import pytest
 from PIL import Image
 
 import backend.predictions as predictions
+from backend.images import ImageError
 from backend.label_config import parse_label_config
-from backend.predictions import PredictionError, plan_task, predict_tasks
+from backend.predictions import PredictionError, Skip, plan_task, predict_tasks
 from backend.settings import Settings
 from model.checkpoint import load_model
-from model.geometry import pixels_to_percent
+from model.geometry import BoxError, check_pixel_box, pixels_to_percent
 from model.inference.describe import ImageReport, RegionReport, RelationReport
 from model.inference.engine import Answer, InferenceEngine
 from model.inference.image_input import EncodedImage
@@ -40,6 +42,8 @@ class DictFetcher:
 
     def fetch_encoded(self, ref, task_id=None) -> EncodedImage:
         self.calls.append(ref)
+        if ref not in self.images:  # as Label Studio answers a missing upload
+            raise ImageError(f"image URL {ref} answered HTTP 404 (task {task_id})", 422)
         return EncodedImage(png_bytes(self.images[ref]))
 
 
@@ -94,7 +98,8 @@ class OracleDescribe:
         self.calls: list[dict] = []
 
     def __call__(self, engine, images, boxes, **kw):
-        self.calls.append({"images": len(images), "boxes": [len(b) for b in boxes], **kw})
+        seen = [row for b in boxes for row in b.tolist()]
+        self.calls.append({"images": len(images), "boxes": [len(b) for b in boxes], "boxes_seen": seen, **kw})
         reports = []
         for i, (image, b) in enumerate(zip(images, boxes)):
             sc = self.scenes[image.size]
@@ -282,12 +287,20 @@ def test_source_priority(two_scenes):
     assert [r.id for r in plan_task(task, cfg, ctx, SETTINGS).regions] == ["ctx"]
 
 
-def test_task_without_boxes_gets_an_empty_prediction(two_scenes):
+def test_task_without_boxes_gets_no_prediction(two_scenes):
+    """``[]`` for the task: Label Studio 1.23.2 stores nothing for it (a ``{"result": []}`` would be
+    stored and never asked again; tests/test_e2e_ls_failures.py proves both against the real one)."""
     _, oracle, fetcher = two_scenes
-    results, _ = predict_tasks(
-        [ls_task(1, "/data/upload/1/s0.png")], config("region_caption"), None, None, "v", fetcher, SETTINGS
-    )
-    assert results == [{"result": [], "model_version": "v"}] and oracle.calls == []
+    skips: list[Skip] = []
+    results, stats = predict_tasks(
+        [ls_task(1, "/data/upload/1/s0.png")], config("region_caption"), None, None, "v", fetcher, SETTINGS,
+        skips.append,
+    )  # fmt: skip
+    assert results == [[]] and oracle.calls == [] and fetcher.calls == []
+    assert (stats.tasks, stats.skipped_tasks) == (0, 1)
+    (skip,) = skips
+    assert (skip.task, skip.region, skip.code, skip.error) == (1, None, "no_boxes", None)
+    assert "task 1 has no boxes" in skip.reason
 
 
 @pytest.mark.parametrize(
@@ -311,6 +324,158 @@ def test_bad_boxes_are_clear_4xx(two_scenes, mutate, needle):
     with pytest.raises(PredictionError) as info:
         predict_tasks([task], config("region_caption"), None, None, "v", fetcher, SETTINGS)
     assert info.value.status == 400 and needle in info.value.message
+
+
+def regions_of(prediction: dict) -> set[str]:
+    return {r["id"] for r in prediction["result"] if r.get("type") != "relation"}
+
+
+def test_one_bad_box_never_sinks_the_batch(two_scenes):
+    """Bad boxes are left out of their task, tasks without a usable box or image get no prediction,
+    every other task and box is answered; each one left out is reported with its reason."""
+    scenes, oracle, fetcher = two_scenes
+    sc = scenes[0]
+    w, h = sc.width, sc.height
+    good = [ls_rect(f"g{k}", o.box, w, h) for k, o in enumerate(sc.objects)]
+    zero = ls_rect("zero", (10, 10, 10, 40), w, h)
+    outside = {**ls_rect("outside", (0, 0, 10, 10), w, h)}
+    outside["value"] = {**outside["value"], "x": 150.0}
+    tiny = ls_rect("tiny", (5, 5, 7, 30), w, h)  # 2 px wide < MIN_BOX_PX 4
+    nan = ls_rect("nan", (1, 1, 9, 9), w, h)
+    nan["value"] = {**nan["value"], "y": float("nan")}
+    malformed = {**ls_rect("malformed", (1, 1, 9, 9), w, h), "value": {"x": 1}}
+
+    def annotated(task_id: int, result: list[dict], image: str = "/data/upload/1/s0.png") -> dict:
+        ann = {"id": task_id * 10, "result": result, "created_at": "2026-01-02T00:00:00Z"}
+        return ls_task(task_id, image, annotations=[ann])
+
+    tasks = [
+        annotated(1, good),
+        annotated(2, [good[0], zero, outside, tiny, nan, malformed, good[1]]),
+        annotated(3, [zero]),
+        annotated(4, good, image="/data/upload/1/missing.png"),
+        ls_task(5, "/data/upload/1/s1.png"),  # boxes only in a draft Label Studio did not send
+    ]
+    skips: list[Skip] = []
+    results, stats = predict_tasks(
+        tasks, config("region_caption"), None, None, "v", fetcher, SETTINGS, skips.append
+    )
+    assert regions_of(results[0]) == {"g0", "g1", "g2"}
+    assert regions_of(results[1]) == {"g0", "g1"}
+    assert results[2:] == [[], [], []]
+    assert (stats.tasks, stats.regions, stats.skipped_tasks, stats.skipped_regions) == (2, 5, 3, 6)
+    found = {(s.task, s.region): s for s in skips}
+    expected = {
+        (2, "zero"): ("zero_area", "zero or negative area"),
+        (2, "outside"): ("outside_image", "outside"),
+        (2, "tiny"): ("tiny_box", "4-pixel minimum"),
+        (2, "nan"): ("not_finite", "NaN"),
+        (2, "malformed"): ("bad_region", "lacks"),
+        (3, "zero"): ("zero_area", "zero or negative area"),
+        (3, None): ("no_usable_box", "zero or negative area"),
+        (4, None): ("image", "HTTP 404"),
+        (5, None): ("no_boxes", "no boxes"),
+    }
+    assert set(found) == set(expected)
+    for key, (code, needle) in expected.items():
+        assert found[key].code == code and needle in found[key].reason, found[key]
+        assert f"task {key[0]}" in found[key].reason
+        if key[1] is not None:
+            assert key[1] in found[key].reason
+    assert found[(5, None)].error is None  # nothing wrong: no prediction, no fault
+    assert isinstance(found[(4, None)].error, ImageError) and found[(4, None)].error.task == 4
+    assert sum(c["images"] for c in oracle.calls) == 2
+
+
+def test_box_partly_outside_is_clipped_and_described(two_scenes):
+    scenes, oracle, fetcher = two_scenes
+    sc = scenes[0]
+    w, h = sc.width, sc.height
+    obj = sc.objects[0]
+    over = (obj.box[0] - 500, obj.box[1] - 500, obj.box[2], obj.box[3])  # overhangs the top left
+    task = ls_task(1, "/data/upload/1/s0.png", data={"image": "/data/upload/1/s0.png", "boxes": [list(over)]})
+    results, stats = predict_tasks([task], config("region_caption"), None, None, "v", fetcher, SETTINGS)
+    assert stats.clipped == 1 and stats.regions == 1
+    (boxes,) = oracle.calls[-1]["boxes_seen"]  # the model is handed the clipped box
+    assert boxes == pytest.approx([0.0, 0.0, obj.box[2] / w, obj.box[3] / h])
+    rect = by_id(results[0]["result"])[("box1", "bbox")]
+    expected = pixels_to_percent((0, 0, obj.box[2], obj.box[3]), w, h)
+    for key in ("x", "y", "width", "height"):
+        assert rect["value"][key] == pytest.approx(expected[key])
+
+
+def test_min_box_px_is_a_setting(two_scenes):
+    _, _, fetcher = two_scenes
+    task = ls_task(
+        1, "/data/upload/1/s0.png", data={"image": "/data/upload/1/s0.png", "boxes": [[5, 5, 8, 30]]}
+    )
+    with pytest.raises(PredictionError, match="4-pixel minimum") as info:
+        predict_tasks([task], config("region_caption"), None, None, "v", fetcher, SETTINGS)
+    assert (info.value.code, info.value.task, info.value.region) == ("no_usable_box", 1, "box1")
+    results, stats = predict_tasks(
+        [task], config("region_caption"), None, None, "v", fetcher, replace(SETTINGS, min_box_px=2)
+    )
+    assert regions_of(results[0]) == {"box1"} and stats.skipped_regions == 0
+
+
+def test_interactive_box_must_be_usable_other_context_boxes_are_skipped(two_scenes):
+    scenes, oracle, fetcher = two_scenes
+    sc = scenes[1]
+    w, h = sc.width, sc.height
+    newest = ls_rect("new", sc.objects[0].box, w, h)
+    bad = ls_rect("old", (3, 3, 3, 9), w, h)
+    task = ls_task(2, "/data/upload/1/s1.png")
+    skips: list[Skip] = []
+    results, _ = predict_tasks(
+        [task],
+        config("region_caption"),
+        {"result": [bad, newest]},
+        None,
+        "v",
+        fetcher,
+        SETTINGS,
+        skips.append,
+    )
+    assert regions_of(results[0]) == {"new"}
+    assert [(s.region, s.code) for s in skips] == [("old", "zero_area")]
+    skips.clear()
+    with pytest.raises(PredictionError, match="the box to describe was skipped") as info:
+        predict_tasks(
+            [task],
+            config("region_caption"),
+            {"result": [newest, bad]},
+            None,
+            "v",
+            fetcher,
+            SETTINGS,
+            skips.append,
+        )
+    assert info.value.region == "old" and info.value.task == 2
+    assert [(s.region, s.code) for s in skips] == [("old", "zero_area"), (None, "no_usable_box")]
+
+
+def test_request_with_nothing_answerable_is_refused_with_the_first_fault(two_scenes):
+    _, _, fetcher = two_scenes
+    tasks = [
+        ls_task(
+            1, "/data/upload/1/gone.png", data={"image": "/data/upload/1/gone.png", "boxes": [[1, 1, 20, 20]]}
+        ),
+        ls_task(
+            2, "/data/upload/1/s0.png", data={"image": "/data/upload/1/s0.png", "boxes": [[1, 1, 1, 20]]}
+        ),
+        ls_task(3, "/data/upload/1/s0.png"),
+    ]
+    skips: list[Skip] = []
+    with pytest.raises(ImageError, match="HTTP 404") as info:
+        predict_tasks(tasks, config("region_caption"), None, None, "v", fetcher, SETTINGS, skips.append)
+    assert info.value.task == 1 and info.value.status == 422
+    assert [(s.task, s.code) for s in skips if s.region is None] == [
+        (1, "image"),
+        (2, "no_usable_box"),
+        (3, "no_boxes"),
+    ]
+    results, _ = predict_tasks(tasks[2:], config("region_caption"), None, None, "v", fetcher, SETTINGS)
+    assert results == [[]]  # no fault, nothing to answer: not a refusal
 
 
 def test_unknown_from_name_in_context_rejected(two_scenes):
@@ -378,3 +543,136 @@ def test_with_a_real_engine_one_encode_per_image(tiny_checkpoint):
         assert isinstance(pred["score"], float)
         caption = by_id(pred["result"])[(rid, "caption")]
         assert isinstance(caption["value"]["text"][0], str) and caption["score"] >= 0
+
+
+@pytest.mark.parametrize(
+    "box, kind",
+    [
+        ((1, 1, float("inf"), 5), "not_finite"),
+        ((10, 10, 10, 40), "zero_area"),
+        ((10, 10, 5, 40), "zero_area"),
+        ((400, 0, 500, 50), "outside_image"),
+        ((0, 0, 3, 50), "tiny"),
+        ((-10, 0, 2, 50), "tiny"),  # 12 px wide, 2 px of it inside the image
+        ((1, 2, 3), "invalid"),
+    ],
+)
+def test_check_pixel_box_names_why_a_box_is_unusable(box, kind):
+    with pytest.raises(BoxError) as info:
+        check_pixel_box(box, 320, 180, min_side=4)
+    assert info.value.kind == kind
+
+
+def test_check_pixel_box_min_side_counts_the_part_inside_and_messages_round():
+    assert check_pixel_box((-10, 0, 4, 50), 320, 180, min_side=4) == (0.0, 0.0, 4.0, 50.0)
+    with pytest.raises(BoxError, match=r"box \[10.0, 10.0, 10.0, 40.0\] has zero or negative area"):
+        check_pixel_box((9.999999999999998 + 1e-15, 10, 9.999999999999998 + 1e-15, 40), 320, 180)
+
+
+# ---------------------------------------------------------------------- the app: logged, counted, answered
+@pytest.fixture()
+def app_client(tmp_path, tiny_checkpoint):
+    from backend.app import create_app
+    from backend.serving import ModelHolder
+    from tests.test_backend_app import make_settings
+
+    settings = make_settings(tmp_path, tiny_checkpoint)
+    return create_app(settings, ModelHolder(settings)).test_client()
+
+
+@pytest.fixture()
+def json_lines():
+    """The ``backend`` loggers' records as the JSON lines the app writes."""
+    import logging
+
+    from backend.observability import JsonFormatter
+
+    lines: list[dict] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    handler = Capture()
+    logging.getLogger("backend").addHandler(handler)
+    yield lines
+    logging.getLogger("backend").removeHandler(handler)
+
+
+def metric_value(client, name: str, **labels: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_app_logs_and_counts_every_box_and_task_it_leaves_out(app_client, json_lines):
+    from tests.test_backend_app import SCENE, detail, predict_payload, rect
+    from tests.test_backend_app import ls_task as app_task
+
+    good = rect("good", SCENE.objects[0].box)
+    tasks = [
+        app_task(1, [good, rect("zero", (10, 10, 10, 30)), rect("tiny", (5, 5, 7, 30))]),
+        app_task(2, [rect("lone", (5, 5, 40, 5))]),
+        app_task(3, [good], image="/data/upload/1/never.png"),  # no LABEL_STUDIO_URL: refused
+        app_task(4),
+    ]
+    resp = app_client.post("/predict", json=predict_payload(tasks))
+    assert resp.status_code == 200, resp.data[:300]
+    results = resp.get_json()["results"]
+    assert regions_of(results[0]) == {"good"} and results[1:] == [[], [], []]
+    skipped = [r for r in json_lines if r["message"] in ("region skipped", "task skipped")]
+    assert [(r["message"], r["task"], r["region"], r["code"]) for r in skipped] == [
+        ("region skipped", 1, "zero", "zero_area"),
+        ("region skipped", 1, "tiny", "tiny_box"),
+        ("region skipped", 2, "lone", "zero_area"),
+        ("task skipped", 2, None, "no_usable_box"),
+        ("task skipped", 3, None, "image"),
+        ("task skipped", 4, None, "no_boxes"),
+    ]
+    assert all(r["level"] == "WARNING" and r["project"] == 1 and r["reason"] for r in skipped)
+    assert metric_value(app_client, "roi_regions_skipped_total", reason="zero_area") == 2
+    assert metric_value(app_client, "roi_regions_skipped_total", reason="tiny_box") == 1
+    assert metric_value(app_client, "roi_tasks_skipped_total", reason="image") == 1
+    assert metric_value(app_client, "roi_image_errors_total") == 1
+    (predicted,) = [r for r in json_lines if r["message"] == "predicted"]
+    assert (predicted["tasks"], predicted["skipped_tasks"], predicted["skipped_regions"]) == (1, 3, 3)
+
+    # Nothing answerable and a fault: refused with the first fault, its task and region in the log.
+    json_lines.clear()
+    resp = app_client.post("/predict", json=predict_payload([app_task(7, [rect("z", (10, 10, 10, 30))])]))
+    assert resp.status_code == 400 and "zero or negative area" in detail(resp)
+    (refused,) = [r for r in json_lines if r["message"] == "refused"]
+    assert (refused["project"], refused["task"], refused["region"], refused["code"]) == (
+        1,
+        7,
+        "z",
+        "no_usable_box",
+    )
+    assert refused["reason"] == detail(resp) and refused["level"] == "WARNING"
+    assert metric_value(app_client, "roi_refusals_total", endpoint="/predict", reason="no_usable_box") == 1
+
+
+def test_app_setup_answers_the_mapping_and_warnings_and_logs_them(app_client, json_lines):
+    xml = (CONFIGS / "unknown_choices.xml").read_text()
+    payload = {"project": "12.1795583044", "schema": xml, "hostname": "http://ls", "access_token": "t"}
+    resp = app_client.post("/setup", json=payload)
+    body = resp.get_json()
+    cfg = parse_label_config(xml)
+    assert resp.status_code == 200 and body["model_version"] == "1.0.0"
+    assert (
+        body["mapping"] == cfg.summary() and body["warnings"] == list(cfg.warnings) and len(cfg.warnings) == 4
+    )
+    warned = [r for r in json_lines if r["message"] == "label config warning"]
+    assert [r["reason"] for r in warned] == list(cfg.warnings)
+    assert all(r["level"] == "WARNING" and r["project"] == 12 for r in warned)
+    nothing = '<View><Image name="i" value="$image"/><RectangleLabels name="b" toName="i"/></View>'
+    refused = app_client.post("/setup", json={**payload, "schema": nothing})
+    assert refused.status_code == 400
+    (line,) = [r for r in json_lines if r["message"] == "refused"]
+    assert (
+        line["project"] == 12
+        and line["code"] == "label_config"
+        and "nothing for the backend" in line["reason"]
+    )
+    assert metric_value(app_client, "roi_refusals_total", endpoint="/setup", reason="label_config") == 1
