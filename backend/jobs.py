@@ -15,6 +15,12 @@
   starts a round: the previous round's progress and outcome fields are dropped then, so a reader
   never sees round 1's step or decision next to round 2's phase.  ``python -m backend.jobs status``
   shows the meta and the rounds of a finished job.
+* Dead jobs: a job whose worker stopped sending heartbeats (every ``JOB_HEARTBEAT_SECONDS``, see
+  :mod:`backend.worker`) for 3 heartbeats is abandoned; :func:`fail_dead_jobs` (RQ's registry
+  cleanup) retries it or, with no retries left, fails it.  Live workers run it every
+  ``OUTBOX_POLL_SECONDS``; :func:`request_training` and :func:`job_status` run it too, so a reader
+  never sees a dead job as ``started``.  Every failed attempt is recorded in the project's failure
+  history (:mod:`backend.job_history`), which outlives the job's id being reused.
 * Scheduled retraining uses RQ's own cron (``rq.cron.CronScheduler``): ``RETRAIN_CRON`` (cron
   expression, local time) or ``RETRAIN_INTERVAL`` (seconds) runs :func:`scheduled_retrain`, which
   requests training for every project with corrections newer than its last job.
@@ -32,11 +38,15 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import LockError, RedisError
-from rq import Queue, Retry, get_current_job
+from rq import Callback, Queue, Retry, get_current_job
 from rq.cron import CronScheduler
 from rq.exceptions import DuplicateJobError
+from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
 
+from backend.job_history import archive_failed_job, failure_history, failures_key, record_failure
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
 
@@ -44,6 +54,7 @@ log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "backend.finetune.run_finetune_job"
 PENDING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED}
+CLEANUP_LOCK_SECONDS = 60
 RESULT_TTL = 7 * 86_400  # keep a finished job's result and meta for a week (for /jobs views)
 PROGRESS_FIELDS = ("step", "steps", "loss", "eta_s")
 ROUND_FIELDS = (*PROGRESS_FIELDS, "decision", "accepted", "reasons", "version", "label_studio")
@@ -76,6 +87,31 @@ def training_queue(settings: Settings, connection: Redis) -> Queue:
     return Queue(settings.queue_name, connection=connection)
 
 
+def fail_dead_jobs(queue: Queue) -> bool:
+    """RQ's abandoned-job recovery for the queue: a started job whose heartbeat expired is retried
+    (retries left) or failed, and its ``on_failure`` callback records the failure.  Returns False
+    when another process is cleaning the queue right now."""
+    # RQ's maintenance key: one cleaner at a time (two would both retry a dead job, which would then
+    # run twice); our hold is short, so a killed holder delays the next round by a minute at most.
+    if not queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=CLEANUP_LOCK_SECONDS):
+        return False
+    try:
+        # TimerDeathPenalty: the callback's time limit works off the main thread (the worker's poll).
+        StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
+    finally:
+        queue.release_maintenance_lock()
+    return True
+
+
+def _forget_expired_executions(job: Job) -> None:
+    """Drop the job's executions whose hash expired: RQ lists one for 60 s after that (a job found
+    abandoned), and ``Job.delete`` raises ValueError on it."""
+    registry = job.execution_registry
+    for execution_id in registry.get_execution_ids():
+        if not job.connection.exists(Execution(execution_id, job.id, job.connection).key):
+            job.connection.zrem(registry.key, execution_id)
+
+
 @dataclass
 class Outcome:
     """``state``: ``enqueued`` (new job), ``queued`` (collapsed into the pending job) or
@@ -93,8 +129,7 @@ def request_training(project_id: int, settings: Settings, connection: Redis, rea
     if not lock.acquire():
         raise LockError(f"could not lock {jid}")
     try:
-        # Jobs whose worker died are retried (or failed) by RQ's own registry cleanup.
-        queue.started_job_registry.cleanup()
+        fail_dead_jobs(queue)
         job = queue.fetch_job(jid)
         status = job.get_status(refresh=False) if job is not None else None
         if status in PENDING:
@@ -102,6 +137,9 @@ def request_training(project_id: int, settings: Settings, connection: Redis, rea
         if status == JobStatus.STARTED:
             return Outcome("running", jid)
         if job is not None:
+            if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                archive_failed_job(job, connection)
+            _forget_expired_executions(job)
             job.delete()  # finished/failed/stopped: the id is reused for the next run
         try:
             queue.enqueue(
@@ -113,8 +151,15 @@ def request_training(project_id: int, settings: Settings, connection: Redis, rea
                 retry=Retry(max=settings.job_retries) if settings.job_retries else None,
                 result_ttl=RESULT_TTL,
                 failure_ttl=RESULT_TTL,
+                on_failure=Callback(record_failure),
                 description=f"fine-tune project {project_id} ({reason or 'requested'})",
-                meta={"project": project_id, "reason": reason, "phase": "queued", "requested": time.time()},
+                meta={
+                    "project": project_id,
+                    "reason": reason,
+                    "phase": "queued",
+                    "requested": time.time(),
+                    "failure_log": failures_key(settings, project_id),
+                },
             )
         except DuplicateJobError:
             return Outcome("queued", jid)
@@ -152,17 +197,32 @@ def flush_outbox(
     return done
 
 
-def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None) -> Callable[[dict], None]:
-    """A ``model.training.train`` progress callback that saves ``job.meta`` (and logs)."""
+def _save_meta(job: Job | None, meta: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    if job is None:
+        return
+    for key in drop:
+        job.meta.pop(key, None)
+    job.meta.update(meta)
+    try:
+        job.save_meta()
+    except RedisError as exc:  # progress is for readers; a Redis blip must not end the training
+        log.warning("job %s: progress not saved: %s", job.id, exc)
+
+
+def progress_reporter(
+    phase: str = "train", extra: dict[str, Any] | None = None, guard: Callable[[], None] | None = None
+) -> Callable[[dict], None]:
+    """A ``model.training.train`` progress callback that saves ``job.meta`` (and logs).  ``guard``
+    runs first: it raises to stop the training (a run that lost its lease)."""
     job = get_current_job()
 
     def report(entry: dict) -> None:
+        if guard is not None:
+            guard()
         meta = {"phase": phase, **(extra or {})}
         meta.update({k: entry[k] for k in ("step", "steps", "loss", "eta_s") if k in entry})
         log.info("progress", extra=meta)
-        if job is not None:
-            job.meta.update(meta)
-            job.save_meta()
+        _save_meta(job, meta)
 
     return report
 
@@ -170,27 +230,26 @@ def progress_reporter(phase: str = "train", extra: dict[str, Any] | None = None)
 def set_phase(phase: str, **fields: Any) -> None:
     """Record the job's current phase (``load``, ``train``, ``evaluate``, ``commit``, ``done``) in
     meta; ``load`` starts a round and drops the previous round's fields."""
-    job = get_current_job()
     log.info("phase", extra={"phase": phase, **fields})
-    if job is not None:
-        for key in ROUND_FIELDS if phase == ROUND_START else ():
-            job.meta.pop(key, None)
-        job.meta.update({"phase": phase, **fields})
-        job.save_meta()
+    _save_meta(get_current_job(), {"phase": phase, **fields}, ROUND_FIELDS if phase == ROUND_START else ())
 
 
 def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[str, Any] | None:
-    """Status and progress of the project's job (``None``: no job known)."""
+    """Status and progress of the project's job and its failure history, newest first (``None``:
+    neither is known).  Dead jobs are failed first, so ``started`` means a live run."""
+    fail_dead_jobs(training_queue(settings, connection))
+    failures = failure_history(project_id, settings, connection)
     try:
         job = Job.fetch(job_id(project_id), connection=connection)
     except Exception:  # NoSuchJobError, or a job hash an older version wrote
-        return None
+        return {"id": None, "status": None, "meta": {}, "failures": failures} if failures else None
     status = job.get_status().value
     return {
         "id": job.id,
         "status": status,
         "meta": job.get_meta(refresh=False),
         "rounds": _rounds(job) if status == JobStatus.FINISHED.value else [],
+        "failures": failures,
     }
 
 

@@ -111,8 +111,8 @@ class Settings:
     heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")
     gate_eval_images: int = _setting(100, "base evaluation scenes scored by the promotion gate")
     outbox_poll_seconds: float = _setting(5.0, "how often the worker hands stored training requests to Redis")
-    job_heartbeat_seconds: float = _setting(
-        10.0, "a running job's heartbeat and training-lease renewal, seconds; 3x this silent = dead"
+    job_heartbeat_seconds: int = _setting(
+        10, "a running job's heartbeat and training-lease renewal, seconds; 3x this silent = dead"
     )
     promote_tolerance: float = _setting(0.02, "max accuracy drop on the base set allowed for promotion")
     job_timeout: int = _setting(3600, "RQ job timeout, seconds")
@@ -177,9 +177,8 @@ class Settings:
         for name in ("web_workers", "web_threads", "label_studio_predict_tasks"):
             if getattr(settings, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
-        if not settings.job_heartbeat_seconds > 0:
-            raise SettingsError(f"JOB_HEARTBEAT_SECONDS must be positive, got {settings.job_heartbeat_seconds}")
-        for name in ("max_json_depth", "max_text_chars", "max_tasks_per_request", "predict_chunk_tasks"):
+        for name in ("max_json_depth", "max_text_chars", "max_tasks_per_request", "predict_chunk_tasks",
+                     "job_heartbeat_seconds"):  # fmt: skip
             if getattr(settings, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         return settings

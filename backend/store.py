@@ -8,13 +8,20 @@ Tables::
     regions      the annotation's region-text pairs: pixel box, caption, attributes, relations, and
                  ``corrected``: the reviewer gave it text the model did not (:mod:`backend.predicted`);
                  only those count towards ``TRAIN_MIN_CORRECTIONS``, all are training data
-    projects     per project ``trained_seq``: changes up to it were taken by a training job
+    projects     per project ``trained_seq`` (the training watermark: changes up to it are in a
+                 committed version, or were in a candidate the gate rejected) and the running job's
+                 claim (``claimed_seq`` until ``claimed_until``)
     outbox       per project, a training request not yet handed to Redis (or waiting for a running
                  job); survives a Redis outage and is flushed by the next webhook, the worker,
                  the scheduler or ``python -m backend.jobs flush``
 
 Idempotency: an annotation write is applied only if its ``updated_at`` is newer than the stored one;
 an equal one (replay, duplicate delivery) and an older one (out-of-order delivery) change nothing.
+
+Watermark: a job's snapshot moves ``trained_seq`` only when the job commits a version (promoted or
+rejected by the gate), never when it starts or dies.  While it runs, the job *claims* its snapshot
+for a short lease that it renews (``JOB_HEARTBEAT_SECONDS``), so corrections it is training on are
+not counted as new (no follow-up round for them); a killed job's claim lapses and they count again.
 
 Ownership: an annotation id belongs to the project of the first write that names it (a create, or
 the tombstone of a delete that arrived first); a write or delete naming another project is refused
@@ -71,7 +78,9 @@ CREATE TABLE IF NOT EXISTS projects (
     trained_seq INTEGER NOT NULL DEFAULT 0,
     last_version TEXT,
     last_decision TEXT,
-    last_trained_at REAL
+    last_trained_at REAL,
+    claimed_seq INTEGER,
+    claimed_until REAL
 );
 CREATE TABLE IF NOT EXISTS outbox (
     project_id INTEGER PRIMARY KEY,
@@ -164,6 +173,10 @@ class CorrectionStore:
                     "UPDATE regions SET corrected = 0"
                     " WHERE caption IS NULL AND attributes = '{}' AND relations = '[]'"
                 )
+            columns = {r["name"] for r in con.execute("PRAGMA table_info(projects)")}
+            for column, kind in (("claimed_seq", "INTEGER"), ("claimed_until", "REAL")):
+                if column not in columns:  # a store written before claims existed
+                    con.execute(f"ALTER TABLE projects ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -329,14 +342,14 @@ class CorrectionStore:
         row = con.execute(
             "SELECT COUNT(*) FROM regions r JOIN annotations a USING (annotation_id)"
             " WHERE r.corrected = 1"
-            " AND a.project_id = ? AND a.deleted = 0 AND a.seq >"
-            " COALESCE((SELECT trained_seq FROM projects WHERE project_id = ?), 0)",
-            (project_id, project_id),
+            " AND a.project_id = ? AND a.deleted = 0 AND a.seq > COALESCE((SELECT MAX(trained_seq, CASE"
+            " WHEN claimed_until > ? THEN claimed_seq ELSE 0 END) FROM projects WHERE project_id = ?), 0)",
+            (project_id, time.time(), project_id),
         ).fetchone()
         return int(row[0])
 
     def new_corrections(self, project_id: int) -> int:
-        """Corrected regions changed since the last training job took its snapshot."""
+        """Corrected regions changed after the training watermark and not claimed by a running job."""
         with self._connect() as con:
             return self._new_corrections(con, project_id)
 
@@ -345,9 +358,10 @@ class CorrectionStore:
             rows = con.execute("SELECT DISTINCT project_id FROM annotations WHERE deleted = 0").fetchall()
         return sorted(r[0] for r in rows)
 
-    def begin_training(self, project_id: int) -> tuple[int, int]:
-        """Snapshot for a training job: returns ``(previous trained_seq, snapshot seq)`` and moves the
-        project's watermark to the snapshot, so corrections arriving from now on count as new."""
+    def begin_training(self, project_id: int, claim_seconds: float = 3600.0) -> tuple[int, int]:
+        """Snapshot for a training job: returns ``(trained_seq, snapshot seq)``.  The watermark stays;
+        the job claims the snapshot for ``claim_seconds`` (renewed with :meth:`renew_claim`), so
+        corrections arriving from now on are the ones that count as new while it runs."""
         with self.transaction() as con:
             prev = con.execute(
                 "SELECT trained_seq FROM projects WHERE project_id = ?", (project_id,)
@@ -356,27 +370,48 @@ class CorrectionStore:
             snap = con.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
             snap_seq = int(snap[0]) if snap else 0
             con.execute(
-                "INSERT INTO projects (project_id, trained_seq) VALUES (?, ?)"
-                " ON CONFLICT (project_id) DO UPDATE SET trained_seq = excluded.trained_seq",
-                (project_id, snap_seq),
+                "INSERT INTO projects (project_id, claimed_seq, claimed_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (project_id) DO UPDATE SET claimed_seq = excluded.claimed_seq,"
+                " claimed_until = excluded.claimed_until",
+                (project_id, snap_seq, time.time() + claim_seconds),
             )
         return prev_seq, snap_seq
 
-    def abort_training(self, project_id: int, previous_seq: int, snapshot_seq: int) -> None:
-        """A failed job gives its snapshot back, so its corrections still count as new."""
+    def renew_claim(self, project_id: int, snapshot_seq: int, claim_seconds: float) -> bool:
+        """Extend the running job's claim (only its own: the claim still names ``snapshot_seq``)."""
         with self.transaction() as con:
-            con.execute(
-                "UPDATE projects SET trained_seq = ? WHERE project_id = ? AND trained_seq = ?",
-                (previous_seq, project_id, snapshot_seq),
+            cur = con.execute(
+                "UPDATE projects SET claimed_until = ? WHERE project_id = ? AND claimed_seq = ?",
+                (time.time() + claim_seconds, project_id, snapshot_seq),
             )
+        return cur.rowcount > 0
 
-    def finish_training(self, project_id: int, version: str | None, decision: str) -> None:
+    def abort_training(self, project_id: int, snapshot_seq: int) -> None:
+        """A failed job drops its claim, so its corrections count as new again at once."""
+        with self.transaction() as con:
+            self._drop_claim(con, project_id, snapshot_seq)
+
+    def finish_training(
+        self, project_id: int, snapshot_seq: int, version: str | None, decision: str, trained: bool
+    ) -> None:
+        """Record a finished job and drop its claim; ``trained`` (it committed a version, promoted or
+        rejected by the gate) moves the watermark to the job's snapshot."""
         with self.transaction() as con:
             con.execute(
-                "UPDATE projects SET last_version = ?, last_decision = ?, last_trained_at = ?"
+                "UPDATE projects SET last_version = ?, last_decision = ?, last_trained_at = ?,"
+                " trained_seq = CASE WHEN ? THEN MAX(trained_seq, ?) ELSE trained_seq END"
                 " WHERE project_id = ?",
-                (version, decision, time.time(), project_id),
+                (version, decision, time.time(), trained, snapshot_seq, project_id),
             )
+            self._drop_claim(con, project_id, snapshot_seq)
+
+    @staticmethod
+    def _drop_claim(con: sqlite3.Connection, project_id: int, snapshot_seq: int) -> None:
+        con.execute(
+            "UPDATE projects SET claimed_seq = NULL, claimed_until = NULL"
+            " WHERE project_id = ? AND claimed_seq = ?",
+            (project_id, snapshot_seq),
+        )
 
     def project_status(self, project_id: int) -> dict[str, Any]:
         with self._connect() as con:

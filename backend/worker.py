@@ -2,11 +2,19 @@
 
 * removes staging folders left by killed jobs (run **one** training worker per model registry: the
   registry has one ``current`` pointer and jobs are meant to run one after another);
-* hands training requests stored while Redis was away to RQ (the outbox), at start and then every
-  ``OUTBOX_POLL_SECONDS`` (this also enqueues follow-ups that arrived as a job was finishing);
+* every ``OUTBOX_POLL_SECONDS`` (and at start), in a thread that outlives Redis outages: fails or
+  retries jobs whose worker died (:func:`backend.jobs.fail_dead_jobs`), then hands training
+  requests stored while Redis was away to RQ (the outbox; this also enqueues follow-ups that
+  arrived as a job was finishing);
 * starts RQ's cron scheduler in a child process when ``RETRAIN_CRON`` or ``RETRAIN_INTERVAL`` is set;
-* runs an RQ worker on ``QUEUE_NAME`` (each job in a forked work horse, so ``JOB_TIMEOUT`` can kill
-  it and a crash cannot take the worker down).
+* runs a :class:`TrainingWorker` on ``QUEUE_NAME`` (each job in a forked work horse, so
+  ``JOB_TIMEOUT`` can kill it and a crash cannot take the worker down), and starts it again when
+  RQ ends its work loop on a Redis error (RQ quits on any error outside its dequeue, e.g. when a
+  Redis restart catches it finishing a job): the worker process, and so the outbox poll, stays up.
+
+Liveness: the worker sends a job heartbeat every ``JOB_HEARTBEAT_SECONDS``; a job without one for
+3 x ``JOB_HEARTBEAT_SECONDS`` is dead, and any live worker fails (or retries) it within one more
+``OUTBOX_POLL_SECONDS``.  A work horse whose worker died stops by itself (:mod:`backend.lease`).
 
 Options: ``--burst`` (exit when the queue is empty), ``--no-cron``, ``--cron-only``;
 ``--health worker|scheduler`` exits 0 when a worker (or cron scheduler) of this host is registered
@@ -18,19 +26,38 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
+import signal
 import socket
 import sys
 import threading
+from typing import Any
 
 from redis.exceptions import RedisError
-from rq import Worker
+from rq import Queue, Worker
 from rq.cron import CronScheduler
+from rq.executions import Execution
+from rq.job import Job
 
-from backend.jobs import build_cron, flush_outbox, redis_connection, training_queue
+from backend.job_history import record_killed_horse
+from backend.jobs import build_cron, fail_dead_jobs, flush_outbox, redis_connection, training_queue
+from backend.lease import watch_parent
 from backend.observability import JsonFormatter
 from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings, get_settings
 from backend.store import open_store
+
+__all__ = [
+    "TrainingWorker",
+    "healthy",
+    "json_logging",
+    "main",
+    "poll_once",
+    "prepare",
+    "run_cron",
+    "run_worker",
+    "start_poll",
+]
 
 log = logging.getLogger("backend.worker")
 
@@ -57,20 +84,93 @@ def prepare(settings: Settings) -> dict:
     return {"current": current, "staging_removed": removed, "outbox": flushed}
 
 
-def _pump(settings: Settings, stop: threading.Event) -> None:
-    store = open_store(settings.data_dir)
+class TrainingWorker(Worker):
+    """RQ's forking worker with the fine-tuning jobs' liveness rules (see the module doc).
+
+    * job heartbeats every ``job_monitoring_interval`` (``JOB_HEARTBEAT_SECONDS``); a job's
+      execution expires 2 intervals after the next one is due (RQ's own margin is 60 s);
+    * a Redis error while watching the work horse is logged, not fatal (RQ would end its work loop
+      and leave the horse unwatched);
+    * the work horse watches this worker (:func:`backend.lease.watch_parent`);
+    * :attr:`stop_requested` tells a requested stop (SIGTERM/SIGINT) from a loop that ended on an error.
+    """
+
+    stop_requested = False
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        interval = int(self.job_monitoring_interval)
+        if job.timeout and job.timeout > 0:
+            return max(1, int(min(job.timeout - working_time, interval))) + 2 * interval
+        return 3 * interval
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        try:
+            super().maintain_heartbeats(job, execution)
+        except (RedisError, OSError) as exc:
+            log.warning("job %s: heartbeat not sent, Redis unreachable: %s", job.id, exc)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        watch_parent(os.getppid())
+        super().main_work_horse(job, queue)
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)
+
+
+def poll_once(settings: Settings) -> None:
+    """One round of the worker's poll: fail (or retry) dead jobs, then flush the outbox."""
+    try:
+        fail_dead_jobs(training_queue(settings, redis_connection(settings, fast=True)))
+    except (RedisError, OSError) as exc:
+        log.warning("dead-job check skipped, Redis unreachable: %s", exc)
+    flush_outbox(settings, open_store(settings.data_dir))
+
+
+def _poll(settings: Settings, stop: threading.Event) -> None:
     while not stop.wait(settings.outbox_poll_seconds):
         try:
-            flush_outbox(settings, store)
+            poll_once(settings)
         except Exception:  # never let housekeeping kill the worker
-            log.exception("outbox flush failed")
+            log.exception("worker poll failed")
 
 
-def start_outbox_pump(settings: Settings) -> threading.Event:
-    """Flush the outbox in a daemon thread; set the returned event to stop it."""
+def start_poll(settings: Settings) -> threading.Event:
+    """Run :func:`poll_once` every ``OUTBOX_POLL_SECONDS`` in a daemon thread; set the returned event
+    to stop it."""
     stop = threading.Event()
-    threading.Thread(target=_pump, args=(settings, stop), name="outbox-pump", daemon=True).start()
+    threading.Thread(target=_poll, args=(settings, stop), name="worker-poll", daemon=True).start()
     return stop
+
+
+def run_worker(settings: Settings, burst: bool = False) -> None:
+    """Run a :class:`TrainingWorker` until a stop is requested (or the queue is empty, ``burst``);
+    a work loop that RQ ended on an error (Redis away) is started again, with a growing pause."""
+    pause = 1.0
+    stop = threading.Event()
+    while True:
+        worker = None
+        try:
+            connection = redis_connection(settings)
+            worker = TrainingWorker(
+                [training_queue(settings, connection)], connection=connection,
+                job_monitoring_interval=settings.job_heartbeat_seconds,
+                work_horse_killed_handler=record_killed_horse,
+            )  # fmt: skip
+            worker.work(burst=burst, logging_level=settings.log_level)
+        except (RedisError, OSError) as exc:
+            log.error("worker: Redis unreachable: %s", exc)
+        if worker is not None and worker.horse_pid:
+            worker.kill_horse()  # nobody would watch it; its job is failed or retried as dead
+            worker.wait_for_horse()
+        if burst or (worker is not None and worker.stop_requested):
+            return
+        log.warning("worker: RQ's work loop ended (Redis unreachable?); starting again in %.0f s", pause)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # RQ's handlers belong to the finished loop
+            signal.signal(sig, lambda *_: stop.set())
+        if stop.wait(pause):
+            return
+        pause = min(2 * pause, 30.0)
 
 
 def run_cron(settings: Settings) -> None:
@@ -111,17 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         run_cron(settings)
         return 0
     prepare(settings)
-    stop = start_outbox_pump(settings)
+    stop = start_poll(settings)
     cron_proc = None
     if not args.no_cron and not args.burst and (settings.retrain_cron or settings.retrain_interval):
         cron_proc = multiprocessing.get_context("fork").Process(
             target=run_cron, args=(settings,), name="retrain-cron", daemon=True
         )
         cron_proc.start()
-    connection = redis_connection(settings)
-    worker = Worker([training_queue(settings, connection)], connection=connection)
     try:
-        worker.work(burst=args.burst, logging_level=settings.log_level)
+        run_worker(settings, burst=args.burst)
     finally:
         stop.set()
         if cron_proc is not None:

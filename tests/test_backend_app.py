@@ -162,7 +162,9 @@ def test_setup_is_fast_and_never_loads_again(env):
         started = time.perf_counter()
         resp = client.post("/setup", json=SETUP_PAYLOAD)
         assert time.perf_counter() - started < 0.5
-        assert resp.status_code == 200 and resp.get_json() == {"model_version": "1.0.0"}
+        body = resp.get_json()
+        assert resp.status_code == 200 and body["model_version"] == "1.0.0"
+        assert body["mapping"] and body["warnings"] == []  # /setup says what it will serve (issue 15.7)
     assert loader.calls == ["1.0.0"]
 
 

@@ -66,11 +66,11 @@ def test_training_watermark_and_outbox(tmp_path: Path):
     store = CorrectionStore(tmp_path)
     store.apply_annotation(1, 1, timestamp(1), "i", 100, 80, _regions(0))
     store.apply_annotation(2, 2, timestamp(1), "i", 100, 80, _regions(0))
-    prev, snap = store.begin_training(1)
+    _, snap = store.begin_training(1)
     assert (store.new_corrections(1), store.new_corrections(2)) == (0, 2)
     store.apply_annotation(1, 3, timestamp(1), "i", 100, 80, _regions(0)[:1])
     assert store.new_corrections(1) == 1
-    store.abort_training(1, prev, snap)  # a failed job gives its snapshot back
+    store.abort_training(1, snap)  # a failed job gives its snapshot back
     assert store.new_corrections(1) == 3
     store.request_training(2, "START_TRAINING")
     row = store.pending_requests()[0]

@@ -4,7 +4,8 @@ The candidate is written into a registry staging folder (weights, config, ``metr
 ``training_curve.png``, ``version.json`` with parent, data counts, figures and the gate decision),
 committed by one rename, and promoted if the gate passed (Label Studio's project ``model_version``
 follows).  A rejected candidate is kept as a version (for inspection and manual promotion) but not
-made current.
+made current.  The job's ``guard`` (its training lease) is confirmed right before the commit: a run
+that lost its lease leaves no version and no staging folder.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,33 @@ def commit_version(
     history: list[dict],
     base_metrics: Sequence[str],
     t0: float,
+    guard: Callable[[], None] | None = None,
 ) -> str:
     """Write the candidate, its figures and metadata into a staging folder, then commit it under a
     new version of ``summary["parent"]``; returns the version.  ``base_metrics``: the base figures
-    ``version.json`` lists (the gate's)."""
+    ``version.json`` lists (the gate's).  ``guard`` runs right before the commit and raises to stop
+    it (the staging folder is removed)."""
+    staging = registry.staging()
+    try:
+        return _write_and_commit(registry, staging, model, cfg, summary, history, base_metrics, t0, guard)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_and_commit(
+    registry: ModelRegistry,
+    staging: Path,
+    model: RegionMLLM,
+    cfg: TrainConfig,
+    summary: dict,
+    history: list[dict],
+    base_metrics: Sequence[str],
+    t0: float,
+    guard: Callable[[], None] | None,
+) -> str:
     parent = summary["parent"]
     parent_dir = registry.path(parent)
-    staging = registry.staging()
     save_checkpoint(model, staging, cfg, vision_source=parent_dir / VISION_WEIGHTS)
     figures = {
         **{f"base_{k}": summary["candidate"]["base"].get(k) for k in base_metrics},
@@ -122,6 +143,8 @@ def commit_version(
             "curve": CURVE,
         }
         (staging / "version.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
+        if guard is not None:
+            guard()
         try:
             registry.commit_folder(staging, version)
             return version

@@ -5,6 +5,13 @@ Phases (``job.meta["phase"]``): ``load`` (corrections, images, split; the curren
 ``evaluate-candidate`` and the gate, ``commit`` (new version; promoted if the gate passed), ``done``.
 The replay source and the base evaluator are inputs (:func:`finetune_project`); the RQ entry point
 takes them from :func:`backend.finetune.sources.lineage_data`.
+
+The job first takes the project's training lease (:mod:`backend.lease`; until then it writes
+nothing to the job: a run of the same job id may hold it), then every phase change and progress
+report checks that the lease was not lost, and the commit confirms it with Redis.  The project's
+training watermark moves only when a version is committed (promoted or rejected by the gate);
+meanwhile the run claims its snapshot in the store for as long as it renews its lease
+(:mod:`backend.store`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from backend.finetune.commit import (
 from backend.finetune.data import CorrectionSplit, MixedRecords, load_corrections
 from backend.finetune.gate import evaluate, gate
 from backend.finetune.sources import LineageData, lineage_data
-from backend.jobs import progress_reporter, set_phase
+from backend.jobs import progress_reporter, redis_connection, set_phase
+from backend.lease import LeaseError, TrainingLease
 from backend.registry import ModelRegistry
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
@@ -40,19 +48,22 @@ MAX_ROUNDS = 3  # follow-up rounds one job runs for requests that arrive while i
 
 
 def run_finetune_job(project_id: int, reason: str = "") -> dict[str, Any]:
-    """RQ entry point: fine-tune, then run follow-up rounds for requests made meanwhile."""
+    """RQ entry point: under the project's training lease, fine-tune, then run follow-up rounds for
+    requests made meanwhile."""
     settings = get_settings()
-    store = open_store(settings.data_dir)
-    registry = ModelRegistry(settings.model_dir, settings.default_model)
-    lineage = lineage_data(settings)
-    rounds = []
-    for n in range(MAX_ROUNDS):
-        summary = finetune_project(
-            project_id, settings, store, registry, lineage, reason if n == 0 else "follow-up"
-        )
-        rounds.append({k: summary.get(k) for k in ("version", "decision", "parent", "gate", "data")})
-        if not store.take_followup(project_id):
-            break
+    # Short socket timeouts: a hung Redis must not hang the renewal thread (it also watches the worker).
+    with TrainingLease(redis_connection(settings, fast=True), settings, project_id) as lease:
+        store = open_store(settings.data_dir)
+        registry = ModelRegistry(settings.model_dir, settings.default_model)
+        lineage = lineage_data(settings)
+        rounds = []
+        for n in range(MAX_ROUNDS):
+            summary = finetune_project(
+                project_id, settings, store, registry, lineage, reason if n == 0 else "follow-up", lease=lease
+            )
+            rounds.append({k: summary.get(k) for k in ("version", "decision", "parent", "gate", "data")})
+            if not store.take_followup(project_id):
+                break
     return {"project": project_id, "rounds": rounds}
 
 
@@ -63,19 +74,45 @@ def finetune_project(
     registry: ModelRegistry,
     lineage: LineageData,
     reason: str = "",
+    *,
+    lease: TrainingLease | None = None,
 ) -> dict[str, Any]:
-    """One fine-tuning round for a project; returns the summary recorded in ``metrics.json``."""
+    """One fine-tuning round for a project; returns the summary recorded in ``metrics.json``.
+
+    ``lease``: the run's training lease (checked at every phase and progress report, confirmed
+    before the commit); without one (direct calls) nothing is checked and the run's claim on its
+    snapshot lasts ``JOB_TIMEOUT``."""
     remove_stale_staging(registry, settings.job_timeout)
-    previous_seq, snapshot_seq = store.begin_training(project_id)
+    claim = lease.ttl if lease is not None else settings.job_timeout
+    previous_seq, snapshot_seq = store.begin_training(project_id, claim)
+    stop_renewing = (
+        lease.on_renew(lambda: store.renew_claim(project_id, snapshot_seq, claim))
+        if lease is not None
+        else None
+    )
     try:
         summary = _finetune(
-            project_id, settings, store, registry, lineage, previous_seq, snapshot_seq, reason
+            project_id, settings, store, registry, lineage, previous_seq, snapshot_seq, reason, lease
         )
+    except LeaseError:
+        raise  # another run may hold the lease and a claim now: leave ours to lapse
     except BaseException:
-        store.abort_training(project_id, previous_seq, snapshot_seq)
+        store.abort_training(project_id, snapshot_seq)
         raise
-    store.finish_training(project_id, summary.get("version"), summary["decision"])
+    finally:
+        if stop_renewing is not None:
+            stop_renewing()
+    trained = summary["decision"] in ("promoted", "rejected")  # a committed version
+    store.finish_training(project_id, snapshot_seq, summary.get("version"), summary["decision"], trained)
     return summary
+
+
+def _phase(lease: TrainingLease | None, phase: str, **fields: Any) -> None:
+    """``set_phase`` for a run under ``lease``: a run that lost it stops here, before it writes over
+    the job meta of the run that holds it now."""
+    if lease is not None:
+        lease.ensure()
+    set_phase(phase, **fields)
 
 
 def train_config(settings: Settings, seed: int) -> TrainConfig:
@@ -102,11 +139,12 @@ def _finetune(
     previous_seq: int,
     snapshot_seq: int,
     reason: str,
+    lease: TrainingLease | None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     parent = registry.current()
     parent_dir = registry.path(parent)
-    set_phase("load", project=project_id, parent=parent)
+    _phase(lease, "load", project=project_id, parent=parent)
     split = load_corrections(project_id, settings, store, previous_seq)
     if not split.records:
         log.warning(
@@ -122,16 +160,16 @@ def _finetune(
         }
     model = load_model(parent_dir)
 
-    set_phase("evaluate-parent", project=project_id, parent=parent)
+    _phase(lease, "evaluate-parent", project=project_id, parent=parent)
     engine = InferenceEngine(model, version=f"parent-{parent}", max_new_tokens=settings.max_new_tokens)
     stored = stored_base_scores(parent_dir, lineage.evaluator.identity)
     parent_scores = evaluate(engine, split.gate, lineage.evaluator, stored)
     del engine
 
     cfg = train_config(settings, seed=snapshot_seq)
-    history, train_seconds = _train(model, split, lineage, cfg, settings, project_id)
+    history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease)
 
-    set_phase("evaluate-candidate", project=project_id)
+    _phase(lease, "evaluate-candidate", project=project_id)
     engine = InferenceEngine(model, version=f"candidate-{parent}", max_new_tokens=settings.max_new_tokens)
     candidate_scores = {
         **evaluate(engine, split.gate, lineage.evaluator),
@@ -141,7 +179,7 @@ def _finetune(
         parent_scores, candidate_scores, settings.promote_tolerance, lineage.evaluator.metrics
     )
 
-    set_phase("commit", project=project_id, accepted=accepted)
+    _phase(lease, "commit", project=project_id, accepted=accepted)
     summary = {
         "project": project_id,
         "reason": reason,
@@ -155,7 +193,8 @@ def _finetune(
                   "max_turns": settings.train_max_turns, "seconds": round(train_seconds, 1),
                   "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]},
     }  # fmt: skip
-    version = commit_version(registry, model, cfg, summary, history, lineage.evaluator.metrics, t0)
+    guard = lease.check if lease is not None else None
+    version = commit_version(registry, model, cfg, summary, history, lineage.evaluator.metrics, t0, guard)
     summary["version"] = version
     promote_if_accepted(registry, settings, summary, version)
     outcome = {
@@ -175,16 +214,17 @@ def _train(
     cfg: TrainConfig,
     settings: Settings,
     project_id: int,
+    lease: TrainingLease | None,
 ) -> tuple[list[dict], float]:
     """Train ``model`` in place on the corrections mixed with replay; returns (history, seconds)."""
     replay = lineage.replay()
     data = MixedRecords(split.train, replay if settings.replay_fraction > 0 else [], settings.replay_fraction)
-    set_phase("train", project=project_id, step=0, steps=cfg.steps)
+    _phase(lease, "train", project=project_id, step=0, steps=cfg.steps)
     t_train = time.monotonic()
     options = TrainOptions(
         max_turns=settings.train_max_turns,
         separate_turns=True,  # one question per prompt, as the default was trained and as serving asks
-        progress=progress_reporter("train", {"project": project_id}),
+        progress=progress_reporter("train", {"project": project_id}, lease.ensure if lease else None),
         show_bar=False,
     )
     history = train(model, data, cfg, options)

@@ -1,17 +1,26 @@
 """Run a real Label Studio (from ``.venv-ls``) and this backend (gunicorn) locally, and drive them.
 
-Used by ``tests/test_e2e_label_studio.py``, ``tests/test_load.py`` and the tools beside this module
-(``capture_payloads``, ``screenshot_labeling``).  Everything binds to 127.0.0.1; Label Studio runs
-headless with a temp data dir and a fixed legacy token (protocol reference §6).  The REST calls are
-plain ``requests`` with ``Authorization: Token``.
+Used by ``tests/test_e2e_label_studio.py``, ``tests/test_e2e_ls_failures.py``, ``tests/test_load.py``
+and the tools beside this module (``capture_payloads``, ``screenshot_labeling``).  Everything binds to
+127.0.0.1; Label Studio runs headless with a temp data dir and a fixed legacy token (protocol
+reference §6).  The REST calls are plain ``requests`` with ``Authorization: Token``.
+
+A fresh Label Studio data dir spends minutes in database migrations on a busy machine, so the first
+start keeps a copy of the migrated database (admin user and token only, no project) as a template
+(``LS_TEMPLATE_DIR``, default ``$TMPDIR/roi-ls-template-<uid>/<Label Studio version>``) and later
+starts begin from a copy of it: every start still gets its own data dir.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,6 +84,17 @@ class Server:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON lines of the log (the backend's own log records; other lines are skipped)."""
+        records = []
+        for line in self.log.read_text(errors="replace").splitlines() if self.log.exists() else []:
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
 
 def _spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it
@@ -104,11 +124,55 @@ def wait_http(
     raise TimeoutError(f"{url} not ready after {timeout} s (last: {last}):\n{server.log_tail()}")
 
 
-def start_label_studio(workdir: Path, port: int | None = None, timeout: float = 240) -> Server:
-    """Start Label Studio headless on 127.0.0.1 with a fresh data dir (protocol reference §6)."""
+def _template_dir() -> Path:
+    """Where the migrated-database template of this Label Studio version lives."""
+    versions = sorted(LS_VENV.glob("lib/python*/site-packages/label_studio-*.dist-info"))
+    version = versions[-1].name.split("-")[1] if versions else "unknown"
+    root = os.environ.get("LS_TEMPLATE_DIR") or Path(tempfile.gettempdir()) / f"roi-ls-template-{os.getuid()}"
+    return Path(root) / version
+
+
+def _seed_data_dir(data_dir: Path) -> bool:
+    """Copy the template database into an empty ``data_dir``; ``False`` when there is no template."""
+    template = _template_dir()
+    if not (template / "label_studio.sqlite3").exists() or (data_dir / "label_studio.sqlite3").exists():
+        return False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("label_studio.sqlite3", ".env"):
+        if (template / name).exists():
+            shutil.copy2(template / name, data_dir / name)
+    return True
+
+
+def _save_template(data_dir: Path) -> None:
+    """Keep a consistent copy (sqlite backup API) of a just-started, empty Label Studio database."""
+    template = _template_dir()
+    if template.exists():
+        return
+    staging = template.parent / f".{template.name}.{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    with (
+        sqlite3.connect(data_dir / "label_studio.sqlite3") as src,
+        sqlite3.connect(staging / "label_studio.sqlite3") as dst,
+    ):
+        src.backup(dst)
+    if (data_dir / ".env").exists():
+        shutil.copy2(data_dir / ".env", staging / ".env")
+    try:
+        staging.rename(template)  # atomic: a concurrent first start loses the race harmlessly
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def start_label_studio(
+    workdir: Path, port: int | None = None, timeout: float = 900, template: bool = True
+) -> Server:
+    """Start Label Studio headless on 127.0.0.1 with a fresh data dir (protocol reference §6),
+    seeded from the migrated template when ``template`` (see the module docstring)."""
     exe = ensure_ls_venv()
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    seeded = template and _seed_data_dir(workdir / "ls-data")
     env = {
         "PATH": f"{LS_VENV / 'bin'}:/usr/bin:/bin",
         "HOME": str(workdir),
@@ -134,6 +198,8 @@ def start_label_studio(workdir: Path, port: int | None = None, timeout: float = 
     except BaseException:
         server.stop()
         raise
+    if template and not seeded:
+        _save_template(workdir / "ls-data")
     return server
 
 
@@ -222,6 +288,21 @@ class LabelStudio:
     def connect_backend(self, project: int, url: str, title: str = "roi-backend") -> dict:
         body = {"project": project, "url": url, "title": title, "is_interactive": True}
         return self.call("POST", "/api/ml", json=body)
+
+    def try_connect_backend(self, project: int, url: str, title: str = "roi-backend") -> requests.Response:
+        """Connecting as *Settings -> Model -> Connect model* does; the answer as Label Studio gives it
+        (a refused ``/setup`` is a 400 whose text is all its user sees)."""
+        body = {"project": project, "url": url, "title": title, "is_interactive": True}
+        return self.session.post(f"{self.url}/api/ml", json=body, timeout=60)
+
+    def import_tasks(self, project: int, data: list[dict[str, Any]]) -> list[dict]:
+        """JSON import of one task per ``data`` object -> the project's tasks, in id order."""
+        self.call("POST", f"/api/projects/{project}/import", json=data)
+        return sorted(self.tasks(project), key=lambda t: t["id"])
+
+    def create_draft(self, task: int, result: list[dict]) -> dict:
+        """A draft of the token's user (what the labeling page saves before *Submit*)."""
+        return self.call("POST", f"/api/tasks/{task}/drafts", json={"result": result, "lead_time": 1.0})
 
     def retrieve_predictions(self, project: int, timeout: float = 600) -> Any:
         return self.call(
