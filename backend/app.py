@@ -280,6 +280,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         )
         label = re.sub(r"[^A-Z_]", "", action.upper())[:40] or "OTHER"
         metrics.webhooks.labels(label, str(status)).inc()
+        if status >= 400:  # logged by backend.webhooks with the project, task and annotation
+            metrics.refusals.labels("/webhook", str(body.get("code") or "webhook")).inc()
         log.info("webhook", extra={"action": label, "status": status})
         return jsonify(body), status
 

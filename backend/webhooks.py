@@ -230,6 +230,19 @@ HANDLERS = {
 }
 
 
+def _context(payload: Any) -> dict[str, Any]:
+    """Project, task and annotation ids a delivery names, for its refusal's log line (as given)."""
+    out: dict[str, Any] = {}
+    if not isinstance(payload, Mapping):
+        return out
+    for key in ("project", "task", "annotation"):
+        holder = payload.get(key)
+        value = holder.get("id") if isinstance(holder, Mapping) else holder
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            out[key] = value if isinstance(value, int) else value[:40]
+    return out
+
+
 def handle_webhook(
     payload: dict[str, Any], settings: Settings, secret: str | None = None, basic_auth: bool = False
 ) -> tuple[int, dict[str, Any]]:
@@ -250,8 +263,9 @@ def handle_webhook(
             return 200, {"status": "Unknown event", "action": action}
         result = handler(payload, settings)
     except ClientError as exc:
-        log.warning("webhook refused", extra={"action": action, "status": exc.status, "reason": exc.message})
-        body = {"status": "error", "detail": exc.message}
+        context = {"status": exc.status, "reason": exc.message, "code": exc.code, **_context(payload)}
+        log.warning("webhook refused", extra={"action": action, **context})
+        body = {"status": "error", "detail": exc.message, "code": exc.code}
         return exc.status, ({**body, "action": action} if isinstance(action, str) and action else body)
     # The correction is committed; a Redis failure below only delays the job (outbox).
     result["jobs"] = flush_outbox(settings, open_store(settings.data_dir))

@@ -676,3 +676,17 @@ def test_app_setup_answers_the_mapping_and_warnings_and_logs_them(app_client, js
         and "nothing for the backend" in line["reason"]
     )
     assert metric_value(app_client, "roi_refusals_total", endpoint="/setup", reason="label_config") == 1
+
+
+def test_app_webhook_refusal_names_project_task_and_is_counted(app_client, json_lines):
+    from tools.ls.payloads import annotation_payload, region_items, timestamp
+
+    items = region_items("r1", (10, 10, 40, 40), 100, 100, "x" * 3000)  # over MAX_TEXT_CHARS (2000)
+    resp = app_client.post(
+        "/webhook", json=annotation_payload(5, items, timestamp(1), project_id=3, task_id=9)
+    )
+    assert resp.status_code == 422 and resp.get_json()["code"] == "correction"
+    (line,) = [r for r in json_lines if r["message"] == "webhook refused"]
+    assert (line["level"], line["project"], line["task"], line["annotation"]) == ("WARNING", 3, 9, 5)
+    assert line["reason"] == resp.get_json()["detail"] and "MAX_TEXT_CHARS" in line["reason"]
+    assert metric_value(app_client, "roi_refusals_total", endpoint="/webhook", reason="correction") == 1
