@@ -127,7 +127,7 @@ def wait_http(
 def _template_dir() -> Path:
     """Where the migrated-database template of this Label Studio version lives."""
     versions = sorted(LS_VENV.glob("lib/python*/site-packages/label_studio-*.dist-info"))
-    version = versions[-1].name.split("-")[1] if versions else "unknown"
+    version = versions[-1].name.removesuffix(".dist-info").split("-", 1)[1] if versions else "unknown"
     root = os.environ.get("LS_TEMPLATE_DIR") or Path(tempfile.gettempdir()) / f"roi-ls-template-{os.getuid()}"
     return Path(root) / version
 
