@@ -17,8 +17,8 @@ the app logs each at WARNING and counts it by ``code``):
 * a **region** (its other regions and tasks are answered): malformed (``bad_region``), NaN/inf
   (``not_finite``), zero or negative width/height (``zero_area``), wholly outside the image
   (``outside_image``), or a side shorter than ``MIN_BOX_PX`` pixels inside the image (``tiny_box``).
-  A box partly outside the image is clipped to it and described (the rectangle returned is the
-  clipped one, unless it is rotated);
+  A box partly outside the image is clipped to it for the model, which describes the part inside
+  (the rectangle returned keeps the geometry it was given);
 * a **task**: malformed (``bad_task``), without image (``no_image``), whose image cannot be fetched
   or read (``image``), with more than ``MAX_REGIONS`` boxes (``too_many_boxes``), without boxes
   (``no_boxes``: e.g. boxes only in a draft, which Label Studio does not send in a batch), or whose
@@ -49,7 +49,7 @@ from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfig
 from backend.results import Region, TaskPlan, region_results, relation_results
 from backend.settings import Settings
-from model.geometry import BoxError, boxes_tensor, check_pixel_box, pixels_to_percent
+from model.geometry import BoxError, boxes_tensor, check_pixel_box
 from model.inference.describe import ImageReport, describe_regions
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import EncodedImage
@@ -364,11 +364,9 @@ def _usable(plan: TaskPlan, width: int, height: int, min_side: float) -> tuple[T
             if plan.focus is not None and k in plan.focus:
                 raise _focus_lost(skip) from None
             continue
-        if max(abs(a - b) for a, b in zip(box, raw)) > CLIP_TOLERANCE_PX:
-            clipped += 1
-            if region.pixels is not None or not (region.percent or {}).get("rotation"):
-                region = replace(region, percent={**pixels_to_percent(box, width, height), "rotation": 0.0},
-                                 pixels=None)  # fmt: skip
+        # The model sees the part inside the image; the rectangle returned keeps the geometry it was
+        # given, so Label Studio attaches the answers to the very box it sent.
+        clipped += max(abs(a - b) for a, b in zip(box, raw)) > CLIP_TOLERANCE_PX
         kept.append(region)
         boxes.append(box)
     if not kept:

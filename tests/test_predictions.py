@@ -398,8 +398,8 @@ def test_box_partly_outside_is_clipped_and_described(two_scenes):
     assert stats.clipped == 1 and stats.regions == 1
     (boxes,) = oracle.calls[-1]["boxes_seen"]  # the model is handed the clipped box
     assert boxes == pytest.approx([0.0, 0.0, obj.box[2] / w, obj.box[3] / h])
-    rect = by_id(results[0]["result"])[("box1", "bbox")]
-    expected = pixels_to_percent((0, 0, obj.box[2], obj.box[3]), w, h)
+    rect = by_id(results[0]["result"])[("box1", "bbox")]  # the box as it was given: same id, same geometry
+    expected = pixels_to_percent(over, w, h)
     for key in ("x", "y", "width", "height"):
         assert rect["value"][key] == pytest.approx(expected[key])
 
