@@ -89,6 +89,20 @@ def build_lm(
 _BUILD_LOCK = threading.RLock()
 
 
+def _fresh_build_lock() -> None:
+    global _BUILD_LOCK
+    _BUILD_LOCK = threading.RLock()
+
+
+# A fork taken while another thread is inside the empty-weights context would leave the child's
+# nn.Module patched for good (every later build on the meta device): forks wait for builds to end.
+os.register_at_fork(
+    before=lambda: _BUILD_LOCK.acquire(),
+    after_in_parent=lambda: _BUILD_LOCK.release(),
+    after_in_child=_fresh_build_lock,
+)
+
+
 def build_model(
     cfg: ModelConfig,
     tokenizer: PreTrainedTokenizerBase | None = None,
