@@ -35,7 +35,6 @@ import io
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,9 +60,10 @@ from backend.urls import (
     parse_http_url,
     resolve,
 )
+from model.inference.cache import SizedLRU
 from model.inference.image_input import EncodedImage, decode_rgb, displayed_size
 
-__all__ = ["MAX_REDIRECTS", "BytesLRU", "ImageError", "ImageFetcher"]
+__all__ = ["MAX_REDIRECTS", "ImageError", "ImageFetcher"]
 
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
@@ -86,43 +86,6 @@ def _image_errors(data: bytes) -> Iterator[None]:
         raise ImageError(f"content ({len(data)} bytes) is not an image this server can read", 415) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image data is truncated or corrupt: {exc}", 422) from None
-
-
-class BytesLRU:
-    """Thread-safe LRU of ``url -> bytes`` bounded by total size."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity = capacity_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.capacity:
-            return
-        with self._lock:
-            if key in self._items:
-                self._used -= len(self._items.pop(key))
-            self._items[key] = data
-            self._used += len(data)
-            while self._used > self.capacity:
-                _, old = self._items.popitem(last=False)
-                self._used -= len(old)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def _ca_bundle() -> str:
@@ -162,7 +125,7 @@ class ImageFetcher:
     def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
         self.settings = settings
         self.session = session or requests.Session()
-        self.cache = BytesLRU(int(settings.image_cache_mb * 2**20))
+        self.cache: SizedLRU[str, bytes] = SizedLRU(int(settings.image_cache_mb * 2**20), len)
         self.max_bytes = int(settings.max_image_mb * 2**20)
         self.ls_url = settings.label_studio_url.rstrip("/")
         try:

@@ -24,6 +24,7 @@ a power cut only makes a confirmed region count as a correction), one row per re
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -197,17 +198,18 @@ class PredictionLog:
         return said
 
 
-_logs: dict[Path, PredictionLog] = {}
-_logs_lock = threading.Lock()
+_open_lock = threading.Lock()  # two threads must never get two objects for one folder
+
+
+@functools.cache
+def _log_at(folder: Path) -> PredictionLog:
+    return PredictionLog(folder)
 
 
 def open_prediction_log(data_dir: str | Path) -> PredictionLog:
-    """The log under ``data_dir`` (schema created once per process)."""
-    key = Path(data_dir).resolve()
-    with _logs_lock:
-        if key not in _logs:
-            _logs[key] = PredictionLog(key)
-        return _logs[key]
+    """The log under ``data_dir``, one per folder and process (its schema is created once)."""
+    with _open_lock:
+        return _log_at(Path(data_dir).resolve())
 
 
 def remember_predictions(settings: Settings, tasks: Sequence[Any], answers: Sequence[Any]) -> None:

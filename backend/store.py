@@ -30,6 +30,7 @@ the tombstone of a delete that arrived first); a write or delete naming another 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -483,14 +484,15 @@ def _row_region(row: sqlite3.Row) -> Region:
     return Region(row["region_id"], box, row["caption"], json.loads(row["attributes"]), relations)
 
 
-_stores: dict[Path, CorrectionStore] = {}
-_stores_lock = threading.Lock()
+_open_lock = threading.Lock()  # two threads must never get two objects for one folder
+
+
+@functools.cache
+def _store_at(folder: Path) -> CorrectionStore:
+    return CorrectionStore(folder)
 
 
 def open_store(data_dir: str | Path) -> CorrectionStore:
-    """The store under ``data_dir`` (schema created once per process)."""
-    key = Path(data_dir).resolve()
-    with _stores_lock:
-        if key not in _stores:
-            _stores[key] = CorrectionStore(key)
-        return _stores[key]
+    """The store under ``data_dir``, one per folder and process (its schema is created once)."""
+    with _open_lock:
+        return _store_at(Path(data_dir).resolve())

@@ -158,37 +158,39 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Ad
     return found
 
 
+def _first_problem(checks: tuple[tuple[str, bool], ...]) -> str | None:
+    return next((problem for problem, hit in checks if hit), None)
+
+
 def _ipv4_problem(ip: ipaddress.IPv4Address) -> str | None:
-    for problem, hit in (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local (cloud metadata lives here)", ip.is_link_local),
-        ("private", ip.is_private),
-        ("shared address space (carrier-grade NAT)", ip in _SHARED_V4),
-        ("multicast", ip.is_multicast),
-        ("reserved", ip.is_reserved),
-        ("not globally routable", not ip.is_global),
-    ):
-        if hit:
-            return problem
-    return None
+    return _first_problem(
+        (
+            ("unspecified", ip.is_unspecified),
+            ("loopback", ip.is_loopback),
+            ("link-local (cloud metadata lives here)", ip.is_link_local),
+            ("private", ip.is_private),
+            ("shared address space (carrier-grade NAT)", ip in _SHARED_V4),
+            ("multicast", ip.is_multicast),
+            ("reserved", ip.is_reserved),
+            ("not globally routable", not ip.is_global),
+        )
+    )
 
 
 def _ipv6_problem(ip: ipaddress.IPv6Address) -> str | None:
-    for problem, hit in (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("site-local", ip.is_site_local),
-        ("private", ip.is_private),
-        ("local-use NAT64 prefix with the IPv4 address outside the last 32 bits", ip in _LOCAL_NAT64),
-        ("multicast", ip.is_multicast),
-        ("reserved", ip.is_reserved),
-        ("not globally routable", not ip.is_global),
-    ):
-        if hit:
-            return problem
-    return None
+    return _first_problem(
+        (
+            ("unspecified", ip.is_unspecified),
+            ("loopback", ip.is_loopback),
+            ("link-local", ip.is_link_local),
+            ("site-local", ip.is_site_local),
+            ("private", ip.is_private),
+            ("local-use NAT64 prefix with the IPv4 address outside the last 32 bits", ip in _LOCAL_NAT64),
+            ("multicast", ip.is_multicast),
+            ("reserved", ip.is_reserved),
+            ("not globally routable", not ip.is_global),
+        )
+    )
 
 
 def address_problem(address: str) -> str | None:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from model import lm as lm_module
 from model.config import ModelConfig, TrainConfig, load_model_config, save_json
@@ -49,7 +49,6 @@ __all__ = [
     "VISION_WEIGHTS",
     "WEIGHTS",
     "CheckpointError",
-    "build_lm",
     "build_model",
     "check_memory",
     "load_model",
@@ -70,20 +69,6 @@ SMOKE_QUESTION = "What is <region1>?"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be loaded (missing, truncated, tampered, wrong keys)."""
-
-
-def build_lm(
-    cfg: ModelConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    root: Path | None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | None = None,
-    empty: bool = False,
-) -> PreTrainedModel:
-    """Causal LM (see :func:`model.lm.build_lm`): a local folder or Hub repo id loaded in ``dtype``
-    with low host memory, or ``hf_config``; embeddings resized to the tokenizer, new rows set to
-    the mean embedding as GPT4RoI does."""
-    return lm_module.build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty)
 
 
 _BUILD_LOCK = threading.RLock()
@@ -121,7 +106,7 @@ def build_model(
     # another thread meanwhile would get meta parameters, so builds take turns.
     with _BUILD_LOCK:
         torch.manual_seed(0)
-        lm = build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
+        lm = lm_module.build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
         model = RegionMLLM(cfg, tokenizer, lm, checkpoint_root=root)
     model.source_root = root  # where the config's relative paths start (save_checkpoint re-bases them)
     return model

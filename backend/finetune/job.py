@@ -27,7 +27,7 @@ from backend.finetune.commit import (
     stored_base_scores,
 )
 from backend.finetune.data import CorrectionSplit, MixedRecords, load_corrections
-from backend.finetune.gate import evaluate, gate
+from backend.finetune.gate import evaluate, gate_decision
 from backend.finetune.sources import LineageData, lineage_data
 from backend.jobs import progress_reporter, redis_connection, set_phase
 from backend.lease import LeaseError, TrainingLease
@@ -175,9 +175,10 @@ def _finetune(
         **evaluate(engine, split.gate, lineage.evaluator),
         "base_eval": lineage.evaluator.identity,
     }
-    accepted, reasons = gate(
+    decision = gate_decision(
         parent_scores, candidate_scores, settings.promote_tolerance, lineage.evaluator.metrics
     )
+    accepted, reasons = decision["accepted"], decision["reasons"]
 
     _phase(lease, "commit", project=project_id, accepted=accepted)
     summary = {
@@ -187,7 +188,8 @@ def _finetune(
         "parent_scores": parent_scores,
         "candidate": candidate_scores,
         "gate": {"accepted": accepted, "reasons": reasons, "set": split.gate_set,
-                 "tolerance": settings.promote_tolerance},
+                 "tolerance": settings.promote_tolerance, "kinds": decision["kinds"],
+                 "scripts": decision["scripts"], "malformed": decision["malformed"]},
         "data": _counts(split, candidate_scores, settings, snapshot_seq),
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "max_turns": settings.train_max_turns, "seconds": round(train_seconds, 1),
