@@ -322,7 +322,8 @@ def _inside(folder: Path, value: str | None, what: str) -> Path | None:
 
 def verify_checkpoint(folder: str | Path) -> None:
     """Check a folder without building anything: every file listed in ``manifest.json`` with its
-    SHA-256, no file missing or added, no symlinks, config paths inside the folder, vision weights
+    SHA-256, no file missing or added, no symlinks, config paths inside the folder (but a LoRA base
+    recorded with its weights hash, checked at load), vision weights
     as safetensors, and every safetensors header readable.  Raises :class:`CheckpointError`
     naming the offending file."""
     folder = Path(folder)
@@ -356,7 +357,9 @@ def verify_checkpoint(folder: str | Path) -> None:
     if vision is None or vision.suffix != ".safetensors":
         raise CheckpointError(f"{folder}: vision.checkpoint must name a .safetensors file in the folder")
     _inside(folder, cfg.lm.tokenizer_path, "lm.tokenizer_path")
-    _inside(folder, cfg.lm.pretrained_path, "lm.pretrained_path")
+    if not (cfg.lm.lora and cfg.lm.base_sha256):
+        # A LoRA base lives outside the folder by design; its hash is checked when it is loaded.
+        _inside(folder, cfg.lm.pretrained_path, "lm.pretrained_path")
     if WEIGHTS not in listed:
         raise CheckpointError(f"{folder} has no {WEIGHTS}")
     for rel in (r for r in listed if r.endswith(".safetensors")):

@@ -192,3 +192,63 @@ def test_lora_on_a_local_base_keeps_a_relative_path(tmp_path, hub):
     assert cfg["lm"]["pretrained_path"] == "../../models/tiny-llama"
     assert cfg["lm"]["base_sha256"] == base_fingerprint(local)
     assert run(hf_home, "-c", LOAD_AND_REPORT, str(out)).returncode == 0
+
+
+REGISTRY_CHECK = """
+import json, shutil, sys
+from pathlib import Path
+from backend.registry import ModelRegistry
+from model.checkpoint import CheckpointError
+registry = ModelRegistry(Path(sys.argv[2]))
+staged = registry.staging()
+shutil.rmtree(staged)
+shutil.copytree(sys.argv[1], staged)
+registry.commit_folder(staged, sys.argv[3])
+try:
+    print(json.dumps({"ok": True, **registry.check_version(sys.argv[3])}))
+except CheckpointError as exc:
+    print(json.dumps({"ok": False, "error": str(exc)}))
+"""
+
+
+def test_lora_version_on_a_local_base_passes_the_registry_check(tmp_path, hub):
+    """A LoRA version references its base outside the folder (by path + weights hash): the
+    registry's manifest check accepts it, loads it and runs the smoke forward; once the base's
+    weights change, the check refuses the version with the reason."""
+    hf_home, _ = hub
+    snapshot = next((hf_home / "hub" / f"models--{LM_REPO.replace('/', '--')}" / "snapshots").iterdir())
+    local = tmp_path / "models" / "tiny-llama"
+    shutil.copytree(snapshot, local, symlinks=False)
+    path = model_config(
+        tmp_path, lora={"r": 2, "target_modules": ["q_proj"]}, pretrained_path="../models/tiny-llama",
+        tokenizer_path="../models/tiny-llama",
+    )  # fmt: skip
+    built = tmp_path / "built" / "v1"  # two levels below tmp_path, as registry versions are
+    proc = run(hf_home, "-m", "model.build", "--config", str(path), "--out", str(built))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(hf_home, "-c", REGISTRY_CHECK, str(built), str(tmp_path), "1.1.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ok"], report
+    weights = local / "model.safetensors"
+    changed = {k: v + 1 for k, v in load_file(str(weights)).items()}
+    from safetensors.torch import save_file
+
+    save_file(changed, str(weights))
+    proc = run(hf_home, "-c", REGISTRY_CHECK, str(built), str(tmp_path), "1.2.0")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["ok"] and "trained on" in report["error"], report
+
+
+def test_full_version_pointing_outside_its_folder_is_refused(tmp_path):
+    """Without LoRA (no base hash) every path of a version's config stays inside its folder."""
+    from model.checkpoint import CheckpointError, verify_checkpoint, write_manifest
+
+    folder = tmp_path / "v"
+    shutil.copytree(ROOT / "model" / "default", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["lm"]["pretrained_path"] = "../elsewhere"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    write_manifest(folder)
+    with pytest.raises(CheckpointError, match="inside the checkpoint folder"):
+        verify_checkpoint(folder)
