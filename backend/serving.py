@@ -31,7 +31,7 @@ from pathlib import Path
 from backend.registry import CHECK_TIMEOUT, CURRENT, ModelRegistry, RegistryError
 from backend.settings import Settings
 from model.checkpoint import CheckpointError, check_memory, load_model, smoke_check, verify_checkpoint
-from model.device import pick_device
+from model.device import parse_dtype, pick_device
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 
@@ -53,7 +53,8 @@ class VersionRefused(RuntimeError):
 
 def default_loader(settings: Settings) -> Loader:
     def load(folder: Path, version: str) -> RegionMLLM:
-        return load_model(folder, device=pick_device(settings.device))
+        device = pick_device(settings.device)
+        return load_model(folder, device=device, dtype=parse_dtype(settings.model_dtype, device))
 
     return load
 

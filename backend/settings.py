@@ -25,6 +25,9 @@ _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 TRAIN_TRIGGERS = ("threshold", "manual", "schedule")
 
 
+MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
 class SettingsError(ValueError):
     """An environment variable with a value that cannot be used."""
 
@@ -74,6 +77,9 @@ class Settings:
         False, "fetch each webhook's annotation (and task) from Label Studio and store that instead"
     )
     device: str = _setting("auto", "torch device: auto, cpu, cuda, cuda:N")
+    model_dtype: str = _setting(
+        "auto", "served weights' dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32"
+    )
     feature_cache_mb: int = _setting(256, "LRU of image features + prompt-prefix KV, MiB")
     image_cache_mb: int = _setting(64, "LRU of downloaded image bytes, MiB")
     max_regions: int = _setting(64, "most boxes per task")
@@ -169,6 +175,10 @@ class Settings:
             raise SettingsError(
                 f"RETRAIN_CRON/RETRAIN_INTERVAL is set but TRAIN_TRIGGER={settings.train_trigger!r} does not "
                 "include schedule: add it (e.g. TRAIN_TRIGGER=threshold,manual,schedule) or unset them"
+            )
+        if settings.model_dtype not in MODEL_DTYPES:  # model.device.DTYPES, without importing torch here
+            raise SettingsError(
+                f"MODEL_DTYPE must be one of {', '.join(MODEL_DTYPES)}, got {settings.model_dtype!r}"
             )
         if not 1 <= settings.port <= 65535:
             raise SettingsError(f"PORT must be between 1 and 65535, got {settings.port}")

@@ -24,11 +24,10 @@ import torch
 from model.checkpoint import CheckpointError, build_model, load_model, save_checkpoint, smoke_check
 from model.config import load_model_config
 from model.convert.clip import VisionSourceError
+from model.device import DTYPES
 from model.lm import BaseMismatchError
 
 __all__ = ["build_folder", "main"]
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_folder(config: str, out: Path, dtype: torch.dtype = torch.float32, version: str = "0.1.0") -> Path:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pick_device", "pick_dtype"]
+__all__ = ["DTYPES", "parse_dtype", "pick_device", "pick_dtype"]
+
+# Names accepted on command lines and in settings.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -22,3 +25,13 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``name`` ('auto', 'bf16', 'fp16', 'fp32') -> a dtype; 'auto' is :func:`pick_dtype`.
+    Raises ValueError naming the accepted values."""
+    if name == "auto":
+        return pick_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]

@@ -34,7 +34,7 @@ def _parse_box(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
-    from model.device import pick_device
+    from model.device import DTYPES, parse_dtype, pick_device
     from model.inference.describe import describe_regions
     from model.inference.engine import InferenceEngine
 
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box", type=_parse_box, action="append", required=True, help="x0,y0,x1,y1 in pixels")
     ap.add_argument("--model", default=str(DEFAULT_DIR), help="checkpoint folder")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+        help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU; bf16 halves a large model's memory)",
+    )  # fmt: skip
     ap.add_argument("--max-new-tokens", type=int, default=32)
     # Intermixed: the question may follow the --box options (argparse otherwise binds both
     # positionals at the first one and rejects a question given after --box).
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         boxes = boxes_tensor(args.box, image.width, image.height)
     except BoxError as exc:
         ap.error(str(exc))
-    model = load_model(args.model, device=pick_device(args.device))
+    device = pick_device(args.device)
+    model = load_model(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     engine = InferenceEngine(
         model, read_metadata(args.model).get("version", "?"), max_new_tokens=args.max_new_tokens
     )

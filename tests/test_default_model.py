@@ -86,3 +86,21 @@ def test_predict_cli_answers_a_question(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "needs 4 numbers" in bad.stderr
+    # bf16 weights (half the memory of a large model on the CPU) still answer this scene right.
+    half = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.predict",
+            str(path),
+            "--box",
+            box,
+            "--dtype",
+            "bf16",
+            "What is <region1>?",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert half.stdout.strip() == obj.caption

@@ -134,3 +134,20 @@ def _compose_with_env(folder: Path, env_text: str) -> str:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def test_model_dtype_setting_loads_the_weights_in_that_dtype(tiny_checkpoint):
+    import torch
+
+    from backend.serving import default_loader
+
+    assert Settings().model_dtype == "auto"
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("auto", torch.float32)):
+        model = default_loader(Settings.from_env({"MODEL_DTYPE": name, "DEVICE": "cpu"}))(
+            tiny_checkpoint, "x"
+        )
+        assert {p.dtype for n, p in model.named_parameters() if not n.startswith("region_encoder.roi")} == {
+            dtype
+        }
+    with pytest.raises(SettingsError, match="MODEL_DTYPE must be one of auto, bf16, fp16, fp32"):
+        Settings.from_env({"MODEL_DTYPE": "int8"})

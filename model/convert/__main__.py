@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from model.convert.clip import VisionSourceError
-from model.convert.gpt4roi import DTYPES, convert_gpt4roi
+from model.convert.gpt4roi import convert_gpt4roi
 from model.convert.shards import ConversionError
+from model.device import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,6 @@ _RENAMES = [
     (re.compile(r"^mlvl_fuse\.fuse_convs\.(\d+)\.gn\."), r"mlvl_fuse.fuse_convs.\1.1."),
     (re.compile(r"^roi_align\.updims\."), "updims."),
 ]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def target_key(source: str) -> str | None:
