@@ -1,14 +1,16 @@
-"""Helpers for the job tests: settings with their own Redis database (13), queue and key prefix."""
+"""Helpers for the job tests: settings with their own Redis database (13, or ``TEST_REDIS_URL`` so
+two checkouts can run their suites side by side), queue and key prefix."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import fields, replace
 from pathlib import Path
 
 from backend.settings import Settings
 
-TEST_REDIS_URL = "redis://127.0.0.1:6379/13"
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/13"
 CLOSED_REDIS_URL = "redis://127.0.0.1:1/13"  # nothing listens on port 1: "Redis is down"
 
 
