@@ -1,7 +1,9 @@
 """Flask app speaking Label Studio's ML backend protocol (see shared reference, LS 1.23.2).
 
 Endpoints: ``GET /health`` (and ``/``), ``POST /setup``, ``POST /predict``, ``POST /webhook``,
-``GET /versions``, ``GET /metrics``.  Every error is JSON ``{"status": code, "detail": message}``;
+``GET /versions``, ``GET /metrics``, ``POST /preannotate`` and ``GET /preannotate/<run>`` (a
+project's pre-annotation as RQ jobs, :mod:`backend.preannotate`).
+Every error is JSON ``{"status": code, "detail": message}``;
 bad input gets a 4xx with a clear message (every refusal is a :class:`backend.errors.ClientError`,
 logged at WARNING with the project, task and region it concerns, and counted in
 ``roi_refusals_total{reason}``), unexpected failures a 500 without traceback (the traceback goes to
@@ -29,13 +31,15 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from backend import webhooks
+from backend import preannotate, webhooks
 from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
-from backend.jobs import queue_figures
+from backend.jobs import queue_figures, redis_connection
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
+from backend.label_studio import LabelStudioError
 from backend.observability import Metrics, setup_logging
 from backend.predicted import remember_predictions
 from backend.predictions import Skip, predict_tasks
@@ -284,6 +288,30 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             metrics.refusals.labels("/webhook", str(body.get("code") or "webhook")).inc()
         log.info("webhook", extra={"action": label, "status": status})
         return jsonify(body), status
+
+    @app.post("/preannotate")
+    def preannotate_start():
+        """Pre-annotate a project as RQ chunk jobs: ``{"project": N, "tasks": [ids] | "view": V |
+        "all": true, "chunk": 64}`` -> 202 with the run's status (see backend.preannotate)."""
+        payload = json_body(settings)
+        body = preannotate.parse_request(payload)
+        g.project = body["project"]
+        try:
+            status = preannotate.start_run(settings, redis_connection(settings, fast=True), **body)
+        except LabelStudioError as exc:
+            return error_response(502, str(exc))
+        except (RedisError, OSError) as exc:
+            return error_response(503, f"Redis unreachable: {exc}")
+        return jsonify(status), 202
+
+    @app.get("/preannotate/<run>")
+    def preannotate_status(run: str):
+        try:
+            return jsonify(preannotate.run_status(settings, redis_connection(settings, fast=True), run))
+        except KeyError:
+            return error_response(404, f"no pre-annotation run {run!r}")
+        except (RedisError, OSError) as exc:
+            return error_response(503, f"Redis unreachable: {exc}")
 
     @app.get("/versions")
     def versions():

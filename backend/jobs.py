@@ -312,19 +312,40 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("flush", help="hand pending training requests to Redis")
     tr = sub.add_parser("train", help="request a fine-tuning job for a project")
     tr.add_argument("project", type=int)
-    st = sub.add_parser("status", help="show a project's job and store counters")
+    st = sub.add_parser(
+        "status", help="show a project's jobs (fine-tuning, latest pre-annotation) and store counters"
+    )
     st.add_argument("project", type=int)
+    st.add_argument("--run", help="a pre-annotation run id (default: the project's latest)")
+    pa = sub.add_parser("preannotate", help="pre-annotate a project's tasks as RQ chunk jobs")
+    pa.add_argument("--project", type=int, required=True)
+    which = pa.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every task of the project (the default)")
+    which.add_argument("--tasks", help="comma-separated task ids")
+    which.add_argument("--view", type=int, help="the tasks of a Data Manager view (tab) id")
+    pa.add_argument("--chunk", type=int, help="tasks per job (default PREANNOTATE_CHUNK_TASKS)")
+    pa.add_argument("--detach", action="store_true", help="enqueue and exit (no progress bar)")
     args = ap.parse_args(argv)
     settings = get_settings()
     logging.basicConfig(level=settings.log_level)
+    if args.cmd == "preannotate":
+        from backend.preannotate import main as preannotate_main  # imports jobs: a cycle at load time
+
+        return preannotate_main(args, settings)
     store = open_store(settings.data_dir)
     if args.cmd == "train":
         store.request_training(args.project, "cli")
     if args.cmd in ("flush", "train"):
         print(json.dumps(flush_outbox(settings, store, redis_connection(settings)), indent=2))
     else:
-        status = job_status(args.project, settings, redis_connection(settings))
-        print(json.dumps({"job": status, "store": store.project_status(args.project)}, indent=2, default=str))
+        from backend.preannotate import latest_run, run_status
+
+        connection = redis_connection(settings)
+        status = job_status(args.project, settings, connection)
+        run = args.run or latest_run(settings, connection, args.project)
+        report = {"job": status, "preannotate": run_status(settings, connection, run) if run else None}
+        report["store"] = store.project_status(args.project)
+        print(json.dumps(report, indent=2, default=str))
     return 0
 
 

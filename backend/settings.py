@@ -125,6 +125,13 @@ class Settings:
     job_retries: int = _setting(2, "RQ retries of a failed fine-tuning job")
     retrain_cron: str = _setting("", "cron schedule of periodic retraining (e.g. '0 3 * * *'); empty: off")
     retrain_interval: int = _setting(0, "periodic retraining interval in seconds; 0: off")
+    preannotate_queue: str = _setting("roi-preannotate", "RQ queue of pre-annotation chunk jobs")
+    preannotate_chunk_tasks: int = _setting(
+        64, "tasks per pre-annotation job (python -m backend.jobs preannotate)"
+    )
+    preannotate_on_import: bool = _setting(
+        False, "pre-annotate tasks as Label Studio imports them (its TASKS_CREATED webhook)"
+    )
     log_level: str = _setting("INFO", "logging level")
 
     @property
@@ -188,7 +195,7 @@ class Settings:
             if getattr(settings, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         for name in ("max_json_depth", "max_text_chars", "max_tasks_per_request", "predict_chunk_tasks",
-                     "job_heartbeat_seconds"):  # fmt: skip
+                     "job_heartbeat_seconds", "preannotate_chunk_tasks"):  # fmt: skip
             if getattr(settings, name) < 1:
                 raise SettingsError(f"{name.upper()} must be at least 1, got {getattr(settings, name)}")
         return settings

@@ -13,6 +13,8 @@ answer is still 201 (the correction is stored) and the request waits in the outb
 * ``ANNOTATIONS_DELETED``: the annotations and their regions are removed.
 * ``START_TRAINING``: a training request for the project, whatever the count, when
   ``TRAIN_TRIGGER`` includes ``manual`` (else 409, nothing requested).
+* ``TASKS_CREATED``: with ``PREANNOTATE_ON_IMPORT`` on, the new tasks are pre-annotated by chunk
+  jobs (:mod:`backend.preannotate`); off (the default), nothing happens.
 
 Training trigger: a region counts towards ``TRAIN_MIN_CORRECTIONS`` only when the reviewer gave it
 text that the model did not (:mod:`backend.predicted`), and the count requests training only when
@@ -41,10 +43,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from backend import webhook_verify
 from backend.corrections import Region, image_reference, parse_result
 from backend.errors import ClientError
-from backend.jobs import flush_outbox
+from backend.jobs import flush_outbox, redis_connection
 from backend.label_config import ConfigError, LabelConfig, parse_label_config
 from backend.predicted import corrected_regions, open_prediction_log
 from backend.settings import Settings
@@ -222,7 +226,33 @@ def _on_start_training(payload: Mapping[str, Any], settings: Settings) -> dict[s
     return {"project": project_id, "training_requested": True}
 
 
+def _on_tasks_created(payload: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """Pre-annotate the imported tasks when ``PREANNOTATE_ON_IMPORT`` is on (chunk jobs on RQ)."""
+    project_id = _project_id(payload)
+    if not settings.preannotate_on_import:
+        return {"project": project_id, "preannotate": "off (PREANNOTATE_ON_IMPORT)"}
+    tasks = payload.get("tasks")
+    if not isinstance(tasks, list):
+        raise PayloadError("TASKS_CREATED needs a 'tasks' list")
+    ids = [_id(task, "tasks[].id") for task in tasks]
+    from backend import preannotate  # the model stack, only when asked for
+
+    try:
+        status = preannotate.start_run(
+            settings, redis_connection(settings, fast=True), project_id, preannotate.Selection(tuple(ids)),
+            task_ids=ids,
+        )  # fmt: skip
+    except (RedisError, OSError) as exc:  # Label Studio does not retry: say so in the log and the answer
+        log.warning(
+            "pre-annotation not enqueued",
+            extra={"project": project_id, "tasks": len(ids), "reason": str(exc)},
+        )
+        return {"project": project_id, "preannotate": f"error: {exc}"}
+    return {"project": project_id, "preannotate": status["run"], "tasks": status["total"]}
+
+
 HANDLERS = {
+    "TASKS_CREATED": _on_tasks_created,
     "ANNOTATION_CREATED": _on_annotation,
     "ANNOTATION_UPDATED": _on_annotation,
     "ANNOTATIONS_DELETED": _on_deleted,

@@ -16,7 +16,8 @@ Liveness: the worker sends a job heartbeat every ``JOB_HEARTBEAT_SECONDS``; a jo
 3 x ``JOB_HEARTBEAT_SECONDS`` is dead, and any live worker fails (or retries) it within one more
 ``OUTBOX_POLL_SECONDS``.  A work horse whose worker died stops by itself (:mod:`backend.lease`).
 
-Options: ``--burst`` (exit when the queue is empty), ``--no-cron``, ``--cron-only``;
+Options: ``--burst`` (exit when the queue is empty), ``--no-cron``, ``--cron-only``,
+``--preannotate`` (run pre-annotation chunk jobs instead, :mod:`backend.preannotate`);
 ``--health worker|scheduler`` exits 0 when a worker (or cron scheduler) of this host is registered
 in Redis (the docker-compose healthchecks).
 """
@@ -202,11 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cron", action="store_true", help="do not start the retraining scheduler")
     ap.add_argument("--cron-only", action="store_true", help="run only the retraining scheduler")
     ap.add_argument("--health", choices=["worker", "scheduler"], help="check registration and exit")
+    ap.add_argument(
+        "--preannotate", action="store_true", help="run pre-annotation chunk jobs (PREANNOTATE_QUEUE) instead"
+    )
     args = ap.parse_args(argv)
     settings = get_settings()
     json_logging(settings.log_level)
     if args.health:
         return 0 if healthy(settings, args.health) else 1
+    if args.preannotate:
+        from backend.preannotate import run_preannotate_worker  # loads the model stack only here
+
+        run_preannotate_worker(settings, burst=args.burst)
+        return 0
     if args.cron_only:
         run_cron(settings)
         return 0
