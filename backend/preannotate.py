@@ -235,17 +235,19 @@ def start_run(
 
 
 # ---------------------------------------------------------------------- the chunk job
-_holder: ModelHolder | None = None
+_holders: dict[tuple[str, str], ModelHolder] = {}
 _holder_lock = threading.Lock()
 
 
 def _engine(settings: Settings):
-    """The process's model (loaded once; follows registry promotions like a serving process)."""
-    global _holder
+    """The process's model for ``MODEL_DIR`` (loaded once; follows registry promotions like a
+    serving process)."""
+    key = (str(settings.model_dir), str(settings.default_model))
     with _holder_lock:
-        if _holder is None:
-            _holder = ModelHolder(settings)
-    return _holder.get()
+        holder = _holders.get(key)
+        if holder is None:
+            holder = _holders[key] = ModelHolder(settings)
+    return holder.get()
 
 
 def _claim(connection: Redis, settings: Settings, project: int, version: str, tasks: list[int], owner: str):
