@@ -2,8 +2,10 @@
 
 A reviewer's annotation is a flat ``result`` list (see the protocol reference, section 1.7):
 
-* ``rectanglelabels`` / ``rectangle`` items are the regions (percent of the original image);
-* per-region ``textarea`` items carrying the **same id** as a rectangle hold its caption;
+* region items are the regions: ``rectanglelabels`` / ``rectangle`` and every other image region
+  tool (polygon, ellipse, keypoint, brush; :mod:`backend.region_shapes`), stored as the pixel box
+  the model describes for them (a rotated rectangle by the box around its rotated corners);
+* per-region ``textarea`` items carrying the **same id** as a region hold its caption;
 * per-region ``choices`` / ``taxonomy`` items with the same id hold attribute values (``"pink"``,
   ``["Colour", "pink"]``); :func:`model.tasks.attribute_of_value` says which attribute a word is.
   A value the model does not know (``"Crimson"``) is kept as an answer to the attribute of its
@@ -28,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.errors import ClientError
-from model.geometry import BoxError, check_pixel_box, percent_to_pixels
+from backend.region_shapes import REGION_TYPES, ShapeError, region_geometry, region_pixel_box, shape_of
+from model.geometry import BoxError, check_pixel_box
 from model.tasks import (
     ATTRIBUTE_QUESTIONS,
     CAPTION_QUESTIONS,
@@ -39,7 +42,7 @@ from model.tasks import (
     relation_key,
 )
 
-RECT_TYPES = ("rectanglelabels", "rectangle")
+RECT_TYPES = REGION_TYPES  # every image region tool's result type
 MAX_SIDE = 2**31 - 1  # image sides are stored as SQLite integers and handed to image libraries
 ATTRIBUTE_TYPES = ("choices", "taxonomy")
 
@@ -107,21 +110,17 @@ def _clean_text(text: Any) -> str:
 
 
 def _rect_box(item: Mapping[str, Any], width: int, height: int) -> tuple[float, float, float, float]:
-    """Percent rectangle -> clipped pixel box; raises ``ValueError`` with the reason."""
+    """A region item (any tool, percent or brush RLE of a ``width`` x ``height`` image) -> the
+    clipped pixel box the model describes for it; raises ``ValueError`` with the reason."""
     value = item.get("value")
     if not isinstance(value, Mapping):
         raise ValueError("has no 'value' object")
-    nums = [_number(value.get(k)) for k in ("x", "y", "width", "height")]
-    if any(n is None for n in nums):
-        raise ValueError("needs numeric x, y, width, height")
-    rotation = _number(value.get("rotation", 0)) or 0.0
-    if abs(rotation) > 1e-6:
-        # A rotated rectangle is not an axis-aligned box; its bounding box would mislabel pixels.
-        raise ValueError(f"is rotated by {rotation} degrees (only axis-aligned boxes are supported)")
-    x, y, w, h = nums  # type: ignore[misc]
+    kind = str(item.get("type"))
     try:
-        box = check_pixel_box(percent_to_pixels(x, y, w, h, width, height), width, height)
-    except BoxError as exc:
+        geometry = region_geometry(kind, value)
+        raw = region_pixel_box(kind, geometry, width, height, (width, height))
+        box = check_pixel_box(raw, width, height)
+    except (ShapeError, BoxError) as exc:
         raise ValueError(str(exc)) from None
     return tuple(round(v, 2) for v in box)  # type: ignore[return-value]
 
@@ -180,9 +179,9 @@ def parse_result(
         if item.get("type") not in RECT_TYPES:
             continue
         rid = item.get("id")
-        label = f"rectangle {rid!r}"
+        label = f"{shape_of(item['type'])} {rid!r}"
         if not isinstance(rid, str) or not rid:
-            skipped.append("a rectangle has no region id")
+            skipped.append(f"a {shape_of(item['type'])} has no region id")
             continue
         _check_length(rid, f"region id {rid[:40]!r}...", max_text_chars)
         if rid in regions:
@@ -210,7 +209,7 @@ def parse_result(
         if kind == "textarea" and rid is not None:
             region = regions.get(rid)
             if region is None:
-                skipped.append(f"textarea {rid!r} does not belong to a usable rectangle")
+                skipped.append(f"textarea {rid!r} does not belong to a usable region")
             elif caption_control and item.get("from_name") != caption_control:
                 skipped.append(f"textarea {item.get('from_name')!r} is not the caption control")
             elif region.caption is None:
@@ -221,7 +220,7 @@ def parse_result(
         elif kind in ATTRIBUTE_TYPES and rid is not None:
             region = regions.get(rid)
             if region is None:
-                skipped.append(f"{kind} {rid!r} does not belong to a usable rectangle")
+                skipped.append(f"{kind} {rid!r} does not belong to a usable region")
                 continue
             teaches = (open_controls or {}).get(str(item.get("from_name")))
             for word in _attribute_words(item):
@@ -259,7 +258,7 @@ def _collect_relation(
         or dst not in regions
         or src == dst
     ):
-        skipped.append(f"{name} does not link two usable rectangles")
+        skipped.append(f"{name} does not link two usable regions")
         return
     direction = item.get("direction", "right")
     if direction == "left":

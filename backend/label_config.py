@@ -3,8 +3,11 @@
 The backend never hard-codes control names: it reads them from the project's config.
 
 * ``<Image name value="$var">`` — the image tag; ``task.data[var]`` is the image URL.  With several
-  images, the one the first rectangle control points at is served (a warning names the others).
-* ``<RectangleLabels>`` / ``<Rectangle>`` pointing at that image — the boxes to describe.
+  images, the one the first region control points at is served (a warning names the others).
+* region controls pointing at that image — the regions to describe: ``<RectangleLabels>``,
+  ``<PolygonLabels>``, ``<EllipseLabels>``, ``<KeyPointLabels>``, ``<BrushLabels>`` and their
+  label-less forms (``<Rectangle>``, ``<Polygon>``, ...); :mod:`backend.region_shapes` says which
+  box the model describes for each.
 * a per-region ``<TextArea perRegion="true">`` — receives the caption.
 * per-region ``<Choices>`` / ``<Taxonomy>`` — receive attribute answers (colour, shape, size) when
   the control is named after an attribute (``color``, ``colour``, ``shape``, ``size``) or its
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from backend.errors import ClientError
+from backend.region_shapes import REGION_TYPES
 from model.tasks import (
     ATTRIBUTE_QUESTION,
     RELATION_LABELS,
@@ -40,7 +44,7 @@ from model.tasks import (
     relation_key,
 )
 
-RECT_TAGS = {"rectanglelabels": "rectanglelabels", "rectangle": "rectangle"}
+RECT_TAGS = {t: t for t in REGION_TYPES}  # every image region tool; the result type is the tag
 ATTRIBUTE_NAMES = {"color": "color", "colour": "color", "shape": "shape", "size": "size"}
 MAX_CONFIG_CHARS = 1_000_000
 
@@ -51,10 +55,10 @@ class ConfigError(ClientError):
 
 @dataclass(frozen=True)
 class RectControl:
-    """A rectangle control drawing on the served image."""
+    """A region control (rectangle, polygon, ellipse, keypoint or brush) drawing on the served image."""
 
     name: str
-    type: str  # "rectanglelabels" or "rectangle"
+    type: str  # the result type: "rectanglelabels", "rectangle", "polygonlabels", "brush", ...
     labels: tuple[str, ...]
     smart: bool
 
@@ -288,10 +292,13 @@ def parse_label_config(xml: str) -> LabelConfig:
         )
     rect_nodes = [(t, n) for t, n in tags if t in RECT_TAGS and n.get("name")]
     if not rect_nodes:
-        raise ConfigError("label config has no <RectangleLabels> (or <Rectangle>) control to draw boxes with")
+        raise ConfigError(
+            "label config has no region control to draw with (<RectangleLabels>, <PolygonLabels>, "
+            "<EllipseLabels>, <KeyPointLabels>, <BrushLabels>, or their label-less forms)"
+        )
     image_name = next((n.get("toName") for _, n in rect_nodes if n.get("toName") in images), None)
     if image_name is None:
-        raise ConfigError(f"no rectangle control points at an Image (toName must be one of {sorted(images)})")
+        raise ConfigError(f"no region control points at an Image (toName must be one of {sorted(images)})")
     value = images[image_name].get("value", "")
     if not value.startswith("$") or len(value) < 2:
         raise ConfigError(f'<Image name="{image_name}"> needs value="$field", got {value!r}')
@@ -300,7 +307,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         others = sorted(n for n in images if n != image_name)
         warnings.append(
             f"label config has {len(images)} <Image> tags: boxes are described on {image_name!r} only (the "
-            f"image the rectangle control points at); nothing is filled in for {others}"
+            f"image the region controls point at); nothing is filled in for {others}"
         )
     for _, n in rect_nodes:
         if n.get("toName") != image_name:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from backend.region_shapes import REGION_TYPES
 from backend.settings import Settings
 
 __all__ = [
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS predicted (
     PRIMARY KEY (project_id, task_id, region_id)
 );
 """
-GEOMETRY_TYPES = ("rectanglelabels", "rectangle")
+GEOMETRY_TYPES = REGION_TYPES  # region items: their labels are geometry, not text the model said
 MAX_ID = 2**63 - 1
 
 

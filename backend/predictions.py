@@ -2,14 +2,19 @@
 
 Where a task's boxes come from, first match wins:
 
-1. interactive ``params.context.result`` (smart tool): every rectangle in it is given to the model,
+1. interactive ``params.context.result`` (smart tool): every region in it is given to the model,
    the newest (last) one is described and returned;
-2. the task's latest annotation or draft (not cancelled) that has rectangles;
-3. the task's latest existing prediction that has rectangles;
+2. the task's latest annotation or draft (not cancelled) that has regions;
+3. the task's latest existing prediction that has regions;
 4. ``task.data["boxes"]``: a list whose items are either Label Studio rectangle values in percent
    (``{"x", "y", "width", "height", "rotation"?, "rectanglelabels"?: [...], "id"?}``, or a whole
    Label Studio result with a ``value`` of that form) or pixel boxes ``[x0, y0, x1, y1]`` of the
-   original image.
+   original image (given to the config's first rectangle control).
+
+A region is any image region tool of the config (rectangle, polygon, ellipse, keypoint, brush):
+the model describes the pixel box :mod:`backend.region_shapes` gives for it (a rotated rectangle's
+or ellipse's by its rotated outline, a polygon's around its points, a keypoint's square around it,
+a brush's around its painted pixels), and the region returned keeps the geometry it was given.
 
 One bad box never sinks a batch.  What is left out is reported as a :class:`Skip` (to ``on_skip``;
 the app logs each at WARNING and counts it by ``code``):
@@ -32,7 +37,6 @@ task was skipped for a fault - so a single-task request (an API call, the intera
 whose newest box must itself be usable) still gets its reason in the answer.
 
 Results are built by :mod:`backend.results`.
-Rotated rectangles are described by their unrotated box (the model takes axis-aligned boxes).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfig
+from backend.region_shapes import ShapeError, region_geometry, shape_of
 from backend.results import Region, TaskPlan, region_results, relation_results
 from backend.settings import Settings
 from model.geometry import BoxError, boxes_tensor, check_pixel_box
@@ -65,7 +70,6 @@ __all__ = [
     "rects_from_results",
 ]
 
-GEOMETRY = ("x", "y", "width", "height", "rotation")
 REGION_SKIP_CODES = ("bad_region", "not_finite", "zero_area", "outside_image", "tiny_box")
 TASK_SKIP_CODES = ("bad_task", "no_image", "image", "too_many_boxes", "no_boxes", "no_usable_box")
 _BOX_CODES = {"invalid": "bad_region", "tiny": "tiny_box"}  # BoxError.kind -> skip code (else the same)
@@ -127,19 +131,6 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def _percent_value(value: Any, where: str) -> dict[str, float]:
-    if not isinstance(value, dict):
-        raise PredictionError(
-            f"{where}: rectangle value must be an object, got {type(value).__name__}", code="bad_region"
-        )
-    missing = [k for k in GEOMETRY[:4] if k not in value]
-    if missing:
-        raise PredictionError(f"{where}: rectangle value lacks {missing}", code="bad_region")
-    geo = {k: _number(value[k], f"{where}: value.{k}") for k in GEOMETRY[:4]}
-    geo["rotation"] = _number(value.get("rotation", 0) or 0, f"{where}: value.rotation")
-    return geo
-
-
 def _labels(value: dict, rect_type: str) -> list[str]:
     labels = value.get(rect_type) or value.get("rectanglelabels") or value.get("labels") or []
     if isinstance(labels, str):
@@ -158,9 +149,16 @@ def _item_id(item: Any, i: int) -> str:
     return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"result[{i}]"
 
 
+def _original(item: dict) -> tuple[int, int] | None:
+    """The item's ``original_width``/``original_height`` when both are positive integers."""
+    w, h = item.get("original_width"), item.get("original_height")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h))
+    return (w, h) if ok else None  # type: ignore[return-value]
+
+
 def _rect_region(item: Any, i: int, config: LabelConfig, where: str) -> Region | None:
-    """The region of one result item (``None``: not a rectangle of ``config``); raises
-    :class:`PredictionError` for a malformed rectangle."""
+    """The region of one result item (``None``: not a region control of ``config``); raises
+    :class:`PredictionError` for a malformed region."""
     if not isinstance(item, dict):
         raise PredictionError(f"{where}: result[{i}] must be an object", code="bad_region")
     name = _name(item)
@@ -171,16 +169,20 @@ def _rect_region(item: Any, i: int, config: LabelConfig, where: str) -> Region |
         raise PredictionError(f"{where}: result[{i}].id must be a string, got {rid!r}", code="bad_region")
     control = config.rect(name)
     value = item.get("value")
-    geo = _percent_value(value, f"{where} region {rid}")
-    return Region(str(rid), control.name, control.type, _labels(value, control.type), percent=geo)
+    try:
+        geo = region_geometry(control.type, value)
+    except ShapeError as exc:
+        raise PredictionError(f"{where} region {rid}: {exc}", code="bad_region") from None
+    labels = _labels(value, control.type)
+    return Region(str(rid), control.name, control.type, labels, percent=geo, original=_original(item))
 
 
 def rects_from_results(
     results: Any, config: LabelConfig, where: str, task: Any = None, skipped: list[Skip] | None = None
 ) -> list[Region]:
-    """Rectangles of ``config``'s rectangle controls among Label Studio result items.
+    """Regions of ``config``'s region controls among Label Studio result items.
 
-    A malformed rectangle is appended to ``skipped`` (code ``bad_region``); without ``skipped`` it
+    A malformed region is appended to ``skipped`` (code ``bad_region``); without ``skipped`` it
     raises :class:`PredictionError`."""
     if not isinstance(results, list):
         raise PredictionError(f"{where}: result must be a list", code="bad_task", task=task)
@@ -218,7 +220,7 @@ def _check_context(context: dict, config: LabelConfig, task: Any, skipped: list[
     rect_items = [i for i, item in enumerate(results) if _name(item) in config.rect_names]
     if not rect_items:
         raise PredictionError(
-            f"params.context.result has no rectangle from {sorted(config.rect_names)}; nothing to describe"
+            f"params.context.result has no region from {sorted(config.rect_names)}; nothing to describe"
         )
     newest = rect_items[-1]
     try:
@@ -258,7 +260,13 @@ def _latest_with_rects(
 def _data_boxes(boxes: Any, config: LabelConfig, task: Any, skipped: list[Skip]) -> list[Region]:
     if not isinstance(boxes, list):
         raise _fault(f"task {task}: data.boxes must be a list of rectangles", "bad_task", task)
-    rect = config.rects[0]
+    rect = next((r for r in config.rects if shape_of(r.type) == "rectangle"), None)
+    if rect is None:
+        raise _fault(
+            f"task {task}: data.boxes holds rectangles, and the label config has no rectangle control",
+            "bad_task",
+            task,
+        )
     default_labels = list(rect.labels[:1])
     regions = []
     for i, item in enumerate(boxes):
@@ -276,7 +284,10 @@ def _data_boxes(boxes: Any, config: LabelConfig, task: Any, skipped: list[Skip])
             rid = _item_id(item, i) if item.get("id") is not None else rid
             value = item.get("value", item)
             labels = _labels(value, rect.type) if isinstance(value, dict) else []
-            geo = _percent_value(value, where)
+            try:
+                geo = region_geometry(rect.type, value)
+            except ShapeError as exc:
+                raise PredictionError(f"{where}: {exc}") from None
             regions.append(Region(rid, rect.name, rect.type, labels or default_labels, percent=geo))
         except PredictionError as exc:
             skipped.append(_region_skip(task, rid, "bad_region", exc.message))
@@ -352,8 +363,8 @@ def _usable(plan: TaskPlan, width: int, height: int, min_side: float) -> tuple[T
     boxes = []
     clipped = 0
     for k, region in enumerate(plan.regions):
-        raw = region.pixel_box(width, height)
         try:
+            raw = region.pixel_box(width, height)
             box = check_pixel_box(raw, width, height, min_side=min_side)
         except BoxError as exc:
             code = _BOX_CODES.get(exc.kind, exc.kind)

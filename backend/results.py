@@ -1,7 +1,9 @@
 """Label Studio result items for described regions (shapes of protocol reference §1.7).
 
-The rectangle itself comes first, then per-region TextArea / Choices / Taxonomy results that reuse
-the rectangle's ``id`` and repeat its geometry (so Label Studio attaches them to the box), then
+The region itself comes first (a rectangle, polygon, ellipse, keypoint or brush item with the
+geometry it was given: :mod:`backend.region_shapes`), then per-region TextArea / Choices / Taxonomy
+results that reuse the region's ``id`` and repeat its geometry (so Label Studio attaches them to
+the region, as its own editor does), then
 relations ``{"type": "relation", "from_id", "to_id", "direction", "labels"}`` or, for configs
 without ``<Relations>``, relation text in a non-per-region TextArea.
 """
@@ -12,34 +14,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.label_config import AttributeControl, LabelConfig
-from model.geometry import percent_to_pixels, pixels_to_percent
+from backend.region_shapes import LABEL_TYPES, region_pixel_box
+from model.geometry import pixels_to_percent
 from model.inference.describe import ImageReport, RegionReport
 from model.tasks import relation_key
 
 
 @dataclass
 class Region:
-    """One box of a task: Label Studio identity plus geometry (percent or pixels)."""
+    """One region of a task: Label Studio identity plus geometry (the tool's value or pixels)."""
 
     id: str
     from_name: str
-    type: str
+    type: str  # the Label Studio result type: rectanglelabels, polygon, brushlabels, ...
     labels: list[str]
-    percent: dict[str, float] | None = None  # x, y, width, height, rotation
-    pixels: tuple[float, float, float, float] | None = None
+    # The geometry of the tool's value, as sent (:func:`backend.region_shapes.region_geometry`).
+    percent: dict[str, Any] | None = None
+    pixels: tuple[float, float, float, float] | None = None  # a data.boxes rectangle in pixels
+    original: tuple[int, int] | None = None  # original_width/height it came with (brush RLE frame)
 
-    def geometry(self, width: int, height: int) -> dict[str, float]:
+    def geometry(self, width: int, height: int) -> dict[str, Any]:
         if self.percent is not None:
             return dict(self.percent)
         assert self.pixels is not None
         return {**pixels_to_percent(self.pixels, width, height), "rotation": 0}
 
     def pixel_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The pixel box the model describes; raises :class:`model.geometry.BoxError` for
+        geometry that has none (NaN, an undecodable brush RLE, an empty mask)."""
         if self.pixels is not None:
             return self.pixels
         assert self.percent is not None
-        p = self.percent
-        return percent_to_pixels(p["x"], p["y"], p["width"], p["height"], width, height)
+        return region_pixel_box(self.type, self.percent, width, height, self.original)
 
 
 @dataclass
@@ -55,6 +61,8 @@ class TaskPlan:
 
 
 def _base(region: Region, from_name: str, kind: str, to_name: str, w: int, h: int) -> dict:
+    if region.original is not None and region.percent is not None and "rle" in region.percent:
+        w, h = region.original  # a brush RLE is in pixels of the image Label Studio annotated
     return {
         "id": region.id,
         "from_name": from_name,
@@ -87,11 +95,11 @@ def _control_value(control: AttributeControl, report: RegionReport) -> list | No
 
 
 def region_results(region: Region, report: RegionReport, config: LabelConfig, w: int, h: int) -> list[dict]:
-    """The rectangle plus its per-region caption and attribute results (all sharing its id)."""
+    """The region plus its per-region caption and attribute results (all sharing its id)."""
     geo = region.geometry(w, h)
     score = _region_score(report)
     rect = _base(region, region.from_name, region.type, config.image_name, w, h)
-    rect["value"] = {**geo, **({region.type: region.labels} if region.type == "rectanglelabels" else {})}
+    rect["value"] = {**geo, **({region.type: region.labels} if region.type in LABEL_TYPES else {})}
     if score is not None:
         rect["score"] = score
     out = [rect]

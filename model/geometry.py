@@ -2,7 +2,9 @@
 
 Frames used in the project:
 
-* **percent** – Label Studio rectangle values ``x, y, width, height`` in 0..100 of the original image.
+* **percent** – Label Studio rectangle values ``x, y, width, height`` in 0..100 of the original image
+  (every Label Studio image region - polygon points, ellipse centre and radii, keypoints - is in
+  this frame; brush masks are run-length encoded pixels of the original image, :func:`rle_decode`).
 * **pixels** – ``xyxy`` in pixels of the original image (W x H). The JSONL training format uses it.
 * **normalised** – ``xyxy`` in [0, 1] of the original image. Because images are *squashed*
   (not cropped) to the square model input, normalised coordinates are identical in the model input.
@@ -16,21 +18,34 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
     "Box",
     "BoxError",
+    "KEYPOINT_BOX_FRACTION",
+    "RLEError",
     "box_center",
     "boxes_tensor",
     "check_pixel_box",
+    "ellipse_to_pixels",
     "input_to_feature_scale",
+    "keypoint_to_pixels",
+    "mask_to_pixels",
     "normalized_to_input",
     "normalized_to_pixels",
     "percent_to_pixels",
     "pixels_to_normalized",
     "pixels_to_percent",
+    "polygon_to_pixels",
+    "rle_decode",
+    "rotated_rect_to_pixels",
 ]
+
+# A keypoint is described by the square around it whose side is this fraction of the image's
+# shorter side (or the keypoint's own drawn size, if larger): the model needs an area to look at.
+KEYPOINT_BOX_FRACTION = 0.1
 
 Box = tuple[float, float, float, float]
 
@@ -127,3 +142,128 @@ def boxes_tensor(boxes: Sequence[Sequence[float]], image_w: int, image_h: int) -
 def box_center(box: Sequence[float]) -> tuple[float, float]:
     """Centre of an ``xyxy`` box."""
     return ((box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0)
+
+
+def rotated_rect_to_pixels(
+    x: float, y: float, width: float, height: float, rotation: float, image_w: int, image_h: int
+) -> Box:
+    """Label Studio rectangle rotated by ``rotation`` degrees (clockwise on screen, about its
+    top-left corner ``x, y``; all in percent) -> pixel ``xyxy`` of the box around its four corners.
+    Without rotation this is :func:`percent_to_pixels`."""
+    if rotation % 360.0 == 0.0:
+        return percent_to_pixels(x, y, width, height, image_w, image_h)
+    x0, y0 = x / 100.0 * image_w, y / 100.0 * image_h
+    w, h = width / 100.0 * image_w, height / 100.0 * image_h
+    t = math.radians(rotation)
+    cos, sin = math.cos(t), math.sin(t)
+    # Pixels (y down): the top edge runs along (cos, sin), the left edge along (-sin, cos).
+    xs = [x0, x0 + w * cos, x0 + w * cos - h * sin, x0 - h * sin]
+    ys = [y0, y0 + w * sin, y0 + w * sin + h * cos, y0 + h * cos]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def polygon_to_pixels(points: Sequence[Sequence[float]], image_w: int, image_h: int) -> Box:
+    """Label Studio polygon ``points`` (``[[x, y], ...]`` in percent) -> pixel ``xyxy`` of the box
+    around them.  Raises :class:`BoxError` for fewer than 3 points or a malformed point."""
+    if len(points) < 3:
+        raise BoxError(f"a polygon needs at least 3 points, got {len(points)}")
+    xs, ys = [], []
+    for p in points:
+        if len(p) != 2:
+            raise BoxError(f"a polygon point needs 2 numbers (x, y), got {list(p)!r}")
+        xs.append(float(p[0]) / 100.0 * image_w)
+        ys.append(float(p[1]) / 100.0 * image_h)
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def ellipse_to_pixels(
+    x: float, y: float, radius_x: float, radius_y: float, rotation: float, image_w: int, image_h: int
+) -> Box:
+    """Label Studio ellipse (centre ``x, y``; ``radius_x`` in percent of the width, ``radius_y`` of
+    the height; ``rotation`` degrees clockwise about the centre) -> pixel ``xyxy`` of the box that
+    touches the rotated ellipse."""
+    cx, cy = x / 100.0 * image_w, y / 100.0 * image_h
+    a, b = radius_x / 100.0 * image_w, radius_y / 100.0 * image_h
+    t = math.radians(rotation)
+    half_w = math.hypot(a * math.cos(t), b * math.sin(t))
+    half_h = math.hypot(a * math.sin(t), b * math.cos(t))
+    return (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+
+
+def keypoint_to_pixels(
+    x: float,
+    y: float,
+    image_w: int,
+    image_h: int,
+    width: float = 0.0,
+    fraction: float = KEYPOINT_BOX_FRACTION,
+) -> Box:
+    """Label Studio keypoint ``x, y`` (percent; ``width``: its drawn radius in percent of the image
+    width) -> pixel ``xyxy`` of the square centred on it whose side is ``fraction`` of the shorter
+    image side, or twice the drawn radius if that is larger."""
+    cx, cy = x / 100.0 * image_w, y / 100.0 * image_h
+    half = max(fraction * min(image_w, image_h) / 2.0, width / 100.0 * image_w)
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
+class RLEError(ValueError):
+    """A Label Studio brush RLE that cannot be decoded (the message says why)."""
+
+
+class _Bits:
+    """Most-significant-bit-first reader over a byte string (thi.ng ``rle-pack`` layout)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()  # ints: fast to loop
+        self.pos = 0
+
+    def read(self, size: int) -> int:
+        end = self.pos + size
+        if end > len(self.bits):
+            raise RLEError("the RLE stream ends early")
+        value = 0
+        for bit in self.bits[self.pos : end]:
+            value = (value << 1) | bit
+        self.pos = end
+        return value
+
+
+def rle_decode(rle: Sequence[int], image_w: int, image_h: int) -> torch.Tensor:
+    """Label Studio brush ``rle`` (bytes of a thi.ng ``rle-pack`` stream of the RGBA image, row
+    major) -> boolean mask ``(image_h, image_w)``: the pixels whose alpha is not zero.
+
+    Stream: 32 bits value count, 5 bits word size - 1, four 4-bit run-length field sizes - 1; then
+    per chunk 1 bit (1: a run of one repeated word, 0: literal words), 2 bits choosing the length
+    field, that field (count - 1), and the word(s).  Raises :class:`RLEError` when the stream is
+    malformed or its size is not ``image_w * image_h * 4``."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in rle):
+        raise RLEError("an RLE must be a list of byte values (0..255)")
+    stream = _Bits(bytes(rle))
+    num = stream.read(32)
+    if num != image_w * image_h * 4:
+        raise RLEError(f"the RLE holds {num} values, not the {image_w}x{image_h}x4 of its image")
+    word = stream.read(5) + 1
+    sizes = [stream.read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, dtype=np.uint32 if word > 16 else np.uint16 if word > 8 else np.uint8)
+    i = 0
+    while i < num:
+        repeated = stream.read(1)
+        j = min(num, i + 1 + stream.read(sizes[stream.read(2)]))
+        if repeated:
+            out[i:j] = stream.read(word)
+            i = j
+        else:
+            for k in range(i, j):
+                out[k] = stream.read(word)
+            i = j
+    return torch.from_numpy(out.reshape(image_h, image_w, 4)[:, :, 3] != 0)
+
+
+def mask_to_pixels(mask: torch.Tensor) -> Box:
+    """Boolean mask ``(H, W)`` -> pixel ``xyxy`` of the box around its set pixels (a pixel covers
+    ``[c, c + 1)``).  Raises :class:`BoxError` (``zero_area``) for an empty mask."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if not len(rows):
+        raise BoxError("the brush mask paints no pixel", "zero_area")
+    return (float(cols[0]), float(rows[0]), float(cols[-1]) + 1.0, float(rows[-1]) + 1.0)

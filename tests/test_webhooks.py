@@ -67,9 +67,10 @@ def test_parse_result_skips_malformed_items_with_reasons():
         {"type": "relation", "from_id": "ok", "to_id": "rot", "direction": "bi", "labels": ["above"]},
     ]
     parsed = parse_result(result)
-    assert [r.region_id for r in parsed.regions] == ["ok"]
+    # a rotated rectangle is a region (its rotated outline's box: tests/test_region_tools.py)
+    assert [r.region_id for r in parsed.regions] == ["ok", "rot"]
     reasons = "\n".join(parsed.skipped)
-    for needle in ("not an object", "rotated", "original_width", "outside", "ghost", "does not link"):
+    for needle in ("not an object", "direction 'bi'", "original_width", "outside", "ghost", "does not link"):
         assert needle in reasons, reasons
     with pytest.raises(CorrectionError, match="must be a list"):
         parse_result({"not": "a list"})
