@@ -10,7 +10,9 @@ Pipeline (sizes from :class:`model.config.RegionEncoderConfig`):
 3. :class:`RegionFeatureExtractor`: ``torchvision.ops.roi_align`` (float32, ``aligned=True``) per
    level, a 3x3 conv per level, sum over levels, ReLU, flatten, linear, an optional norm
    (``feature_norm``; "batch" keeps what differs between boxes, see the config), plus an MLP
-   embedding of the normalised box.
+   embedding of the normalised box.  An optional per-box mask (:func:`mask_roi_weights`, e.g. a
+   brush region) weights the pooled RoI grid, so the token describes the painted part of its box;
+   boxes without a mask are pooled exactly as before.
 4. ``updims`` linear to the LM width.
 """
 
@@ -33,7 +35,22 @@ __all__ = [
     "RegionEncoder",
     "RegionFeatureExtractor",
     "freeze_norm_statistics",
+    "mask_roi_weights",
 ]
+
+
+def mask_roi_weights(
+    mask: torch.Tensor, box: tuple[float, float, float, float], output_size: int, sampling_ratio: int
+) -> torch.Tensor:
+    """A pixel mask ``(H, W)`` of the image (bool or [0, 1]) and its region's pixel ``xyxy`` box
+    -> ``(1, output_size, output_size)`` weights: the mask's mean over each RoI bin, sampled at the
+    very points :func:`torchvision.ops.roi_align` samples the features at (``aligned=True``)."""
+    roi = torch.tensor([[0.0, *box]], dtype=torch.float32)
+    grid = roi_align(
+        mask.float()[None, None], roi, output_size=output_size, spatial_scale=1.0,
+        sampling_ratio=sampling_ratio, aligned=True,
+    )  # fmt: skip
+    return grid[0]
 
 
 def _coord_channels(x: torch.Tensor) -> torch.Tensor:
@@ -192,10 +209,18 @@ class RegionFeatureExtractor(nn.Module):
 
         return build() if torch.is_grad_enabled() else derived(self.pconvs, "stacked_conv", build)
 
-    def pool(self, maps: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+    def pool(
+        self,
+        maps: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """``maps``: :meth:`group_levels` of the pyramid; ``boxes``: per image ``(N_i, 4)``
         normalised xyxy -> ``(sum N_i, hidden_dim)`` in image-major, box order.
 
+        ``masks``: per image ``None`` or ``(N_i, 1, o, o)`` weights of its boxes' RoI grids
+        (:func:`mask_roi_weights`; ones for a box without mask) that multiply the pooled features
+        before the convolution.  Without any mask the computation is the unmasked one, unchanged.
         All boxes of all images go through one ``roi_align`` call per level size.
         """
         rois = torch.cat([normalized_to_input(b.float(), self.input_size) for b in boxes])
@@ -217,6 +242,17 @@ class RegionFeatureExtractor(nn.Module):
             )
             for fmap in maps
         ]
+        if masks is not None and any(m is not None for m in masks):
+            o = self.cfg.roi_output_size
+            grid = torch.cat(
+                [
+                    torch.ones(len(b), 1, o, o, device=rois.device)
+                    if m is None
+                    else m.float().to(rois.device)
+                    for b, m in zip(boxes, masks)
+                ]
+            )
+            pooled = [p * grid for p in pooled]
         weight, bias = self._stacked_conv()
         # Channels-last: for one box (an interactive request) oneDNN's conv in that layout takes
         # about half the time of the default path; for many boxes the two are about even.
@@ -226,10 +262,15 @@ class RegionFeatureExtractor(nn.Module):
         pos = self.pos_embedd(self.box_features(torch.cat(boxes).float()).to(flat.dtype))
         return self.feature_norm(self.flatten_linear(flat)) + pos
 
-    def forward(self, feats: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        feats: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """``feats``: pyramid ``(B, F, s, s)`` per level; ``boxes``: per image ``(N_i, 4)`` normalised
-        xyxy -> ``(sum N_i, hidden_dim)``."""
-        return self.pool(self.group_levels(feats), boxes)
+        xyxy; ``masks``: see :meth:`pool` -> ``(sum N_i, hidden_dim)``."""
+        return self.pool(self.group_levels(feats), boxes, masks)
 
 
 class RegionEncoder(nn.Module):
@@ -254,14 +295,22 @@ class RegionEncoder(nn.Module):
         fused pyramid with same-size levels stacked (:meth:`RegionFeatureExtractor.group_levels`)."""
         return self.roi_align.group_levels(self.mlvl_fuse(levels))
 
-    def encode_boxes(self, maps: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Region maps (:meth:`fuse`) + B tensors ``(N_i, 4)`` of normalised boxes ->
+    def encode_boxes(
+        self,
+        maps: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Region maps (:meth:`fuse`) + B tensors ``(N_i, 4)`` of normalised boxes (+ optional
+        per-image ``(N_i, 1, o, o)`` RoI-grid masks, :meth:`RegionFeatureExtractor.pool`) ->
         ``(sum N_i, out_dim)``."""
         if len(boxes) != maps[0].shape[0]:
             raise ValueError(f"{len(boxes)} box lists for a batch of {maps[0].shape[0]} images")
+        if masks is not None and len(masks) != len(boxes):
+            raise ValueError(f"{len(masks)} mask lists for {len(boxes)} box lists")
         if sum(len(b) for b in boxes) == 0:
             return maps[0].new_zeros(0, self.updims.out_features)
-        return self.out_norm(self.updims(self.roi_align.pool(maps, boxes)))
+        return self.out_norm(self.updims(self.roi_align.pool(maps, boxes, masks)))
 
     def forward(self, levels: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``."""

@@ -30,6 +30,8 @@ from model.geometry import (
     rle_decode,
     rotated_rect_to_pixels,
 )
+from model.region_encoder import RegionFeatureExtractor, mask_roi_weights
+from tests.model_helpers import tiny_region_config
 from tests.test_predictions import SETTINGS, DictFetcher, OracleDescribe, ls_rect, ls_task, scene
 from tools.ls.region_tools import (
     REGION_TOOLS_CONFIG,
@@ -354,3 +356,30 @@ def test_corrections_skip_unreadable_regions_with_the_reason():
     assert (
         "brush 'b'" in reasons and "RLE" in reasons and "polygon 'p'" in reasons and "at least 3" in reasons
     )
+
+
+# ---------------------------------------------------------------------- mask-weighted pooling
+def test_mask_roi_weights_are_the_mask_at_roi_aligns_samples():
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[4:16, 4:10] = True  # the left half of the box (4, 4, 16, 16)
+    weights = mask_roi_weights(mask, (4.0, 4.0, 16.0, 16.0), output_size=2, sampling_ratio=2)
+    assert weights.shape == (1, 2, 2)
+    assert torch.equal(weights, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+
+
+def test_masked_pooling_reads_only_the_painted_part_and_no_mask_changes_nothing():
+    torch.manual_seed(0)
+    enc = RegionFeatureExtractor(tiny_region_config(), input_size=32).eval()
+    maps = [torch.randn(1, 8, 8, 8)]
+    boxes = [torch.tensor([[0.25, 0.25, 0.75, 0.75]])]  # feature columns 2..5, two bins of two
+    with torch.no_grad():
+        plain = enc.pool(maps, boxes)
+        assert torch.equal(enc.pool(maps, boxes, [None]), plain)
+        assert torch.equal(enc.pool(maps, boxes, [torch.ones(1, 1, 2, 2)]), plain)
+        left = [torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])]
+        masked = enc.pool(maps, boxes, left)
+        assert not torch.allclose(masked, plain)
+        changed = [maps[0].clone()]
+        changed[0][:, :, :, 4:] += 5.0  # only what the right bins sample
+        assert torch.equal(enc.pool(changed, boxes, left), masked)  # the painted part alone counts
+        assert not torch.allclose(enc.pool(changed, boxes), plain)
