@@ -306,6 +306,36 @@ def build_cron(settings: Settings, connection: Redis) -> CronScheduler | None:
     return cron
 
 
+def preannotate_cli(args: argparse.Namespace, settings: Settings) -> int:
+    """``python -m backend.jobs preannotate``: enqueue the chunk jobs, then follow them with a tqdm
+    bar (unless ``--detach``); exit 1 when a task failed or a chunk job did not finish."""
+    from backend import preannotate  # the model stack, only for this command
+    from backend.label_studio import LabelStudioError
+
+    selection = preannotate.Selection(
+        tasks=tuple(int(t) for t in args.tasks.split(",") if t.strip()) if args.tasks else (),
+        view=args.view,
+    )
+    connection = redis_connection(settings)
+    try:
+        status = preannotate.start_run(
+            settings, connection, args.project, selection, args.chunk, selection.tasks or None
+        )
+    except LabelStudioError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps({k: status[k] for k in ("run", "project", "selection", "total", "jobs")}))
+    if args.detach or not status["total"]:
+        return 0
+    queue = preannotate.preannotate_queue(settings, connection)
+    status = preannotate.follow_run(
+        settings, connection, status["run"], before_poll=lambda: fail_dead_jobs(queue)
+    )
+    print(json.dumps(status, indent=2))
+    finished = status["jobs"].get(JobStatus.FINISHED.value) == sum(status["jobs"].values())
+    return 0 if finished and not status["failed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fine-tuning jobs: flush the outbox, request, status")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -329,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level)
     if args.cmd == "preannotate":
-        from backend.preannotate import main as preannotate_main  # imports jobs: a cycle at load time
-
-        return preannotate_main(args, settings)
+        return preannotate_cli(args, settings)
     store = open_store(settings.data_dir)
     if args.cmd == "train":
         store.request_training(args.project, "cli")

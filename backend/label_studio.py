@@ -36,7 +36,7 @@ import requests
 from backend.images import ImageError, ImageFetcher
 from backend.settings import Settings, SettingsError
 
-__all__ = ["LabelStudioError", "set_project_model_version"]
+__all__ = ["LabelStudioApi", "LabelStudioError", "set_project_model_version"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class LabelStudioError(RuntimeError):
     """A Label Studio API call that failed; the message names the step and the reason."""
 
 
-class _Api:
+class LabelStudioApi:
     """Authenticated JSON calls to one Label Studio."""
 
     def __init__(self, settings: Settings) -> None:
@@ -85,7 +85,7 @@ def _detail(resp: requests.Response) -> str:
     return str(body)[:300]
 
 
-def _live_versions(api: _Api, project_id: int) -> dict[int, str | None]:
+def _live_versions(api: LabelStudioApi, project_id: int) -> dict[int, str | None]:
     """``{ml backend id: model version}`` of the project's ML backends, as Label Studio re-reads them
     from each backend's ``/setup`` right now."""
     backends = api.call("GET", f"ml?project={project_id}")
@@ -94,7 +94,9 @@ def _live_versions(api: _Api, project_id: int) -> dict[int, str | None]:
     return {int(b["id"]): b.get("model_version") for b in backends if isinstance(b, Mapping) and "id" in b}
 
 
-def _wait_for_live_version(api: _Api, project_id: int, version: str, timeout: float, poll: float) -> int:
+def _wait_for_live_version(
+    api: LabelStudioApi, project_id: int, version: str, timeout: float, poll: float
+) -> int:
     """Poll until one of the project's ML backends reports ``version``; returns its id."""
     deadline = time.monotonic() + timeout
     while True:
@@ -113,12 +115,12 @@ def _wait_for_live_version(api: _Api, project_id: int, version: str, timeout: fl
         time.sleep(max(poll, 0.2))  # the backend's next look at the registry
 
 
-def _stored_versions(api: _Api, project_id: int) -> dict[str, int]:
+def _stored_versions(api: LabelStudioApi, project_id: int) -> dict[str, int]:
     versions = api.call("GET", f"projects/{project_id}/model-versions")
     return dict(versions) if isinstance(versions, Mapping) else {}
 
 
-def _tasks_to_predict(api: _Api, project_id: int, limit: int) -> list[int]:
+def _tasks_to_predict(api: LabelStudioApi, project_id: int, limit: int) -> list[int]:
     """Tasks whose boxes the model can describe: unlabeled ones with earlier predictions first
     (their new scores drive uncertainty sampling), then labeled ones."""
     page = api.call("GET", f"tasks?project={project_id}&page_size={TASK_PAGE}&page=1")
@@ -129,7 +131,7 @@ def _tasks_to_predict(api: _Api, project_id: int, limit: int) -> list[int]:
     return (unlabeled + labeled)[:limit]
 
 
-def _predict(api: _Api, project_id: int, task_ids: list[int]) -> None:
+def _predict(api: LabelStudioApi, project_id: int, task_ids: list[int]) -> None:
     api.call(
         "POST",
         f"dm/actions?id=retrieve_tasks_predictions&project={project_id}",
@@ -139,7 +141,7 @@ def _predict(api: _Api, project_id: int, task_ids: list[int]) -> None:
 
 
 def _predict_until_stored(
-    api: _Api, settings: Settings, project_id: int, version: str, deadline: float
+    api: LabelStudioApi, settings: Settings, project_id: int, version: str, deadline: float
 ) -> list[int]:
     """Have Label Studio predict a few tasks until it stores a prediction of ``version``; returns the
     tasks.  Repeated while time is left: with several serving processes, the one answering
@@ -170,7 +172,7 @@ def set_project_model_version(settings: Settings, project_id: int, version: str)
     started = time.monotonic()
     facts: dict[str, Any] = {"project": project_id, "version": version}
     try:
-        api = _Api(settings)
+        api = LabelStudioApi(settings)
         deadline = time.monotonic() + settings.label_studio_sync_seconds
         facts["ml_backend"] = _wait_for_live_version(
             api, project_id, version, settings.label_studio_sync_seconds, settings.model_poll_seconds

@@ -15,17 +15,17 @@ bounded by its 100 s timeout, with no progress, no resumption and one machine.  
   Never an empty result: a task without a usable box or image is a *failure*, recorded with its
   reason, and the chunk goes on.
 * Idempotent: a retried chunk (its worker was killed; RQ retries it as abandoned, see
-  :class:`PreannotateWorker`) reads its tasks again, so what the killed attempt wrote is seen and
-  skipped.  Each task is claimed in Redis by the job that predicts it (for ``JOB_TIMEOUT``), so
-  two runs over the same tasks do not both write.
+  :class:`backend.worker.PreannotateWorker`) reads its tasks again, so what the killed attempt
+  wrote is seen and skipped.  Each task is claimed in Redis by the job that predicts it (for
+  ``JOB_TIMEOUT``), so two runs over the same tasks do not both write.
 * Progress: per run in Redis (sets of done tasks, failures with reasons, regions, timings), per
   chunk in ``job.meta``; :func:`run_status` adds tasks/s, regions/s and the ETA.  The CLI
   (``python -m backend.jobs preannotate``) follows it with a tqdm bar; ``python -m backend.jobs
   status <project>`` shows the project's latest run.
 
-Workers: ``python -m backend.worker --preannotate`` runs a :class:`PreannotateWorker` (no fork: the
-model is loaded once per worker process and kept).  More machines means more such workers on the
-same Redis, and nothing else.
+Workers: ``python -m backend.worker --preannotate`` runs a :class:`backend.worker.PreannotateWorker`
+(no fork: the model is loaded once per worker process and kept).  More machines means more such
+workers on the same Redis, and nothing else.
 """
 
 from __future__ import annotations
@@ -41,15 +41,13 @@ from typing import Any
 from urllib.parse import quote
 
 from redis import Redis
-from rq import Queue, Retry, SimpleWorker, get_current_job
+from rq import Queue, Retry, get_current_job
 from rq.job import Job, JobStatus
-from rq.worker import WorkerStatus
 
 from backend.errors import ClientError
 from backend.images import ImageFetcher
-from backend.jobs import RESULT_TTL, fail_dead_jobs, redis_connection
 from backend.label_config import ConfigError, parse_label_config
-from backend.label_studio import LabelStudioError, _Api
+from backend.label_studio import LabelStudioApi, LabelStudioError
 from backend.predicted import remember_predictions
 from backend.predictions import Skip, predict_tasks
 from backend.serving import ModelHolder
@@ -58,13 +56,10 @@ from backend.settings import Settings, get_settings
 __all__ = [
     "CHUNK_FUNCTION",
     "ChunkResult",
-    "PreannotateWorker",
     "Selection",
     "follow_run",
     "latest_run",
-    "main",
     "parse_request",
-    "run_preannotate_worker",
     "list_task_ids",
     "preannotate_queue",
     "run_chunk",
@@ -77,6 +72,7 @@ log = logging.getLogger(__name__)
 CHUNK_FUNCTION = "backend.preannotate.run_chunk"
 LIST_PAGE = 500  # task ids read per Label Studio page while planning
 WRITE_TIMEOUT = 120.0  # seconds for one bulk write of predictions
+RESULT_TTL = 7 * 86_400  # runs, chunk results and meta are kept a week, as fine-tuning jobs' are
 TERMINAL = {
     JobStatus.FINISHED.value,
     JobStatus.FAILED.value,
@@ -129,10 +125,10 @@ def _claim_key(settings: Settings, project: int, version: str, task: int) -> str
     return f"{settings.key_prefix}:preannotate-claim:{project}:{version}:{task}"
 
 
-def _api(settings: Settings) -> _Api:
+def _api(settings: Settings) -> LabelStudioApi:
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise LabelStudioError("pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    return _Api(settings)
+    return LabelStudioApi(settings)
 
 
 # ---------------------------------------------------------------------- Label Studio reads and writes
@@ -164,7 +160,7 @@ def list_task_ids(settings: Settings, project: int, selection: Selection) -> lis
     return list(dict.fromkeys(ids))
 
 
-def _fetch_tasks(api: _Api, project: int, ids: Sequence[int]) -> list[dict[str, Any]]:
+def _fetch_tasks(api: LabelStudioApi, project: int, ids: Sequence[int]) -> list[dict[str, Any]]:
     """The tasks with their annotations, drafts and predictions (one Data Manager call)."""
     query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}}, separators=(",", ":"))
     body = api.call(
@@ -180,7 +176,7 @@ def _has_version(task: Mapping[str, Any], version: str) -> bool:
     return any(isinstance(p, Mapping) and p.get("model_version") == version for p in predictions)
 
 
-def _write(api: _Api, project: int, rows: list[dict[str, Any]]) -> None:
+def _write(api: LabelStudioApi, project: int, rows: list[dict[str, Any]]) -> None:
     """One bulk write; Label Studio stores all of them or none."""
     api.call("POST", f"projects/{project}/import/predictions", json=rows, timeout=WRITE_TIMEOUT)
 
@@ -296,8 +292,8 @@ def _save_meta(job: Job | None, **meta: Any) -> None:
 def run_chunk(run: str, project: int, task_ids: list[int]) -> dict[str, Any]:
     """The chunk job (see the module docstring); returns a :class:`ChunkResult` as a dict."""
     settings = get_settings()
-    connection = redis_connection(settings)
     job = get_current_job()
+    connection = job.connection if job is not None else Redis.from_url(settings.redis_url)
     started = time.monotonic()
     engine, version = _engine(settings)
     result = ChunkResult(run=run, tasks=len(task_ids), version=version)
@@ -345,7 +341,7 @@ def run_chunk(run: str, project: int, task_ids: list[int]) -> dict[str, Any]:
 
 
 def _predict_and_write(
-    api: _Api,
+    api: LabelStudioApi,
     settings: Settings,
     project: int,
     tasks: list[dict[str, Any]],
@@ -435,103 +431,32 @@ def run_status(settings: Settings, connection: Redis, run: str) -> dict[str, Any
 
 
 def follow_run(
-    settings: Settings, connection: Redis, run: str, poll: float = 1.0, bar: bool = True,
-    on_status: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Wait for a run to finish, showing a tqdm bar (tasks done or failed of the total)."""
+    settings: Settings,
+    connection: Redis,
+    run: str,
+    poll: float = 1.0,
+    bar: bool = True,
+    before_poll: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Wait for a run to finish, showing a tqdm bar (tasks done or failed of the total).
+    ``before_poll``: called before each look (the CLI retries dead workers' chunks there)."""
     from tqdm import tqdm
 
     status = run_status(settings, connection, run)
     progress = tqdm(total=status["total"], unit="task", disable=not bar, desc=f"pre-annotate {run}")
     try:
         while True:
-            fail_dead_jobs(preannotate_queue(settings, connection))
+            if before_poll is not None:
+                before_poll()
             status = run_status(settings, connection, run)
             progress.n = min(status["done"] + status["failed"], status["total"])
             progress.set_postfix(regions_s=status["regions_per_s"], failed=status["failed"], refresh=False)
             progress.refresh()
-            if on_status is not None:
-                on_status(status)
             if status["finished"]:
                 return status
             time.sleep(poll)
     finally:
         progress.close()
-
-
-# ---------------------------------------------------------------------- the worker
-class PreannotateWorker(SimpleWorker):
-    """RQ worker for chunk jobs: runs them in its own process (the model stays loaded between
-    jobs) and sends the job heartbeat from a thread every ``job_monitoring_interval``, so a killed
-    worker's chunk is found abandoned within 3 intervals and retried by any live worker."""
-
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return 3 * int(self.job_monitoring_interval)
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.job_monitoring_interval):
-                try:
-                    self.maintain_heartbeats(job, execution)
-                except Exception as exc:  # noqa: BLE001 - a missed beat is retried next interval
-                    log.warning("job %s: heartbeat not sent: %s", job.id, exc)
-
-        thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
-        thread.start()
-        try:
-            self.perform_job(job, queue, execution)
-        finally:
-            stop.set()
-            thread.join()
-        self.set_state(WorkerStatus.IDLE)
-
-
-def run_preannotate_worker(settings: Settings, burst: bool = False) -> None:
-    """Run a :class:`PreannotateWorker` on ``PREANNOTATE_QUEUE``; every ``OUTBOX_POLL_SECONDS`` a
-    thread retries the chunks of dead workers (:func:`backend.jobs.fail_dead_jobs`)."""
-    connection = redis_connection(settings)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(settings.outbox_poll_seconds):
-            try:
-                fail_dead_jobs(preannotate_queue(settings, redis_connection(settings, fast=True)))
-            except Exception:  # noqa: BLE001 - housekeeping must not kill the worker
-                log.exception("dead-job check failed")
-
-    threading.Thread(target=poll, name="preannotate-poll", daemon=True).start()
-    try:
-        fail_dead_jobs(preannotate_queue(settings, connection))
-        worker = PreannotateWorker(
-            [preannotate_queue(settings, connection)], connection=connection,
-            job_monitoring_interval=settings.job_heartbeat_seconds,
-        )  # fmt: skip
-        worker.work(burst=burst, logging_level=settings.log_level)
-    finally:
-        stop.set()
-
-
-def main(args: Any, settings: Settings) -> int:
-    """``python -m backend.jobs preannotate`` (parsed by :func:`backend.jobs.main`)."""
-    selection = Selection(
-        tasks=tuple(int(t) for t in args.tasks.split(",") if t.strip()) if args.tasks else (),
-        view=args.view,
-    )
-    connection = redis_connection(settings)
-    try:
-        status = start_run(settings, connection, args.project, selection, args.chunk, selection.tasks or None)
-    except LabelStudioError as exc:
-        print(f"error: {exc}")
-        return 2
-    print(json.dumps({k: status[k] for k in ("run", "project", "selection", "total", "jobs")}))
-    if args.detach or not status["total"]:
-        return 0
-    status = follow_run(settings, connection, status["run"])
-    print(json.dumps(status, indent=2))
-    return 0 if not status["failed"] and status["jobs"].get("finished") == sum(status["jobs"].values()) else 1
 
 
 def parse_request(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,10 +35,11 @@ import threading
 from typing import Any
 
 from redis.exceptions import RedisError
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker, Worker
 from rq.cron import CronScheduler
 from rq.executions import Execution
 from rq.job import Job
+from rq.worker import WorkerStatus
 
 from backend.job_history import record_killed_horse
 from backend.jobs import build_cron, fail_dead_jobs, flush_outbox, redis_connection, training_queue
@@ -49,6 +50,7 @@ from backend.settings import Settings, get_settings
 from backend.store import open_store
 
 __all__ = [
+    "PreannotateWorker",
     "TrainingWorker",
     "healthy",
     "json_logging",
@@ -56,6 +58,7 @@ __all__ = [
     "poll_once",
     "prepare",
     "run_cron",
+    "run_preannotate_worker",
     "run_worker",
     "start_poll",
 ]
@@ -117,6 +120,63 @@ class TrainingWorker(Worker):
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
         super().request_stop(signum, frame)
+
+
+class PreannotateWorker(SimpleWorker):
+    """RQ worker for pre-annotation chunk jobs (:mod:`backend.preannotate`): runs them in its own
+    process, so the model stays loaded between jobs, and sends the job heartbeat from a thread every
+    ``job_monitoring_interval``: a killed worker's chunk is abandoned after 3 intervals and retried
+    by any live worker's poll."""
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return 3 * int(self.job_monitoring_interval)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except (RedisError, OSError) as exc:  # the next interval tries again
+                    log.warning("job %s: heartbeat not sent, Redis unreachable: %s", job.id, exc)
+
+        thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
+        thread.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            thread.join()
+        self.set_state(WorkerStatus.IDLE)
+
+
+def run_preannotate_worker(settings: Settings, burst: bool = False) -> None:
+    """Run a :class:`PreannotateWorker` on ``PREANNOTATE_QUEUE``; every ``OUTBOX_POLL_SECONDS`` a
+    thread fails or retries the chunks of dead workers (:func:`backend.jobs.fail_dead_jobs`)."""
+    from backend.preannotate import preannotate_queue  # the model stack, only in this kind of worker
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(settings.outbox_poll_seconds):
+            try:
+                fail_dead_jobs(preannotate_queue(settings, redis_connection(settings, fast=True)))
+            except Exception:  # never let housekeeping kill the worker
+                log.exception("dead-job check failed")
+
+    threading.Thread(target=poll, name="preannotate-poll", daemon=True).start()
+    try:
+        connection = redis_connection(settings)
+        fail_dead_jobs(preannotate_queue(settings, connection))
+        worker = PreannotateWorker(
+            [preannotate_queue(settings, connection)], connection=connection,
+            job_monitoring_interval=settings.job_heartbeat_seconds,
+        )  # fmt: skip
+        worker.work(burst=burst, logging_level=settings.log_level)
+    finally:
+        stop.set()
 
 
 def poll_once(settings: Settings) -> None:
@@ -212,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.health:
         return 0 if healthy(settings, args.health) else 1
     if args.preannotate:
-        from backend.preannotate import run_preannotate_worker  # loads the model stack only here
-
         run_preannotate_worker(settings, burst=args.burst)
         return 0
     if args.cron_only:

@@ -20,8 +20,9 @@ from rq.job import Job
 
 from backend import preannotate
 from backend.jobs import redis_connection
-from backend.preannotate import PreannotateWorker, Selection, preannotate_queue, run_status, start_run
+from backend.preannotate import Selection, preannotate_queue, run_status, start_run
 from backend.webhooks import handle_webhook
+from backend.worker import PreannotateWorker
 from tests.redis_helpers import job_settings
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixtures: redis_db, use_settings
