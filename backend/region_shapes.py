@@ -40,6 +40,7 @@ from model.geometry import (
 
 __all__ = [
     "LABEL_TYPES",
+    "MAX_MASK_PIXELS",
     "REGION_TYPES",
     "SHAPES",
     "ShapeError",
@@ -64,6 +65,9 @@ SHAPES: dict[str, str] = {
 }
 REGION_TYPES: tuple[str, ...] = tuple(SHAPES)
 LABEL_TYPES: tuple[str, ...] = tuple(t for t in SHAPES if t.endswith("labels"))  # values carry labels
+# The largest brush mask decoded (pixels; MAX_IMAGE_PIXELS' default): a few bytes of RLE can claim
+# any size, and its original_width/height come with the request.
+MAX_MASK_PIXELS = 40_000_000
 _NUMBERS = {
     "rectangle": (("x", "y", "width", "height"), ("rotation",)),
     "ellipse": (("x", "y", "radiusX", "radiusY"), ("rotation",)),
@@ -126,7 +130,13 @@ def region_geometry(kind: str, value: Any) -> dict[str, Any]:
 
 def region_mask(geometry: Mapping[str, Any], original: tuple[int, int]) -> torch.Tensor:
     """A brush geometry's painted pixels, boolean ``(H, W)`` of ``original`` (W, H): the RLE is in
-    pixels of the image Label Studio annotated.  Raises :class:`BoxError` for an undecodable RLE."""
+    pixels of the image Label Studio annotated.  Raises :class:`BoxError` for an undecodable RLE
+    or one larger than :data:`MAX_MASK_PIXELS`."""
+    if original[0] * original[1] > MAX_MASK_PIXELS:
+        raise BoxError(
+            f"brush RLE of a {original[0]}x{original[1]} image: more than {MAX_MASK_PIXELS} pixels "
+            "are not decoded"
+        )
     try:
         return rle_decode(geometry["rle"], original[0], original[1])
     except RLEError as exc:

@@ -383,3 +383,22 @@ def test_masked_pooling_reads_only_the_painted_part_and_no_mask_changes_nothing(
         changed[0][:, :, :, 4:] += 5.0  # only what the right bins sample
         assert torch.equal(enc.pool(changed, boxes, left), masked)  # the painted part alone counts
         assert not torch.allclose(enc.pool(changed, boxes), plain)
+
+
+def test_rle_decode_of_junk_raises_only_rle_errors_and_huge_masks_are_refused():
+    rng = np.random.default_rng(1)
+    good = rle_encode(rects_mask(6, 5, [(1, 4, 1, 3)]))
+    for _ in range(300):
+        junk = [*good[:4], *rng.integers(0, 256, int(rng.integers(0, 40))).tolist()]
+        try:
+            mask = rle_decode(junk, 5, 6)
+        except RLEError:
+            continue
+        assert mask.shape == (6, 5)
+    # a few bytes may claim any size: the original size is checked before anything is allocated
+    huge = region_geometry("brush", {"format": "rle", "rle": good})
+    with pytest.raises(BoxError, match="not decoded"):
+        region_pixel_box("brush", huge, 100, 100, (200_000, 200_000))
+    item = brush_result("b", good, 200_000, 200_000)
+    parsed = parse_result(with_caption(item, "x"))
+    assert parsed.regions == [] and "not decoded" in parsed.skipped[0]
