@@ -210,24 +210,6 @@ class RLEError(ValueError):
     """A Label Studio brush RLE that cannot be decoded (the message says why)."""
 
 
-class _Bits:
-    """Most-significant-bit-first reader over a byte string (thi.ng ``rle-pack`` layout)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()  # ints: fast to loop
-        self.pos = 0
-
-    def read(self, size: int) -> int:
-        end = self.pos + size
-        if end > len(self.bits):
-            raise RLEError("the RLE stream ends early")
-        value = 0
-        for bit in self.bits[self.pos : end]:
-            value = (value << 1) | bit
-        self.pos = end
-        return value
-
-
 def rle_decode(rle: Sequence[int], image_w: int, image_h: int) -> torch.Tensor:
     """Label Studio brush ``rle`` (bytes of a thi.ng ``rle-pack`` stream of the RGBA image, row
     major) -> boolean mask ``(image_h, image_w)``: the pixels whose alpha is not zero.
@@ -238,25 +220,42 @@ def rle_decode(rle: Sequence[int], image_w: int, image_h: int) -> torch.Tensor:
     malformed or its size is not ``image_w * image_h * 4``."""
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in rle):
         raise RLEError("an RLE must be a list of byte values (0..255)")
-    stream = _Bits(bytes(rle))
-    num = stream.read(32)
+    # The stream as "0"/"1" text: int(text[a:b], 2) reads a field in one C call.
+    text = (np.unpackbits(np.frombuffer(bytes(rle), dtype=np.uint8)) + ord("0")).tobytes().decode("ascii")
+    if len(text) < 53:
+        raise RLEError("the RLE stream ends early")
+    num = int(text[:32], 2)
     if num != image_w * image_h * 4:
         raise RLEError(f"the RLE holds {num} values, not the {image_w}x{image_h}x4 of its image")
-    word = stream.read(5) + 1
-    sizes = [stream.read(4) + 1 for _ in range(4)]
-    out = np.zeros(num, dtype=np.uint32 if word > 16 else np.uint16 if word > 8 else np.uint8)
-    i = 0
+    word = int(text[32:37], 2) + 1
+    sizes = [int(text[37 + 4 * k : 41 + 4 * k], 2) + 1 for k in range(4)]
+    heads = {f"{flag}{k:02b}": (flag == 1, sizes[k]) for flag in (0, 1) for k in range(4)}
+    values: list[int] = []  # one entry per run; a literal chunk's words are runs of one
+    counts: list[int] = []
+    pos, end, i = 53, len(text), 0
     while i < num:
-        repeated = stream.read(1)
-        j = min(num, i + 1 + stream.read(sizes[stream.read(2)]))
+        field = pos + 3
+        if field > end:
+            raise RLEError("the RLE stream ends early")
+        repeated, size = heads[text[pos:field]]
+        pos = field + size
+        if pos > end:
+            raise RLEError("the RLE stream ends early")
+        count = min(num - i, int(text[field:pos], 2) + 1)  # values past the end are dropped (as in JS)
+        stop = pos + (word if repeated else count * word)
+        if stop > end:
+            raise RLEError("the RLE stream ends early")
         if repeated:
-            out[i:j] = stream.read(word)
-            i = j
+            values.append(int(text[pos:stop], 2))
+            counts.append(count)
         else:
-            for k in range(i, j):
-                out[k] = stream.read(word)
-            i = j
-    return torch.from_numpy(out.reshape(image_h, image_w, 4)[:, :, 3] != 0)
+            values += [int(text[k : k + word], 2) for k in range(pos, stop, word)]
+            counts += [1] * count
+        pos = stop
+        i += count
+    dtype = np.uint32 if word > 16 else np.uint16 if word > 8 else np.uint8
+    flat = np.repeat(np.array(values, dtype=np.int64), counts).astype(dtype)
+    return torch.from_numpy(flat.reshape(image_h, image_w, 4)[:, :, 3] != 0)
 
 
 def mask_to_pixels(mask: torch.Tensor) -> Box:
