@@ -2,21 +2,26 @@
 
     python -m model.bench [--model model/default] [--repeats 3] [--json out.json]
 
-Prints (median of ``--repeats``):
+Prints medians of interleaved repeats (each repeat runs every compared variant once, so a slow
+spell on a shared machine slows all of them alike instead of flipping one row):
 * K = 1, 4, 16, 64 boxes on one image, one caption question per box: engine (cold image cache)
   vs naive loop (per box: encode the image, build the prompt, ``generate``) - time and ratio;
 * interactive: a new box on an image already seen vs on a cold image - latency ratio, with the
   image given decoded and as a JPEG file (what a server receives; decoded only on a cache miss)
   at the scene's size and at 1280x960, beside warm requests that decode the file each time; and
-  for the backend's whole request about a new box (caption, attributes, relations);
-* decode throughput (generated tokens/s) at batch 1 and 16, and the share of the machine's
-  measured float32 matmul FLOP/s that it reaches (2 x LM parameters FLOPs per token);
+  for the backend's whole request about a new box (caption, attributes, relations) on the scene
+  and on the 1280x960 file;
+* decode throughput at batch 1 and 16: tokens/s of the one-token decode steps (and of the whole
+  request, question forward included), the share of the machine's float32 matmul FLOP/s it
+  reaches (2 x LM parameters FLOPs per token; the peak measured between the repeats) and, at
+  batch 1, of the memory-bandwidth bound (every step reads all LM weights once);
 * peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import resource
@@ -36,19 +41,25 @@ from model.inference.image_input import EncodedImage, ImageLike, decode_rgb, enc
 from model.inference.reference import generate_naive
 from model.tasks import CAPTION_QUESTION
 
-__all__ = ["format_results", "main", "run"]
+__all__ = ["format_results", "interleaved_medians", "main", "memory_bandwidth", "run"]
 
 # A scene of the default's world shipped beside its weights (``--image`` picks another picture).
 SAMPLE_IMAGE = "sample.png"
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each of ``variants``, timed in turn within every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in variants.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
@@ -60,6 +71,17 @@ def matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
         torch.mm(a, b)
         n += 1
     return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def memory_bandwidth(nbytes: int = 256 * 2**20, seconds: float = 0.5) -> float:
+    """Measured bytes/s of reading a float32 tensor far larger than the caches (all threads)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x.sum()
+        n += 1
+    return nbytes * n / (time.perf_counter() - t0)
 
 
 def random_boxes(rng: random.Random, k: int, w: int, h: int) -> list[list[float]]:
@@ -163,6 +185,7 @@ def run(
         "max_new_tokens": max_new,
     }
 
+    variants: dict[str, Callable[[], None]] = {}
     for k in ks:
         boxes = boxes_tensor(random_boxes(rng, k, image.width, image.height), image.width, image.height)
         queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(k)]
@@ -176,8 +199,10 @@ def run(
             for _, q in queries:
                 generate_naive(model, model.processor(image), boxes, q, max_new_tokens=max_new)
 
-        t_engine = _median_time(engine_run, repeats)
-        t_naive = _median_time(naive_run, repeats)
+        variants[f"{k}/engine"], variants[f"{k}/naive"] = engine_run, naive_run
+    medians = interleaved_medians(variants, repeats)  # every K's engine and naive run once a repeat
+    for k in ks:
+        t_engine, t_naive = medians[f"{k}/engine"], medians[f"{k}/naive"]
         results["boxes"].append(
             {"k": k, "engine_s": t_engine, "naive_s": t_naive, "speedup": t_naive / t_engine}
         )
@@ -204,25 +229,62 @@ def run(
     results["interactive_full"] = interactive_latency(
         new_engine, lambda: EncodedImage(scene_file), rng, samples, full=True
     )
+    photo_file = jpeg_bytes(image.resize(PHOTO_SIZE, Image.Resampling.BILINEAR))
+    results["interactive_full_photo"] = {
+        "size": list(PHOTO_SIZE),
+        **interactive_latency(new_engine, lambda: EncodedImage(photo_file), rng, samples, full=True),
+    }
 
-    # Decode throughput at batch 1 and 16 (prefix cached, so this is decode-dominated).
-    flops = matmul_flops()
+    # Decode throughput at batch 1 and 16 (prefix cached), interleaved with measurements of the
+    # machine's matmul peak and memory bandwidth, which a shared machine's load moves too.
     lm = model.lm
     lm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
-    results["matmul_gflops"] = flops / 1e9
-    results["decode"] = []
+    weight_bytes = sum(
+        p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n
+    )
     boxes16 = boxes_tensor(random_boxes(rng, 16, image.width, image.height), image.width, image.height)
-    for batch in (1, 16):
-        eng = InferenceEngine(model, version, max_new_tokens=max_new, lean=lean)
-        queries = [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(batch)]
-        eng.answer([image], [boxes16], queries)  # warm the image cache
-        before = eng.stats.generated_tokens
-        t = _median_time(lambda eng=eng, queries=queries: eng.answer([image], [boxes16], queries), repeats)
-        tokens = (eng.stats.generated_tokens - before) / repeats
-        tps = tokens / t
-        results["decode"].append(
-            {"batch": batch, "tokens_per_s": tps, "flops_fraction": tps * 2 * lm_params / flops}
-        )
+    batches = (1, 16)
+    engines = {b: InferenceEngine(model, version, max_new_tokens=max_new, lean=lean) for b in batches}
+    asks = {b: [(0, CAPTION_QUESTION.format(a=f"<region{i + 1}>")) for i in range(b)] for b in batches}
+    for b in batches:
+        engines[b].answer([image], [boxes16], asks[b])  # warm the image cache
+    peaks, bandwidths = [], []
+    samples_by_batch: dict[int, dict[str, list[float]]] = {
+        b: {"step_tps": [], "request_tps": [], "step_s": []} for b in batches
+    }
+    for _ in range(repeats):
+        peaks.append(matmul_flops(seconds=0.5))
+        bandwidths.append(memory_bandwidth())
+        for b in batches:
+            eng = engines[b]
+            before, tokens_before = dataclasses.replace(eng.stats.times), eng.stats.generated_tokens
+            wall = _timed(lambda eng=eng, b=b: eng.answer([image], [boxes16], asks[b]))
+            t = eng.stats.times
+            decode_s, steps = t.decode_s - before.decode_s, t.steps - before.steps
+            got = samples_by_batch[b]
+            got["step_tps"].append((t.tokens - before.tokens) / decode_s)
+            got["request_tps"].append((eng.stats.generated_tokens - tokens_before) / wall)
+            got["step_s"].append(decode_s / steps)
+    flops, bandwidth = statistics.median(peaks), statistics.median(bandwidths)
+    results["matmul_gflops"] = flops / 1e9
+    results["bandwidth_gbs"] = bandwidth / 1e9
+    results["lm_weight_bytes"] = weight_bytes
+    results["decode"] = []
+    for b in batches:
+        got = samples_by_batch[b]
+        tps = statistics.median(got["step_tps"])
+        row = {
+            "batch": b,
+            "tokens_per_s": tps,
+            "request_tokens_per_s": statistics.median(got["request_tps"]),
+            "step_ms": statistics.median(got["step_s"]) * 1e3,
+            "matmul_ms": 2 * lm_params * b / flops * 1e3,  # a step's matmuls at the measured peak
+            "flops_fraction": tps * 2 * lm_params / flops,
+        }
+        if b == 1:  # a batch-1 step reads every weight for one token: bandwidth bounds it
+            row["bandwidth_bound_tokens_per_s"] = bandwidth / weight_bytes
+            row["bandwidth_fraction"] = tps * weight_bytes / bandwidth
+        results["decode"].append(row)
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -255,19 +317,32 @@ def format_results(r: dict) -> str:
         )
         if "warm_decoded_s" in row:
             lines.append(f"    (warm, decoding the file per request: {row['warm_decoded_s'] * 1e3:.1f} ms)")
-    full = r.get("interactive_full")
-    if full:
-        lines.append(
-            "  caption + attributes + relations of the new box (scene JPEG): "
-            f"warm {full['warm_s'] * 1e3:.1f} ms, cold {full['cold_s'] * 1e3:.1f} ms, "
-            f"ratio {full['ratio']:.2f}"
-        )
+    for key, label in (("interactive_full", "scene JPEG"), ("interactive_full_photo", "1280x960 JPEG")):
+        full = r.get(key)
+        if full:
+            lines.append(
+                f"  caption + attributes + relations of the new box ({label}): "
+                f"warm {full['warm_s'] * 1e3:.1f} ms, cold {full['cold_s'] * 1e3:.1f} ms, "
+                f"ratio {full['ratio']:.2f}"
+            )
     lines += [
         "",
-        f"{'batch':>6s} {'tokens/s':>10s} {'of matmul peak':>15s}",
+        f"decode (prefix cached): measured memory bandwidth {r.get('bandwidth_gbs', float('nan')):.1f} GB/s, "
+        f"LM weights {r.get('lm_weight_bytes', 0) / 2**20:.0f} MiB",
+        f"{'batch':>6s} {'tokens/s':>10s} {'of matmul peak':>15s} {'step ms':>8s} {'matmuls ms':>11s} "
+        f"{'request tok/s':>14s}",
     ]
     for row in r["decode"]:
-        lines.append(f"{row['batch']:6d} {row['tokens_per_s']:10.1f} {row['flops_fraction']:14.2%}")
+        lines.append(
+            f"{row['batch']:6d} {row['tokens_per_s']:10.1f} {row['flops_fraction']:14.2%} "
+            f"{row.get('step_ms', float('nan')):8.1f} {row.get('matmul_ms', float('nan')):11.1f} "
+            f"{row.get('request_tokens_per_s', float('nan')):14.1f}"
+        )
+        if "bandwidth_bound_tokens_per_s" in row:
+            lines.append(
+                f"{'':6s} bandwidth bound {row['bandwidth_bound_tokens_per_s']:.1f} tokens/s "
+                f"(reached {row['bandwidth_fraction']:.0%})"
+            )
     lines.append(f"\npeak RSS: {r['peak_rss_mib']:.0f} MiB")
     if "peak_cuda_mib" in r:
         lines.append(f"peak CUDA memory: {r['peak_cuda_mib']:.0f} MiB")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.bench import format_results, run
+from model.bench import format_results, interleaved_medians, run
 from model.checkpoint import DEFAULT_DIR
 
 
@@ -16,6 +16,19 @@ def test_bench_reports_every_figure_for_a_config_with_random_weights():
     assert len(files) == 2 and files[1]["size"] == [1280, 960]  # the scene's own size, then a photo's
     assert all(row["ratio"] > 0 and row["warm_decoded_s"] > 0 for row in files)
     assert results["interactive_full"]["ratio"] > 0
+    assert results["interactive_full_photo"]["ratio"] > 0 and results["interactive_full_photo"]["size"] == [
+        1280,
+        960,
+    ]
     assert [row["batch"] for row in results["decode"]] == [1, 16]
+    assert all(row["tokens_per_s"] > 0 and row["step_ms"] > 0 for row in results["decode"])
+    assert results["decode"][0]["bandwidth_bound_tokens_per_s"] > 0  # batch 1: bandwidth-bound
     text = format_results(results)
     assert "interactive new box" in text and "from a 1280x960 JPEG file" in text and "peak RSS" in text
+    assert "(1280x960 JPEG): warm" in text and "bandwidth bound" in text
+
+
+def test_interleaved_medians_time_every_variant_each_repeat():
+    order: list[str] = []
+    medians = interleaved_medians({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b"] * 3 and set(medians) == {"a", "b"}

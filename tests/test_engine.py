@@ -11,6 +11,7 @@ from model.inference.decode import token_bytes
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import EncodedImage, image_key
 from model.inference.reference import generate_naive
+from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION
 from tests.model_helpers import png_bytes, tiny_model, tiny_records
 
 
@@ -173,3 +174,44 @@ def test_engine_runs_in_bfloat16(tmp_path):
     images, boxes = _inputs(2)
     got = InferenceEngine(m, max_new_tokens=4).answer(images, boxes, [(0, QUESTIONS[0]), (1, QUESTIONS[1])])
     assert len(got) == 2 and all(0.0 <= a.score <= 1.0 for a in got)
+
+
+def test_mixed_length_answers_decode_together_and_finished_rows_leave():
+    """One request's answers of different lengths (the default model ends captions, attributes and
+    relations with EOS at different steps), over two images with unequal question counts, decode
+    in one batch: each equals the naive path's, and a finished row costs no further step."""
+    from model.checkpoint import DEFAULT_DIR, load_model
+    from model.inference.describe import describe_regions
+    from toyworld.evaluate import eval_scenes
+    from toyworld.scenes import SceneSpec
+
+    model = load_model(DEFAULT_DIR)
+    scenes = eval_scenes(seed=7, count=2, spec=SceneSpec())
+    images = [s.image for s in scenes]
+    boxes = [boxes_tensor([o.box for o in s.objects], s.width, s.height) for s in scenes]
+    engine = InferenceEngine(model, "t")
+    # The backend's new-box request (caption, attributes, relations) for a box of each image, and
+    # on image 1 for a second box too.
+    reports = describe_regions(engine, images, boxes, only=[[0], [0, 1]])
+    asked = []  # (image, question, answer)
+    for i, report in enumerate(reports):
+        for k, region in enumerate(report.regions):
+            if region.caption is None:
+                continue
+            ref = f"<region{k + 1}>"
+            asked.append((i, CAPTION_QUESTION.format(a=ref), region.caption))
+            asked += [(i, ATTRIBUTE_QUESTION[n].format(a=ref), ans) for n, ans in region.attributes.items()]
+        for r in report.relations:
+            question = RELATION_QUESTION.format(a=f"<region{r.source + 1}>", b=f"<region{r.target + 1}>")
+            asked.append((i, question, r.answer))
+    counts = [sum(1 for i, _, _ in asked if i == image) for image in (0, 1)]
+    assert engine.stats.questions == len(asked) and counts[0] != counts[1] and min(counts) >= 5
+    assert len({a.num_tokens for _, _, a in asked}) > 1  # rows stop at different steps
+    times = engine.stats.times
+    # Every row's tokens after its first come from decode steps, and no step computes a finished row.
+    assert times.tokens == engine.stats.generated_tokens - len(asked)
+    assert times.tokens < times.steps * len(asked)
+    for i, q, ans in asked:
+        text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
+        assert ans.text == text, q
+        assert ans.score == pytest.approx(score, abs=1e-4)

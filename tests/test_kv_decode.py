@@ -132,3 +132,75 @@ def test_other_models_use_the_library_forward():
     kv = [(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))]
     assert isinstance(make_steps(gpt2, kv, 4), HFSteps)
     assert isinstance(make_steps(_llama(), prefill(_llama(), torch.randn(1, 3, 64)), 4, lean=False), HFSteps)
+
+
+LAYOUTS = ["mm", "linear"] + (["packed"] if torch.backends.mkldnn.is_available() else [])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@torch.inference_mode()
+def test_rows_share_their_prefix_without_copies(layout, kv_heads, monkeypatch):
+    """Rows of several prompts read each prompt's one prefix cache (groups of unequal sizes, out of
+    order), and give the logits the library computes on a per-row copy of the prefix, also after
+    finished rows leave (the group layout changes with them)."""
+    monkeypatch.setattr(kv_decode, "LAYOUT", layout)
+    lm = _llama(kv_heads, seed=3)
+    assert lean_weights(lm).layout == layout
+    g = torch.Generator().manual_seed(5)
+    prefixes = prefill(lm, torch.randn(3, 7, 64, generator=g), lean=False)  # 3 prompts, P = 7
+    row_prefix = [2, 0, 2, 2, 1, 0]
+    per_row = torch.tensor(row_prefix)
+    copies = [(k[per_row], v[per_row]) for k, v in prefixes]
+    # Questions of 4, 2 and 3 tokens: right-aligned after a masked gap, positions skip it.
+    lengths = [4, 2, 3, 4, 3, 2]
+    embeds = torch.randn(6, 4, 64, generator=g)
+    positions = torch.tensor([[0] * (4 - n) + list(range(7, 7 + n)) for n in lengths])
+    key_mask = torch.tensor([[1] * 7 + [0] * (4 - n) + [1] * n for n in lengths])
+    lean = LlamaSteps(lm, prefixes, 9, row_prefix)
+    ref = HFSteps(lm, copies)
+    assert lean.buffer.shape[2] == 6 and all(k.shape[0] == 3 for k, _ in lean.prefix)
+    pos, mask = positions[:, -1:] + 1, key_mask
+    torch.testing.assert_close(
+        lean.forward(embeds, positions, key_mask),
+        ref.forward(embeds, positions, key_mask),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    embed = lm.get_input_embeddings()
+    for step, keep in enumerate([None, [0, 2, 3, 5], None, [1, 3], None]):
+        if keep is not None:
+            rows = torch.tensor(keep)
+            lean.keep(rows)
+            ref.keep(rows)
+            pos, mask = pos[rows], mask[rows]
+        ids = torch.full((len(pos), 1), step + 1)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        torch.testing.assert_close(
+            lean.forward(embed(ids), pos, mask), ref.forward(embed(ids), pos, mask), rtol=1e-5, atol=1e-5
+        )
+        pos = pos + 1
+    assert lean.rows == [row_prefix[i] for i in (2, 5)]  # rows 1 and 3 of [0, 2, 3, 5]
+
+
+@torch.inference_mode()
+def test_one_prefix_for_every_row_is_read_in_place():
+    """The usual request: every row on one image reads that image's cached tensors themselves."""
+    lm = _llama()
+    prefix = prefill(lm, torch.randn(1, 5, 64))
+    steps = make_steps(lm, prefix, 4, row_prefix=[0] * 3)
+    assert isinstance(steps, LlamaSteps)
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(steps.prefix, prefix))
+    assert steps.index is None and steps.per_group == 3
+    x = torch.randn(3, 2, 64)
+    pos = torch.tensor([[5, 6]] * 3)
+    ref = make_steps(lm, prefix, 4, lean=False, row_prefix=[0] * 3)
+    torch.testing.assert_close(steps.forward(x, pos, None), ref.forward(x, pos, None), rtol=1e-5, atol=1e-5)
+
+
+def test_row_prefix_out_of_range_is_an_error():
+    lm = _llama()
+    with torch.inference_mode():
+        prefix = prefill(lm, torch.randn(2, 3, 64))
+    with pytest.raises(ValueError, match="row_prefix"):
+        LlamaSteps(lm, prefix, 4, [0, 2])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from model.inference.kv_decode import DecodeSteps
 __all__ = [
     "STOP_STRING",
     "AnswerText",
+    "DecodeTimes",
     "Generated",
     "QuestionBatch",
     "StopString",
@@ -210,6 +212,18 @@ class Generated:
     probs: list[float] = field(default_factory=list)
 
 
+@dataclass
+class DecodeTimes:
+    """Where :func:`greedy_decode`'s time went: the question forward (all rows' question tokens,
+    giving each row's first answer token) and the one-token decode steps after it; ``tokens``:
+    the rows' tokens those steps produced (one per row a step)."""
+
+    question_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+
+
 def greedy_decode(
     steps: DecodeSteps,
     embeds: torch.Tensor,
@@ -218,22 +232,29 @@ def greedy_decode(
     eos_id: int,
     stop: StopString,
     max_new_tokens: int,
+    times: DecodeTimes | None = None,
 ) -> list[Generated]:
     """Greedy answers of every row of ``batch``.
 
     ``steps``: decode steps holding each row's prefix KV (:func:`model.inference.kv_decode.make_steps`);
     ``embeds``: ``(R, Lq, D)`` embeddings of ``batch.ids`` with region tokens filled in; ``embed``:
     the LM's token embedding, ``(R', 1)`` ids -> ``(R', 1, D)``.  A row ends at EOS, at the stop
-    string or after ``max_new_tokens`` tokens.
+    string or after ``max_new_tokens`` tokens.  ``times``, if given, is added the time spent.
     """
+    t0 = time.perf_counter()
     mask = batch.key_mask
     logits = steps.forward(embeds, batch.positions, mask)
     next_pos = batch.positions[:, -1:] + 1
     rows = [Generated() for _ in range(len(embeds))]
     active = list(range(len(rows)))
+    t_question, n_steps, n_tokens = 0.0, 0, 0
     for step in range(max_new_tokens):
         p = torch.softmax(logits.float(), dim=-1)
         chosen, nxt = p.max(dim=-1)
+        if step == 0:
+            t_question = time.perf_counter()
+        else:
+            n_steps, n_tokens = n_steps + 1, n_tokens + len(active)
         done = []
         for j, (r, t, c) in enumerate(zip(active, nxt.tolist(), chosen.tolist())):
             rows[r].probs.append(c)
@@ -258,4 +279,10 @@ def greedy_decode(
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         logits = steps.forward(embed(nxt[:, None]), next_pos, mask)
         next_pos = next_pos + 1
+    if times is not None:
+        end = time.perf_counter()
+        times.question_s += t_question - t0
+        times.decode_s += end - t_question
+        times.steps += n_steps
+        times.tokens += n_tokens
     return rows

@@ -17,7 +17,14 @@ import torch
 from PIL import Image
 
 from model.inference.cache import ImageState, SizedLRU
-from model.inference.decode import STOP_STRING, AnswerText, StopString, greedy_decode, question_batch
+from model.inference.decode import (
+    STOP_STRING,
+    AnswerText,
+    DecodeTimes,
+    StopString,
+    greedy_decode,
+    question_batch,
+)
 from model.inference.image_input import ImageLike, cache_key, pixels
 from model.inference.kv_decode import KV, make_steps, prefill
 from model.mllm import RegionMLLM
@@ -38,6 +45,7 @@ class EngineStats:
     image_cache_misses: int = 0
     questions: int = 0
     generated_tokens: int = 0
+    times: DecodeTimes = field(default_factory=DecodeTimes)  # question forwards vs decode steps
     extra: dict = field(default_factory=dict)
 
 
@@ -179,7 +187,8 @@ class InferenceEngine:
         batch = question_batch([ids for ids, _ in encoded], prefix_len, m.tokenizer.pad_token_id, m.device)
         embeds = m.embed_questions(batch.ids, feats, row_image, [order for _, order in encoded])
         capacity = batch.ids.shape[1] + self.max_new_tokens
-        steps = make_steps(m.lm, self._row_prefixes(states, row_image), capacity, lean=self.lean)
+        prefix_kv, row_prefix = self._row_prefixes(states, row_image)
+        steps = make_steps(m.lm, prefix_kv, capacity, lean=self.lean, row_prefix=row_prefix)
         rows = greedy_decode(
             steps,
             embeds,
@@ -188,23 +197,24 @@ class InferenceEngine:
             m.tokenizer.eos_token_id,
             self.stop,
             self.max_new_tokens,
+            self.stats.times,
         )
         self.stats.generated_tokens += sum(len(g.probs) for g in rows)
         return [Answer(self.text(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens)) for g in rows]
 
     @staticmethod
-    def _row_prefixes(states: Sequence[ImageState], row_image: list[int]) -> KV:
-        """Per LM layer ``(keys, values)`` ``(R, H, P, d)``: each row's image prefix."""
-        if len(set(row_image)) == 1:  # one image (the usual request): its prefix, broadcast to every row
-            rows = len(row_image)
-            return [
-                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                for k, v in states[row_image[0]].prefix_kv
-            ]
-        return [
+    def _row_prefixes(states: Sequence[ImageState], row_image: list[int]) -> tuple[KV, list[int]]:
+        """The distinct image prefixes the rows read, per LM layer ``(keys, values)`` each
+        ``(G, H, P, d)`` (one image: its cached tensors themselves, no copy), and each row's one."""
+        images = sorted(set(row_image))
+        if len(images) == 1:  # one image (the usual request): every row reads its cached prefix
+            return states[images[0]].prefix_kv, [0] * len(row_image)
+        group = {image: g for g, image in enumerate(images)}
+        prefix = [
             (
-                torch.cat([states[i].prefix_kv[layer][0] for i in row_image]),
-                torch.cat([states[i].prefix_kv[layer][1] for i in row_image]),
+                torch.cat([states[i].prefix_kv[layer][0] for i in images]),
+                torch.cat([states[i].prefix_kv[layer][1] for i in images]),
             )
             for layer in range(len(states[0].prefix_kv))
         ]
+        return prefix, [group[i] for i in row_image]

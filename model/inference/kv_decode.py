@@ -1,20 +1,24 @@
-"""Decode steps over a prefix KV cache: the Hugging Face forward, or a lean Llama forward.
+"""Decode steps over shared prefix KV caches: the Hugging Face forward, or a lean Llama forward.
 
 The engine's greedy loop runs one LM forward per generated token.  On a small LM most of a
 Hugging Face forward is Python and dispatch around the maths (output capturing, mask building,
-cache objects, kwargs plumbing; step times in docs/design-notes.md).  :class:`LlamaSteps` runs
-the same Llama maths - the model's own weights, the same operations - straight on preallocated
-key/value buffers, with the rotary tables computed once, q/k/v and gate/up as one matmul each,
-and the last layer of a multi-token forward computed past its keys and values for the last token
-only (nothing else reads the rest).
+cache objects, kwargs plumbing; step times in docs/design-notes.md); on a mid-sized one, at a
+batched step, it is the weights' matmuls and attention over every row's copy of the image prefix
+(profiles in docs/benchmarks.md).  :class:`LlamaSteps` runs the same Llama maths - the model's own
+weights, the same operations - with every row of an image attending to that image's one cached
+prefix (never copied per row) and its own positions in one preallocated buffer, the rotary tables
+computed once, q/k/v and gate/up as one matmul each on re-laid-out weight copies where they fit
+(:data:`COPY_LIMIT_BYTES`), and the last layer of a multi-token forward computed past its keys and
+values for the last token only (nothing else reads the rest).
 It applies to plain Llama-architecture models (the GPT4RoI LMs: LLaMA / Vicuna, and the embedded
 default); anything else (LoRA-wrapped, other architectures, other rotary scalings) goes through
-:class:`HFSteps`, the library's own forward.
+:class:`HFSteps`, the library's own forward, on a copy of each row's prefix.
 
 Both take the same calls, so the engine's loop does not know which one it drives:
 
-* ``steps = make_steps(lm, prefix_kv, capacity)`` - ``prefix_kv``: per layer ``(keys, values)``
-  each ``(B, H_kv, P, d)``; ``capacity``: positions the cache must hold beyond ``P``;
+* ``steps = make_steps(lm, prefix_kv, capacity, row_prefix=...)`` - ``prefix_kv``: per layer
+  ``(keys, values)`` each ``(G, H_kv, P, d)``, G prompt prefixes; ``row_prefix[r]``: row r's
+  prefix; ``capacity``: positions a row must hold beyond ``P``;
 * ``steps.forward(embeds, positions, key_mask)`` - ``embeds`` ``(B, L, D)`` for the next ``L``
   positions, ``positions`` ``(B, L)`` rotary positions, ``key_mask`` ``(B, P + seen + L)`` long
   (1 = attend) or None when no row has masked keys -> logits ``(B, V)`` of each row's last token;
@@ -39,7 +43,9 @@ __all__ = [
     "HFSteps",
     "KV",
     "LeanLlamaWeights",
+    "LAYOUT",
     "LlamaSteps",
+    "MM_COPY_BYTES",
     "lean_llama_supported",
     "lean_weights",
     "make_steps",
@@ -97,33 +103,60 @@ def lean_llama_supported(lm: PreTrainedModel) -> bool:
     )
 
 
-# Re-laid-out weight copies save per-call work, which is what a small LM's step costs; on a large
-# LM the copies would cost gigabytes and the calls are noise.
-COPY_LIMIT_BYTES = 256 * 2**20
+# Re-laid-out weight copies save per-call work, which is what a small LM's step costs, and at a
+# mid-sized LM's batched decode step a packed layout is faster per byte (docs/benchmarks.md); on a
+# large LM the copies would cost gigabytes.
+COPY_LIMIT_BYTES = 1024 * 2**20
+# Largest LM (weight bytes) whose copies are transposed for ``torch.mm``; larger ones up to
+# COPY_LIMIT_BYTES are packed for oneDNN where it runs (CPU, float32 or bfloat16).
+MM_COPY_BYTES = 64 * 2**20
+# None: the layout the sizes above pick; "mm", "packed" or "linear" forces one (benchmarks, tests).
+LAYOUT: str | None = None
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 class _Matmul:
     """Linear layers applied to one ``(N, in)`` input, outputs concatenated on the last axis.
 
-    With ``copy``: one ``torch.mm`` / ``addmm`` on a transposed ``(in, sum of outs)`` copy of the
-    stacked weights - one call instead of one per layer, and a row-major right operand, which at
-    a decode step's sizes takes MKL's fast path (``F.linear`` multiplies by the transposed view,
-    slower per call; docs/design-notes.md).  Without: ``F.linear`` on each original weight.
+    ``layout``: ``"mm"``: one ``torch.mm`` / ``addmm`` on a transposed ``(in, sum of outs)`` copy
+    of the stacked weights - one call instead of one per layer, and a row-major right operand,
+    which at a small LM's decode sizes takes MKL's fast path (``F.linear`` multiplies by the
+    transposed view, slower per call; docs/design-notes.md).  ``"packed"``: one oneDNN linear on
+    the stacked weights reordered once into oneDNN's blocked layout (faster than MKL's sgemm at a
+    batched decode step's few rows).  ``"linear"``: ``F.linear`` on each original weight, no copy.
     """
 
-    def __init__(self, linears: Sequence[torch.nn.Linear], copy: bool) -> None:
+    def __init__(self, linears: Sequence[torch.nn.Linear], layout: str) -> None:
         self.sizes = [lin.out_features for lin in linears]
         has_bias = linears[0].bias is not None
+        self.layout = layout
         self.weight_t: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.weights = [lin.weight for lin in linears]
         self.biases = [lin.bias for lin in linears]
-        if copy:
-            self.weight_t = torch.cat(self.weights).t().contiguous()
-            self.bias = torch.cat(self.biases) if has_bias else None  # type: ignore[arg-type]
-            self.weights, self.biases = [], []
+        if layout == "linear":
+            return
+        stacked = torch.cat(self.weights) if len(self.weights) > 1 else self.weights[0]
+        self.bias = torch.cat(self.biases) if has_bias else None  # type: ignore[arg-type]
+        if layout == "mm":
+            self.weight_t = stacked.t().contiguous()
+        elif layout == "packed":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), None)
+        else:
+            raise ValueError(f"unknown weight layout {layout!r}")
+        self.weights, self.biases = [], []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.weight_t is not None:
             if self.bias is None:
                 return torch.mm(x, self.weight_t)
@@ -164,21 +197,28 @@ class LeanLlamaWeights:
         layers = lm.model.layers
         linears = [lin for layer in layers for lin in self._linears(layer)] + [lm.lm_head]
         copy_bytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
-        self.copied = copy_bytes <= COPY_LIMIT_BYTES
+        self.layout = LAYOUT or (
+            "linear"
+            if copy_bytes > COPY_LIMIT_BYTES
+            else "mm"
+            if copy_bytes <= MM_COPY_BYTES or not _packable(lm.lm_head.weight)
+            else "packed"
+        )
+        self.copied = self.layout != "linear"
         with torch.no_grad():
             for layer in layers:
                 q, k, v, o, gate, up, down = self._linears(layer)
                 self.layers.append(
                     _LayerWeights(
                         in_norm=layer.input_layernorm.weight,
-                        qkv=_Matmul([q, k, v], self.copied),
-                        o=_Matmul([o], self.copied),
+                        qkv=_Matmul([q, k, v], self.layout),
+                        o=_Matmul([o], self.layout),
                         post_norm=layer.post_attention_layernorm.weight,
-                        gate_up=_Matmul([gate, up], self.copied),
-                        down=_Matmul([down], self.copied),
+                        gate_up=_Matmul([gate, up], self.layout),
+                        down=_Matmul([down], self.layout),
                     )
                 )
-            self.head = _Matmul([lm.lm_head], self.copied)
+            self.head = _Matmul([lm.lm_head], self.layout)
         self.norm = lm.model.norm.weight
 
     def rotary_tables(
@@ -217,28 +257,75 @@ def lean_weights(lm: PreTrainedModel) -> LeanLlamaWeights:
 
 
 class LlamaSteps:
-    """Llama forward on static per-layer key/value buffers ``(B, H_kv, P + capacity, d)``.
+    """Llama forward over shared prefix caches and per-row suffix key/value buffers.
 
-    The arithmetic is ``transformers``' ``LlamaDecoderLayer``'s (RMSNorm in float32, rotary
-    ``x * cos + rotate_half(x) * sin``, SDPA with the model's scaling, SiLU-gated MLP); the q/k/v
-    and gate/up matmuls run stacked, and a multi-token forward's last layer runs past its keys and
-    values for the last token only.  tests/test_kv_decode.py compares the logits with the library
-    forward; tests/test_engine.py checks that greedy answers equal ``generate``'s.
+    ``prefix_kv``: per layer ``(keys, values)`` each ``(G, H_kv, P, d)`` - one prompt prefix per
+    group (an image's), read in place and never copied per row; ``row_prefix[r]``: row r's group
+    (default: row r has prefix r).  Each row's own positions (its question, then its answer) go to
+    one preallocated buffer ``(layers, 2, B, H_kv, capacity, d)``; finished rows leave it by an
+    in-place compaction of the filled slots.
+
+    Attention is computed in two parts over one softmax: the scores of every row of a group
+    against its prefix come from one matmul per group and head (the prefix keys read once, not
+    once per row), those against the row's own slots from a batched matmul; values likewise.
+    The rest is ``transformers``' ``LlamaDecoderLayer`` arithmetic (RMSNorm in float32, rotary
+    ``x * cos + rotate_half(x) * sin``, SiLU-gated MLP, softmax in float32); the q/k/v and gate/up
+    matmuls run stacked, and a multi-token forward's last layer runs past its keys and values for
+    the last token only.  Without a prefix (a prompt's prefill) attention is SDPA, causal.
+    tests/test_kv_decode.py compares the logits with the library forward; tests/test_engine.py
+    checks that greedy answers equal ``generate``'s.
     """
 
-    def __init__(self, lm: PreTrainedModel, prefix_kv: KV, capacity: int) -> None:
+    def __init__(
+        self, lm: PreTrainedModel, prefix_kv: KV, capacity: int, row_prefix: Sequence[int] | None = None
+    ) -> None:
         self.w = lean_weights(lm)
-        batch, _, self.length, _ = prefix_kv[0][0].shape
-        total = self.length + capacity
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for k, v in prefix_kv:
-            kb = k.new_empty(batch, k.shape[1], total, k.shape[3])
-            vb = v.new_empty(batch, v.shape[1], total, v.shape[3])
-            kb.narrow(2, 0, self.length).copy_(k)
-            vb.narrow(2, 0, self.length).copy_(v)
-            self.keys.append(kb)
-            self.values.append(vb)
+        self.prefix = prefix_kv
+        groups, kv_heads, self.prefix_len, d = prefix_kv[0][0].shape
+        rows = list(range(groups)) if row_prefix is None else list(row_prefix)
+        if rows and (min(rows) < 0 or max(rows) >= groups):
+            raise ValueError(f"row_prefix {rows} refers to a prefix beyond the {groups} given")
+        self.groups = groups
+        self.seen = 0  # suffix slots filled
+        self.buffer = prefix_kv[0][0].new_empty(len(prefix_kv), 2, len(rows), kv_heads, capacity, d)
+        self._layout(rows)
+
+    @property
+    def length(self) -> int:
+        """Positions each row's cache holds (prefix + own slots)."""
+        return self.prefix_len + self.seen
+
+    def _layout(self, rows: list[int]) -> None:
+        """Rows' places in the per-group layout ``(G, n, ...)`` the prefix matmuls use: ``n`` rows
+        a group; ``index`` (row -> ``g * n + slot``) None when rows already lie in that order."""
+        self.rows = rows
+        counts = [0] * self.groups
+        slots = []
+        for g in rows:
+            slots.append(counts[g])
+            counts[g] += 1
+        self.per_group = max(counts) if rows else 0
+        n = self.per_group
+        index = [g * n + s for g, s in zip(rows, slots)]
+        self.index = None
+        if index != list(range(self.groups * n)):
+            self.index = torch.tensor(index, dtype=torch.long, device=self.buffer.device)
+
+    def _to_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, M, X)`` per row -> ``(G, H, n * M, X)`` per prefix group (zero rows pad)."""
+        _, heads, m, last = x.shape
+        n = self.per_group
+        if self.index is not None:
+            pad = x.new_zeros(self.groups * n, heads, m, last)
+            x = pad.index_copy_(0, self.index, x)
+        return x.view(self.groups, n, heads, m, last).transpose(1, 2).reshape(self.groups, heads, n * m, last)
+
+    def _from_groups(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_to_groups`: ``(G, H, n * M, X)`` -> ``(B, H, M, X)``."""
+        groups, heads, nm, last = y.shape
+        n = self.per_group
+        y = y.view(groups, heads, n, nm // n, last).transpose(1, 2).reshape(groups * n, heads, nm // n, last)
+        return y if self.index is None else y.index_select(0, self.index)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``LlamaRMSNorm``: normalised in float32, scaled in the model dtype (one fused op when
@@ -262,23 +349,61 @@ class LlamaSteps:
         half = x.shape[-1] // 2
         return (x * cos) + (torch.cat((x.narrow(-1, half, half), x.narrow(-1, 0, half)), dim=-1) * signed_sin)
 
+    def _attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """``q`` ``(B, H_q, L, d)`` against the row's prefix and its slots ``< end``; ``mask``
+        ``(B, 1, L, P + end)`` bool (True = attend) or None -> ``(B, H_q, L, d)``."""
+        batch, q_heads, steps, d = q.shape
+        ks = self.buffer[layer, 0, : len(self.rows), :, :end]
+        vs = self.buffer[layer, 1, : len(self.rows), :, :end]
+        if self.prefix_len == 0:  # a prompt's own prefill
+            return F.scaled_dot_product_attention(
+                q,
+                ks,
+                vs,
+                attn_mask=mask,
+                is_causal=mask is None and steps > 1,
+                scale=self.w.scaling,
+                enable_gqa=self.w.gqa,
+            )
+        kv_heads = ks.shape[1]
+        # (B, H_kv, g * L, d): the query heads sharing a key/value head side by side (repeat_kv's order).
+        qg = (q * self.w.scaling).reshape(batch, kv_heads, -1, d)
+        kp, vp = self.prefix[layer]
+        scores = torch.cat(
+            (self._from_groups(self._to_groups(qg) @ kp.transpose(-1, -2)), qg @ ks.transpose(-1, -2)), dim=-1
+        )
+        if mask is not None:
+            group = q_heads // kv_heads
+            scores = (
+                scores.view(batch, kv_heads, group, steps, -1)
+                .masked_fill(~mask[:, :, None], float("-inf"))
+                .view(batch, kv_heads, group * steps, -1)
+            )
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pp, ps = probs.split((self.prefix_len, end), dim=-1)
+        out = self._from_groups(self._to_groups(pp) @ vp) + ps @ vs
+        return out.view(batch, q_heads, steps, d)
+
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         batch, steps, _ = embeds.shape
-        start, end = self.length, self.length + steps
-        if end > self.keys[0].shape[2]:
-            raise RuntimeError(f"KV buffer holds {self.keys[0].shape[2]} positions, step needs {end}")
+        start, end = self.seen, self.seen + steps
+        capacity = self.buffer.shape[4]
+        if end > capacity:
+            raise RuntimeError(
+                f"KV buffer holds {self.prefix_len + capacity} positions, step needs {self.prefix_len + end}"
+            )
         mask = None
-        if steps > 1 or key_mask is not None:
-            # (B, 1, L, end): query i (cache slot start + i) sees slots <= start + i that key_mask keeps.
-            slots = torch.arange(end, device=embeds.device)
-            mask = (slots[None, :] <= (start + torch.arange(steps, device=embeds.device))[:, None])[
-                None, None
-            ]
+        if key_mask is not None or (steps > 1 and self.prefix_len):
+            # (B, 1, L, P + end): query i (own slot start + i) sees the prefix and its own slots
+            # <= start + i that key_mask keeps.  Without a prefix and a key_mask: SDPA's causal path.
+            keys = torch.arange(self.prefix_len + end, device=embeds.device)
+            queries = self.prefix_len + start + torch.arange(steps, device=embeds.device)
+            mask = (keys[None, :] <= queries[:, None])[None, None]
             if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :end].bool()
-        cos, sin = self._rotary(positions, end, embeds.dtype)
+                mask = mask & key_mask[:, None, None, : self.prefix_len + end].bool()
+        cos, sin = self._rotary(positions, self.prefix_len + end, embeds.dtype)
         w, d = self.w, self.w.head_dim
         hidden = embeds.reshape(batch * steps, -1)  # (B * L, D): the projections are plain matmuls
         last = len(w.layers) - 1
@@ -288,33 +413,31 @@ class LlamaSteps:
             # q and k heads are adjacent in the projection: one rotation for both.
             n_q, n_k = lw.qkv.sizes[0] // d, lw.qkv.sizes[1] // d
             qk = self._rotate(qkv.narrow(2, 0, n_q + n_k), cos, sin).transpose(1, 2)
-            # narrow + copy_ rather than slice assignment: no index-tuple parsing, fewer view ops
-            self.keys[i].narrow(2, start, steps).copy_(qk.narrow(1, n_q, n_k))
-            self.values[i].narrow(2, start, steps).copy_(qkv.narrow(2, n_q + n_k, n_k).transpose(1, 2))
+            self.buffer[i, 0, :batch, :, start:end].copy_(qk.narrow(1, n_q, n_k))
+            self.buffer[i, 1, :batch, :, start:end].copy_(qkv.narrow(2, n_q + n_k, n_k).transpose(1, 2))
             q = qk.narrow(1, 0, n_q)
             if i == last and steps > 1:
                 # Past the last layer's keys and values only the last token's hidden state is
-                # read (for its logits): its attention, output projection and MLP run on one row,
-                # which sees every slot up to ``end`` - a mask only if key_mask drops some.
+                # read (for its logits): its attention, output projection and MLP run on one row.
                 q, hidden = q[:, :, -1:], hidden.view(batch, steps, -1)[:, -1]
-                mask, steps = (mask[:, :, -1:] if key_mask is not None else None), 1
-            out = F.scaled_dot_product_attention(
-                q,
-                self.keys[i].narrow(2, 0, end),
-                self.values[i].narrow(2, 0, end),
-                attn_mask=mask,
-                scale=w.scaling,
-                enable_gqa=w.gqa,
-            )
+                if mask is not None:
+                    mask = mask[:, :, -1:]
+                    if key_mask is None:
+                        mask = None  # the last token sees every slot
+                steps = 1
+            out = self._attend(i, q, end, mask)
             hidden = hidden + lw.o(out.transpose(1, 2).reshape(batch * steps, -1))
             gate, up = lw.gate_up(self._rms(hidden, lw.post_norm)).chunk(2, dim=-1)
             hidden = hidden + lw.down(F.silu(gate) * up)
-        self.length = end
+        self.seen = end
         return w.head(self._rms(hidden, w.norm))  # one row per sequence: (B, V)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        kept = rows.tolist()
+        n = len(kept)
+        filled = self.buffer[:, :, :, :, : self.seen]
+        filled[:, :, :n].copy_(filled.index_select(2, rows))
+        self._layout([self.rows[r] for r in kept])
 
 
 def _use_lean(lm: PreTrainedModel, lean: bool) -> bool:
@@ -329,13 +452,24 @@ def prefill(lm: PreTrainedModel, embeds: torch.Tensor, lean: bool = True) -> KV:
         empty = embeds.new_empty(batch, lm.config.num_key_value_heads, 0, lean_weights(lm).head_dim)
         steps = LlamaSteps(lm, [(empty, empty)] * len(lm.model.layers), length)
         steps.forward(embeds, torch.arange(length, device=embeds.device).expand(batch, length), None)
-        return list(zip(steps.keys, steps.values))
+        return [(layer[0], layer[1]) for layer in steps.buffer]
     cache = lm(inputs_embeds=embeds, use_cache=True).cache
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def make_steps(lm: PreTrainedModel, prefix_kv: KV, capacity: int, lean: bool = True) -> DecodeSteps:
-    """:class:`LlamaSteps` where it applies (and ``lean``), else :class:`HFSteps`."""
+def make_steps(
+    lm: PreTrainedModel,
+    prefix_kv: KV,
+    capacity: int,
+    lean: bool = True,
+    row_prefix: Sequence[int] | None = None,
+) -> DecodeSteps:
+    """:class:`LlamaSteps` where it applies (and ``lean``), else :class:`HFSteps` (on a copy of
+    each row's prefix).  ``prefix_kv``: per layer ``(G, H_kv, P, d)``; ``row_prefix[r]``: the
+    prefix of row r (default: row r has prefix r); ``capacity``: positions beyond ``P``."""
     if _use_lean(lm, lean):
-        return LlamaSteps(lm, prefix_kv, capacity)
+        return LlamaSteps(lm, prefix_kv, capacity, row_prefix)
+    if row_prefix is not None:
+        rows = torch.tensor(list(row_prefix), dtype=torch.long, device=prefix_kv[0][0].device)
+        prefix_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in prefix_kv]
     return HFSteps(lm, prefix_kv)
