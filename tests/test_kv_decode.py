@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from model.inference import kv_decode
 from model.inference.kv_decode import (
     HFSteps,
+    LeanLlamaWeights,
     LlamaSteps,
     lean_llama_supported,
     lean_weights,
@@ -204,3 +205,14 @@ def test_row_prefix_out_of_range_is_an_error():
         prefix = prefill(lm, torch.randn(2, 3, 64))
     with pytest.raises(ValueError, match="row_prefix"):
         LlamaSteps(lm, prefix, 4, [0, 2])
+
+
+def test_weight_layout_follows_the_weights_size(monkeypatch):
+    """Small LMs: transposed copies (per-call cost); mid-sized: oneDNN-packed copies on CPU;
+    beyond the copy limit: the original weights."""
+    lm = _llama()
+    assert LeanLlamaWeights(lm).layout == "mm"
+    monkeypatch.setattr(kv_decode, "MM_COPY_BYTES", 0)
+    assert LeanLlamaWeights(lm).layout == ("packed" if torch.backends.mkldnn.is_available() else "mm")
+    monkeypatch.setattr(kv_decode, "COPY_LIMIT_BYTES", 0)
+    assert LeanLlamaWeights(lm).layout == "linear"

@@ -46,6 +46,7 @@ __all__ = [
     "LAYOUT",
     "LlamaSteps",
     "MM_COPY_BYTES",
+    "MM_LIMIT_BYTES",
     "lean_llama_supported",
     "lean_weights",
     "make_steps",
@@ -105,20 +106,29 @@ def lean_llama_supported(lm: PreTrainedModel) -> bool:
 
 # Re-laid-out weight copies save per-call work, which is what a small LM's step costs, and at a
 # mid-sized LM's batched decode step a packed layout is faster per byte (docs/benchmarks.md); on a
-# large LM the copies would cost gigabytes.
+# large LM the copies would cost gigabytes.  No copy at all above COPY_LIMIT_BYTES.
 COPY_LIMIT_BYTES = 1024 * 2**20
-# Largest LM (weight bytes) whose copies are transposed for ``torch.mm``; larger ones up to
-# COPY_LIMIT_BYTES are packed for oneDNN where it runs (CPU, float32 or bfloat16).
+# Up to MM_COPY_BYTES of weights, transposed copies for ``torch.mm``; above, oneDNN-packed copies
+# where oneDNN runs (CPU, float32: the case measured), else transposed copies up to MM_LIMIT_BYTES.
 MM_COPY_BYTES = 64 * 2**20
+MM_LIMIT_BYTES = 256 * 2**20
 # None: the layout the sizes above pick; "mm", "packed" or "linear" forces one (benchmarks, tests).
 LAYOUT: str | None = None
 
 
+def _pick_layout(copy_bytes: int, packable: bool) -> str:
+    if copy_bytes > COPY_LIMIT_BYTES:
+        return "linear"
+    if copy_bytes <= MM_COPY_BYTES:
+        return "mm"
+    if packable:
+        return "packed"
+    return "mm" if copy_bytes <= MM_LIMIT_BYTES else "linear"
+
+
 def _packable(weight: torch.Tensor) -> bool:
     return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
+        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
     )
 
 
@@ -197,13 +207,7 @@ class LeanLlamaWeights:
         layers = lm.model.layers
         linears = [lin for layer in layers for lin in self._linears(layer)] + [lm.lm_head]
         copy_bytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
-        self.layout = LAYOUT or (
-            "linear"
-            if copy_bytes > COPY_LIMIT_BYTES
-            else "mm"
-            if copy_bytes <= MM_COPY_BYTES or not _packable(lm.lm_head.weight)
-            else "packed"
-        )
+        self.layout = LAYOUT or _pick_layout(copy_bytes, _packable(lm.lm_head.weight))
         self.copied = self.layout != "linear"
         with torch.no_grad():
             for layer in layers:
