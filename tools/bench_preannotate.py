@@ -11,9 +11,10 @@ Starts Label Studio 1.23.2 (``tools.ls.harness``), uploads ``--tasks`` distinct 
   workers to the last write; ``run``: from the enqueue to the last write (model load included,
   process start not); tasks/s and regions/s are over ``run``; *steady*: from the first written
   prediction to the last;
-* ``ls``: Label Studio's own *Retrieve predictions* (Data Manager action, one synchronous
+* ``ls`` / ``lsT``: Label Studio's own *Retrieve predictions* (Data Manager action, one synchronous
   ``/predict`` with every task) against this backend under gunicorn (1 process, 4 threads,
-  ``OMP_NUM_THREADS=2``), timed around the action.
+  ``OMP_NUM_THREADS=T``, 2 by default), timed around the action (the harness sets Label Studio's
+  ``ML_TIMEOUT_PREDICT`` to 300 s).
 
 Each run checks that every task ends with exactly one prediction, then prints one JSON line; a
 Markdown table follows at the end.  Needs Redis (``--redis``, default ``TEST_REDIS_URL`` or DB 10).
@@ -154,8 +155,12 @@ def run_workers(
     }  # fmt: skip
 
 
-def run_label_studio(ls: LabelStudio, ls_url: str, project: int, model: Path, work: Path) -> dict[str, Any]:
-    backend = start_backend(work / f"backend-{project}", ls_url, model, timeout=600)
+def run_label_studio(
+    ls: LabelStudio, ls_url: str, project: int, model: Path, work: Path, threads: int = 2
+) -> dict[str, Any]:
+    backend = start_backend(
+        work / f"backend-{project}", ls_url, model, timeout=600, extra_env={"OMP_NUM_THREADS": str(threads)}
+    )
     try:
         ml = ls.connect_backend(project, backend.url)
         started = time.monotonic()
@@ -166,7 +171,7 @@ def run_label_studio(ls: LabelStudio, ls_url: str, project: int, model: Path, wo
         wall = time.monotonic() - started
     finally:
         backend.stop()
-    return {"path": "Label Studio 'Retrieve predictions' (1 gunicorn process, OMP_NUM_THREADS=2)",
+    return {"path": f"Label Studio 'Retrieve predictions' (1 gunicorn process, OMP_NUM_THREADS={threads})",
             "ml_backend": ml.get("id"), "answer": answer, "wall_s": round(wall, 1)}  # fmt: skip
 
 
@@ -174,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--boxes", type=int, default=3)
-    ap.add_argument("--runs", default="1x1,2x1,ls", help="WxT (workers x OMP threads) or ls, comma-separated")
+    ap.add_argument(
+        "--runs",
+        default="1x1,2x1,ls",
+        help="WxT (workers x OMP threads) or lsT (T: OMP threads, 2), comma-separated",
+    )
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--redis", default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/10")
     ap.add_argument("--seed", type=int, default=18_000)
@@ -188,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         data = upload_scenes(ls, args.tasks, args.boxes, args.seed)
         for spec in args.runs.split(","):
             project = new_project(ls, f"bench {spec}", data)
-            if spec == "ls":
-                row = run_label_studio(ls, server.url, project, model, work)
+            if spec.startswith("ls"):
+                row = run_label_studio(ls, server.url, project, model, work, int(spec[2:] or 2))
                 row["tasks"] = args.tasks
             else:
                 workers, threads = (int(x) for x in spec.split("x"))
