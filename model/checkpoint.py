@@ -71,6 +71,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be loaded (missing, truncated, tampered, wrong keys)."""
 
 
+# Builds take turns: they seed torch's global RNG, and transformers sets the global default dtype
+# while it builds an LM.
 _BUILD_LOCK = threading.RLock()
 
 
@@ -79,13 +81,8 @@ def _fresh_build_lock() -> None:
     _BUILD_LOCK = threading.RLock()
 
 
-# A fork taken while another thread is inside the empty-weights context would leave the child's
-# nn.Module patched for good (every later build on the meta device): forks wait for builds to end.
-os.register_at_fork(
-    before=lambda: _BUILD_LOCK.acquire(),
-    after_in_parent=lambda: _BUILD_LOCK.release(),
-    after_in_child=_fresh_build_lock,
-)
+# A child forked while another thread builds would wait forever for a lock no thread of it holds.
+os.register_at_fork(after_in_child=_fresh_build_lock)
 
 
 def build_model(
@@ -102,8 +99,6 @@ def build_model(
         if not cfg.lm.tokenizer_path:
             raise ValueError("no tokenizer given and lm.tokenizer_path is not set")
         tokenizer = load_tokenizer(lm_module.resolve_pretrained(cfg.lm.tokenizer_path, root))
-    # accelerate's empty-weights context patches nn.Module for the whole process: a model built in
-    # another thread meanwhile would get meta parameters, so builds take turns.
     with _BUILD_LOCK:
         torch.manual_seed(0)
         lm = lm_module.build_lm(cfg, tokenizer, root, dtype=dtype, device=device, empty=empty_lm)
@@ -244,6 +239,9 @@ def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -
     if bad:
         raise CheckpointError(f"checkpoint {folder}: tensor shapes differ from the config for {bad[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
+    # The parameters are these very tensors now: drop the dict so that casting below frees each
+    # stored tensor as its converted copy is made (peak: the model once, not stored + converted).
+    del state
     model.lm.tie_weights()
     empty = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if empty:

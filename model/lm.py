@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.config import ModelConfig
+from model.empty_init import empty_weights
 from model.tokenizer import resize_embeddings
 
 __all__ = [
@@ -137,9 +138,7 @@ def build_lm(
         hf = dict(lm_cfg.hf_config)
         config = AutoConfig.for_model(hf.pop("model_type"), **hf)
         if empty:
-            from accelerate import init_empty_weights
-
-            with init_empty_weights(include_buffers=False):
+            with empty_weights():
                 lm = AutoModelForCausalLM.from_config(config)
         else:
             lm = AutoModelForCausalLM.from_config(config)

@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from model.config import LMConfig, ModelConfig, PromptConfig, RegionEncoderConfig, VisionConfig, save_json
 from model.convert.shards import ConversionError, ShardSet, StreamWriter
+from model.empty_init import empty_weights
 from model.region_encoder import RegionEncoder
 from model.vision import OPENAI_MEAN, OPENAI_STD, build_visual, register_open_clip_configs
 
@@ -238,10 +239,8 @@ def model_config(
 def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor a checkpoint folder of ``cfg`` stores (all but the vision tower),
     from modules built on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-
     hf = dict(cfg.lm.hf_config or {})
-    with init_empty_weights():
+    with empty_weights():
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
         hidden = int(lm.get_input_embeddings().weight.shape[1])
         parts = {
