@@ -13,6 +13,7 @@ from pathlib import Path
 from rq import Queue, SimpleWorker
 from rq.job import JobStatus
 
+from backend.finetune.gate import gate_decision
 from backend.jobs import job_id, main, progress_reporter, request_training, set_phase
 from backend.webhooks import handle_webhook
 from tests.redis_helpers import job_settings, settings_env
@@ -72,7 +73,12 @@ def test_gate_decision_and_reasons_in_meta_status_and_log(
     # The gate's own rule is tested elsewhere; here a rejection with a known reason (SimpleWorker runs
     # the job in this process).
     why = "base caption accuracy 0.40 < parent 0.55 - 0.02 (test)"
-    monkeypatch.setattr("backend.finetune.job.gate", lambda *a, **k: (False, [why]))
+    real = gate_decision
+
+    def reject(*args, **kwargs):
+        return {**real(*args, **kwargs), "accepted": False, "reasons": [why]}
+
+    monkeypatch.setattr("backend.finetune.job.gate_decision", reject)
     caplog.set_level(logging.INFO, logger="backend")
     queue = Queue(settings.queue_name, connection=redis_db)
     SimpleWorker([queue], connection=redis_db).work(burst=True)
@@ -81,6 +87,14 @@ def test_gate_decision_and_reasons_in_meta_status_and_log(
     (round_,) = job.return_value()["rounds"]
     reasons = round_["gate"]["reasons"]
     assert round_["decision"] == "rejected" and reasons == [why]
+    # The rule's figures per question kind and per script come with the decision.
+    assert round_["gate"]["kinds"] and {"parent", "candidate", "questions"} <= set(
+        next(iter(round_["gate"]["kinds"].values()))
+    )
+    assert "latin" in round_["gate"]["scripts"] and set(round_["gate"]["malformed"]) == {
+        "parent",
+        "candidate",
+    }
 
     meta = job.get_meta()
     assert meta["phase"] == "done" and meta["decision"] == "rejected" and meta["accepted"] is False
