@@ -17,7 +17,8 @@ bounded by its 100 s timeout, with no progress, no resumption and one machine.  
 * Idempotent: a retried chunk (its worker was killed; RQ retries it as abandoned, see
   :class:`backend.worker.PreannotateWorker`) reads its tasks again, so what the killed attempt
   wrote is seen and skipped.  Each task is claimed in Redis by the job that predicts it (for
-  ``JOB_TIMEOUT``), so two runs over the same tasks do not both write.
+  ``JOB_TIMEOUT``; released at once for a task that failed), so two runs over the same tasks do
+  not both write.
 * Progress: per run in Redis (sets of done tasks, failures with reasons, regions, timings), per
   chunk in ``job.meta``; :func:`run_status` adds tasks/s, regions/s and the ETA.  The CLI
   (``python -m backend.jobs preannotate``) follows it with a tqdm bar; ``python -m backend.jobs
@@ -107,6 +108,7 @@ class ChunkResult:
     regions: int = 0
     version: str = ""
     failures: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "predict": 0.0, "write": 0.0})
 
 
 def preannotate_queue(settings: Settings, connection: Redis) -> Queue:
@@ -260,8 +262,9 @@ def _claim(connection: Redis, settings: Settings, project: int, version: str, ta
 
 
 def _record(connection: Redis, settings: Settings, run: str, done: dict[int, int], existing: Iterable[int],
-            failures: Mapping[int, str]) -> None:  # fmt: skip
-    """Add to the run's sets; counted once per task whatever the retries (SADD is the gate)."""
+            failures: Mapping[int, str], elsewhere: Iterable[int] = ()) -> None:  # fmt: skip
+    """Add to the run's sets; counted once per task whatever the retries (SADD is the gate).
+    ``elsewhere``: tasks another job held a claim on."""
     key = _key(settings, run)
     now = time.time()
     for task, regions in done.items():
@@ -271,13 +274,16 @@ def _record(connection: Redis, settings: Settings, run: str, done: dict[int, int
         existing = list(existing)
         if existing:
             pipe.sadd(_key(settings, run, "existing"), *existing)
+        elsewhere = list(elsewhere)
+        if elsewhere:
+            pipe.sadd(_key(settings, run, "elsewhere"), *elsewhere)
         if done or existing:
             pipe.hdel(_key(settings, run, "failed"), *[*done, *existing])
         if failures:
             pipe.hset(_key(settings, run, "failed"), mapping={str(t): r[:500] for t, r in failures.items()})
         pipe.hsetnx(key, "first_at", now)
         pipe.hset(key, "updated_at", now)
-        for part in ("predicted", "existing", "failed"):
+        for part in ("predicted", "existing", "failed", "elsewhere"):
             pipe.expire(_key(settings, run, part), RESULT_TTL)
         pipe.execute()
 
@@ -308,20 +314,26 @@ def run_chunk(run: str, project: int, task_ids: list[int]) -> dict[str, Any]:
     step = settings.predict_chunk_tasks
     for start in range(0, len(task_ids), step):
         batch_ids = task_ids[start : start + step]
+        clock = time.perf_counter()
         tasks = _fetch_tasks(api, project, batch_ids)
+        result.seconds["read"] += time.perf_counter() - clock
         found = {t["id"] for t in tasks}
         failures: dict[int, str] = {t: "task not found in Label Studio" for t in batch_ids if t not in found}
         existing = [t["id"] for t in tasks if _has_version(t, version)]
         fresh = [t["id"] for t in tasks if t["id"] not in existing]
         todo_ids = _claim(connection, settings, project, version, fresh, owner)
-        result.claimed_elsewhere += len(tasks) - len(existing) - len(todo_ids)
+        elsewhere = [t for t in fresh if t not in set(todo_ids)]
+        result.claimed_elsewhere += len(elsewhere)
         todo = [t for t in tasks if t["id"] in set(todo_ids)]
         for task in todo:
             task.setdefault("project", project)
-        done = _predict_and_write(api, settings, project, todo, config, engine, version, fetcher, failures)
-        _record(connection, settings, run, done, existing, failures)
-        if todo_ids:  # written or failed: a later run may try its failures again at once
-            connection.delete(*[_claim_key(settings, project, version, t) for t in todo_ids])
+        done = _predict_and_write(
+            api, settings, project, todo, config, engine, version, fetcher, failures, result.seconds
+        )
+        _record(connection, settings, run, done, existing, failures, elsewhere)
+        retry = [t for t in todo_ids if t in failures]  # a later run may try these again at once; a
+        if retry:  # written task keeps its claim, so a run that read it before the write skips it
+            connection.delete(*[_claim_key(settings, project, version, t) for t in retry])
         result.predicted += len(done)
         result.regions += sum(done.values())
         result.existing += len(existing)
@@ -334,6 +346,7 @@ def run_chunk(run: str, project: int, task_ids: list[int]) -> dict[str, Any]:
             existing=result.existing, failed=result.failed, regions=result.regions, version=version,
             regions_per_s=round(result.regions / elapsed, 2),
             eta_s=round(elapsed / finished * (len(task_ids) - finished), 1),
+            seconds={k: round(v, 3) for k, v in result.seconds.items()},
         )  # fmt: skip
     _save_meta(job, phase="done")
     log.info("pre-annotation chunk done", extra={k: v for k, v in vars(result).items() if k != "failures"})
@@ -350,13 +363,16 @@ def _predict_and_write(
     version: str,
     fetcher: ImageFetcher,
     failures: dict[int, str],
+    seconds: dict[str, float],
 ) -> dict[int, int]:
     """Predict ``tasks`` and write their predictions; returns ``{task: regions}`` written.  A task
     that cannot be predicted goes to ``failures``; an unexpected error in a batch is isolated by
-    predicting its tasks one by one."""
+    predicting its tasks one by one.  ``seconds``: predicting (images fetched included) and writing
+    are added to its ``predict`` and ``write``."""
     if not tasks:
         return {}
     skips: list[Skip] = []
+    clock = time.perf_counter()
     try:
         answers, _ = predict_tasks(tasks, config, None, engine, version, fetcher, settings, skips.append)
     except ClientError:  # no task got a prediction: every one is in ``skips``
@@ -369,9 +385,10 @@ def _predict_and_write(
         done: dict[int, int] = {}
         for task in tasks:
             done |= _predict_and_write(
-                api, settings, project, [task], config, engine, version, fetcher, failures
+                api, settings, project, [task], config, engine, version, fetcher, failures, seconds
             )
         return done
+    seconds["predict"] += time.perf_counter() - clock
     for skip in skips:
         if skip.region is None and isinstance(skip.task, int):
             failures[skip.task] = f"{skip.code}: {skip.reason}"
@@ -384,8 +401,10 @@ def _predict_and_write(
         else:
             failures.setdefault(task["id"], "no prediction (no usable box or image)")
     if rows:
+        clock = time.perf_counter()
         _write(api, project, rows)
         remember_predictions(settings, tasks, answers)  # what a later annotation is compared with
+        seconds["write"] += time.perf_counter() - clock
     return regions
 
 
@@ -403,6 +422,7 @@ def run_status(settings: Settings, connection: Redis, run: str) -> dict[str, Any
     total = int(raw["total"])
     predicted = connection.scard(_key(settings, run, "predicted"))
     existing = connection.scard(_key(settings, run, "existing"))
+    elsewhere = connection.scard(_key(settings, run, "elsewhere"))
     failed = {k.decode(): v.decode() for k, v in connection.hgetall(_key(settings, run, "failed")).items()}
     regions = int(raw.get("regions", 0))
     job_ids = json.loads(raw["jobs"])
@@ -416,10 +436,11 @@ def run_status(settings: Settings, connection: Redis, run: str) -> dict[str, Any
     finished = all(s in TERMINAL or s == "missing" for s in jobs) if jobs else True
     span = (last if finished else time.time()) - float(raw["started"])
     tasks_per_s = done / span if span > 0 and done else 0.0
-    remaining = max(total - done - len(failed), 0)
+    remaining = max(total - done - len(failed) - elsewhere, 0)
     return {
         "run": run, "project": int(raw["project"]), "selection": raw.get("selection"), "total": total,
         "done": done, "predicted": predicted, "existing": existing, "failed": len(failed),
+        "claimed_elsewhere": elsewhere,
         "failures": dict(sorted(failed.items())[:50]), "regions": regions,
         "tasks_per_s": round(tasks_per_s, 2),
         "regions_per_s": round(regions / span, 2) if span > 0 else 0.0,

@@ -196,7 +196,9 @@ def test_tasks_and_view_selection_and_claims(setup, tiny_registry):
     connection.set(f"{settings.key_prefix}:preannotate-claim:7:{tiny_registry.current()}:4", "other-job")
     work(settings)
     status = run_status(settings, connection, status["run"])
-    assert status["predicted"] == 1 and list(status["failures"]) == ["99"]
+    assert (
+        status["predicted"] == 1 and list(status["failures"]) == ["99"] and status["claimed_elsewhere"] == 1
+    )
     assert [len(fake.predictions(t)) for t in range(1, 8)] == [0, 1, 0, 0, 0, 0, 0]
 
 
@@ -232,3 +234,17 @@ def test_http_endpoint(setup, tiny_registry):
     body = client.get(f"/preannotate/{run}").json
     assert body["finished"] and body["predicted"] == 3 and body["failed"] == 0
     assert client.get("/preannotate/7-nothere").status_code == 404
+
+
+def test_cli_status_shows_the_latest_run(setup, capsys):
+    from backend.jobs import main
+
+    fake, settings = setup([boxes_task(1), {"id": 2, "data": {"image": png_url("green")}}])
+    assert main(["preannotate", "--project", "7", "--tasks", "1,2", "--detach"]) == 0
+    run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"]
+    work(settings)
+    assert main(["status", "7"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shown = report["preannotate"]
+    assert shown["run"] == run and shown["finished"] and (shown["predicted"], shown["failed"]) == (1, 1)
+    assert shown["failures"]["2"].startswith("no_boxes:") and report["job"] is None
