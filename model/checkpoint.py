@@ -254,9 +254,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, each in its own allocation: they become the model's
     parameters (``assign=True``), and the reader's buffers are not aligned as torch's allocator
     aligns, which changes float rounding in some kernels (outputs would differ in the last bits
-    from the model that was saved)."""
+    from the model that was saved).  Each tensor through its own short-lived ``safe_open``: the
+    file's mapped pages leave this process's memory as soon as the tensor is copied (one mapping
+    for the whole file would hold the file's size in resident pages on top of the copies)."""
     with safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key).clone() for key in f.keys()}
+        keys = list(f.keys())
+    state = {}
+    for key in keys:
+        with safe_open(str(path), framework="pt") as f:
+            state[key] = f.get_tensor(key).clone()
+    return state
 
 
 def _is_tied(model: RegionMLLM, key: str, state: dict[str, torch.Tensor]) -> bool:

@@ -1,5 +1,6 @@
 """Peak host memory of ``python -m model.convert gpt4roi`` on a ~1B-parameter LLaMA-shaped random
-checkpoint (official GPT4RoI key names, fp16 ``.bin`` shards), merged and delta + base.
+checkpoint (official GPT4RoI key names, fp16 ``.bin`` shards), merged and delta + base; then of
+loading the converted folder on the CPU in fp32 and in bf16 (``MODEL_DTYPE`` / ``--dtype``).
 
     PYTHONPATH=. .venv/bin/python scripts/bench_convert_memory.py [--work /tmp/convert-bench] [--layers 19]
 
@@ -57,9 +58,19 @@ sys.exit(rc)
 """
 
 
-def _peak(args: list[str]) -> tuple[int, float]:
+LOADER = """
+import sys
+from model.checkpoint import load_model
+from model.device import DTYPES
+load_model(sys.argv[1], dtype=DTYPES[sys.argv[2]])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print("VmHWM_kB", hwm)
+"""
+
+
+def _peak(args: list[str], runner: str = RUNNER) -> tuple[int, float]:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", runner, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{args} failed: {proc.stderr[-2000:]}")
     kb = int(proc.stdout.strip().splitlines()[-1].split()[1])
@@ -119,6 +130,15 @@ def main() -> int:
                 "output_bytes": size, "peak_rss_bytes": peak, "ratio": round(peak / size, 3),
                 "idle_process_rss_bytes": idle, "seconds": round(seconds, 1),
             }))  # fmt: skip
+            if case == "merged":
+                for dtype in ("fp32", "bf16"):
+                    peak, seconds = _peak([str(out), dtype], LOADER)
+                    print(json.dumps({
+                        "case": f"load {dtype}", "source": "the merged conversion's folder (fp16)",
+                        "parameters": params, "output_bytes": size, "peak_rss_bytes": peak,
+                        "ratio": round(peak / size, 3), "idle_process_rss_bytes": idle,
+                        "seconds": round(seconds, 1),
+                    }))  # fmt: skip
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
