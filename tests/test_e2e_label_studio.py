@@ -233,3 +233,31 @@ def test_project_model_version_update_makes_scores_sortable(projects, stack):
     expected = {p["task"]: p["score"] for p in info["predictions"]}
     for task_id, score in scores.items():
         assert score == pytest.approx(expected[task_id], abs=1e-4), (task_id, score)
+
+
+NON_ASCII_CAPTIONS = [
+    "粉红色的圆形",  # Chinese
+    "دائرة وردية كبيرة",  # Arabic (right to left)
+    "👩\u200d💻 a pink 🟣 circle",  # emoji with a zero-width joiner
+    "a pin\u0301k ci\u0308rcle",  # combining marks (not normalised away)
+]
+
+
+def test_non_ascii_corrections_are_stored_exactly(projects, stack):
+    """Reviewer captions in Chinese, Arabic, emoji and combining marks go through Label Studio's
+    webhook into the corrections store unchanged (the fine-tuning data), each on its own box."""
+    info = projects["caption_relations"]
+    task_id, (scene, ids) = list(info["truth"].items())[1]
+    captions = {rid: NON_ASCII_CAPTIONS[k % len(NON_ASCII_CAPTIONS)] for k, rid in enumerate(ids)}
+    result = [box_result(rid, o.box, scene) for rid, o in zip(ids, scene.objects)]
+    for rid, o in zip(ids, scene.objects):
+        item = box_result(rid, o.box, scene)
+        item["value"].pop("rectanglelabels")
+        result.append({**item, "from_name": "caption", "type": "textarea",
+                       "value": {**item["value"], "text": [captions[rid]]}})  # fmt: skip
+    stack["client"].create_annotation(task_id, result)
+    from backend.store import CorrectionStore
+
+    store = CorrectionStore(stack["backend"].log.parent / "data")
+    (stored,) = [a for a in store.annotations(project_id=info["project"]) if a.task_id == task_id]
+    assert {r.region_id: r.caption for r in stored.regions} == captions
