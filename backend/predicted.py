@@ -24,11 +24,9 @@ a power cut only makes a confirmed region count as a correction), one row per re
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +35,7 @@ from typing import Any
 
 from backend.region_shapes import REGION_TYPES
 from backend.settings import Settings
+from backend.store import one_per_folder
 
 __all__ = [
     "DB_NAME",
@@ -199,18 +198,12 @@ class PredictionLog:
         return said
 
 
-_open_lock = threading.Lock()  # two threads must never get two objects for one folder
-
-
-@functools.cache
-def _log_at(folder: Path) -> PredictionLog:
-    return PredictionLog(folder)
+_open_log = one_per_folder(PredictionLog)
 
 
 def open_prediction_log(data_dir: str | Path) -> PredictionLog:
     """The log under ``data_dir``, one per folder and process (its schema is created once)."""
-    with _open_lock:
-        return _log_at(Path(data_dir).resolve())
+    return _open_log(data_dir)
 
 
 def remember_predictions(settings: Settings, tasks: Sequence[Any], answers: Sequence[Any]) -> None:

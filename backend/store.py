@@ -30,18 +30,17 @@ the tombstone of a delete that arrived first); a write or delete naming another 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from backend.corrections import Region, Relation, annotation_record
 from backend.errors import ClientError
@@ -484,15 +483,28 @@ def _row_region(row: sqlite3.Row) -> Region:
     return Region(row["region_id"], box, row["caption"], json.loads(row["attributes"]), relations)
 
 
-_open_lock = threading.Lock()  # two threads must never get two objects for one folder
+T = TypeVar("T")
 
 
-@functools.cache
-def _store_at(folder: Path) -> CorrectionStore:
-    return CorrectionStore(folder)
+def one_per_folder(factory: Callable[[Path], T]) -> Callable[[str | Path], T]:
+    """``factory`` made at most once per resolved folder and process, thread-safe (two threads
+    must never get two objects for one database)."""
+    lock = threading.Lock()
+    made: dict[Path, T] = {}
+
+    def opened(data_dir: str | Path) -> T:
+        key = Path(data_dir).resolve()
+        with lock:
+            if key not in made:
+                made[key] = factory(key)
+            return made[key]
+
+    return opened
+
+
+_open_store = one_per_folder(CorrectionStore)
 
 
 def open_store(data_dir: str | Path) -> CorrectionStore:
     """The store under ``data_dir``, one per folder and process (its schema is created once)."""
-    with _open_lock:
-        return _store_at(Path(data_dir).resolve())
+    return _open_store(data_dir)
