@@ -2,7 +2,9 @@
 with boxes, ``python -m backend.jobs preannotate`` enqueues the chunk jobs, one
 ``python -m backend.worker --preannotate`` is killed (its whole process group, SIGKILL) halfway,
 a second worker finds the killed chunk abandoned, retries it and finishes the run.  At the end
-every task has exactly one prediction, of the served version, with non-empty results.
+every task has exactly one prediction, of the served version, with non-empty results.  With
+``PREANNOTATE_ON_IMPORT``, Label Studio's own ``TASKS_CREATED`` delivery starts a run over the
+imported tasks.
 
 Run: ``bash scripts/setup_label_studio.sh && .venv/bin/pytest -m e2e tests/test_e2e_preannotate.py``
 """
@@ -24,10 +26,10 @@ import pytest
 from rq.job import Job
 
 from backend.jobs import redis_connection
-from backend.preannotate import run_status
+from backend.preannotate import latest_run, run_status
 from model.inference.image_input import encode_image
 from tests.redis_helpers import job_settings, settings_env
-from tools.ls.harness import LS_TOKEN, LabelStudio, start_label_studio
+from tools.ls.harness import LS_TOKEN, LabelStudio, start_backend, start_label_studio
 from toyworld.scenes import SceneSpec, make_scene
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -69,13 +71,23 @@ def wait_for(check, timeout: float, what: str, poll: float = 0.2):
     raise TimeoutError(f"{what} not reached in {timeout} s")
 
 
-def test_killed_worker_resumed_one_prediction_per_task(tmp_path, redis_db, request):
-    model = (
+@pytest.fixture(scope="module")
+def ls_server(tmp_path_factory):
+    server = start_label_studio(tmp_path_factory.mktemp("ls-preannotate") / "ls")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model(request) -> Path:
+    return (
         DEFAULT_MODEL
         if (DEFAULT_MODEL / "version.json").exists()
         else request.getfixturevalue("tiny_checkpoint")
     )
-    ls_server = start_label_studio(tmp_path / "ls")
+
+
+def test_killed_worker_resumed_one_prediction_per_task(tmp_path, redis_db, ls_server, model):
     workers: list[subprocess.Popen] = []
     try:
         ls = LabelStudio(ls_server.url)
@@ -152,4 +164,46 @@ def test_killed_worker_resumed_one_prediction_per_task(tmp_path, redis_db, reque
     finally:
         for proc in workers:
             stop(proc)
-        ls_server.stop()
+
+
+def test_tasks_created_webhook_preannotates_imported_tasks(tmp_path, redis_db, ls_server, model):
+    """PREANNOTATE_ON_IMPORT: Label Studio's own TASKS_CREATED delivery to the connected backend's
+    /webhook starts a run over exactly the imported tasks; a worker writes one prediction each."""
+    settings = job_settings(
+        tmp_path, default_model=model, label_studio_url=ls_server.url, label_studio_api_key=LS_TOKEN,
+        job_heartbeat_seconds=1, outbox_poll_seconds=1.0, preannotate_on_import=True,
+    )  # fmt: skip
+    settings = replace(settings, preannotate_queue=f"{settings.queue_name}-pa")
+    wanted = ("REDIS_URL", "QUEUE_NAME", "KEY_PREFIX", "PREANNOTATE_QUEUE", "PREANNOTATE_ON_IMPORT")
+    backend = start_backend(
+        tmp_path / "backend", ls_server.url, model,
+        extra_env={k: v for k, v in settings_env(settings).items() if k in wanted},
+    )  # fmt: skip
+    worker = None
+    try:
+        ls = LabelStudio(ls_server.url)
+        project = ls.create_project("import e2e", (REPO / "label_config" / "region_caption.xml").read_text())
+        scene = make_scene(random.Random(SEED + 1), SceneSpec(min_objects=2, max_objects=3))
+        (upload,) = ls.upload_images(project, [("scene.png", encode_image(scene.image))]).values()
+        ls.connect_backend(project, backend.url)  # Label Studio adds the backend's /webhook for every action
+        connection = redis_connection(settings)
+        assert latest_run(settings, connection, project) is None, "the connection itself starts nothing"
+        boxes = [list(o.box) for o in scene.objects]
+        tasks = ls.import_tasks(project, [{"image": upload["data"]["image"], "boxes": boxes}] * 5)
+        imported = {t["id"] for t in tasks} - {upload["id"]}
+        run = wait_for(lambda: latest_run(settings, connection, project), 60, "a run from TASKS_CREATED")
+        assert run_status(settings, connection, run)["total"] == len(imported) == 5
+        worker = start_worker(settings, tmp_path / "worker.log")
+        status = wait_for(
+            lambda: (s := run_status(settings, connection, run))["finished"] and s,
+            300,
+            "the run's end",
+            poll=0.5,
+        )
+        assert status["predicted"] == 5 and status["failed"] == 0, status
+        per_task = Counter(p["task"] for p in ls.call("GET", f"/api/predictions?project={project}"))
+        assert per_task == dict.fromkeys(imported, 1)
+    finally:
+        if worker is not None:
+            stop(worker)
+        backend.stop()
