@@ -7,8 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +27,7 @@ from backend.jobs import redis_connection
 from backend.preannotate import Selection, preannotate_queue, run_status, start_run
 from backend.webhooks import handle_webhook
 from backend.worker import PreannotateWorker
-from tests.redis_helpers import job_settings
+from tests.redis_helpers import job_settings, settings_env
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixtures: redis_db, use_settings
 
@@ -248,3 +252,26 @@ def test_cli_status_shows_the_latest_run(setup, capsys):
     shown = report["preannotate"]
     assert shown["run"] == run and shown["finished"] and (shown["predicted"], shown["failed"]) == (1, 1)
     assert shown["failures"]["2"].startswith("no_boxes:") and report["job"] is None
+
+
+def test_cli_follows_the_run_with_a_progress_bar(setup):
+    fake, settings = setup([boxes_task(i) for i in range(1, 5)])
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "backend.jobs", "preannotate", "--project", "7", "--chunk", "2"],
+        env={**os.environ, **settings_env(settings)}, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        queue = preannotate_queue(settings, redis_connection(settings))
+        deadline = time.monotonic() + 60
+        while queue.count < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        work(settings)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, err[-2000:]
+    final = json.loads(out[out.index("\n{") + 1 :])
+    assert final["finished"] and final["predicted"] == 4 and final["jobs"] == {"finished": 2}
+    assert "4/4" in err and "task" in err, "tqdm's bar on stderr"
