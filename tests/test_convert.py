@@ -210,6 +210,22 @@ def test_delta_conversion_is_apply_delta(tmp_path, clip_dir):
     rows = own["lm.model.embed_tokens.weight"][SPM_VOCAB:]
     assert torch.equal(rows, merged_state["model.embed_tokens.weight"][SPM_VOCAB:].float())
     assert read_metadata(tmp_path / "out")["source"]["kind"] == "delta"
+    # The delta's folder is as usable as the merged one's: model.predict and a stage-2 step.
+    from model.predict import main as predict_main
+    from model.train import main as train_main
+
+    Image.linear_gradient("L").resize((90, 60)).convert("RGB").save(tmp_path / "img.png")
+    rc = predict_main([str(tmp_path / "img.png"), "What is <region1>?", "--box", "5,5,40,40", "--model",
+                       str(tmp_path / "out"), "--max-new-tokens", "3", "--dtype", "bf16"])  # fmt: skip
+    assert rc == 0
+    record = {"image": "img.png", "width": 90, "height": 60, "boxes": [[5, 5, 40, 40]],
+              "conversations": [{"from": "human", "value": "What is <region1>?"},
+                                {"from": "gpt", "value": "a grey region"}],
+              "source": "labelstudio", "id": "d1"}  # fmt: skip
+    (tmp_path / "data.jsonl").write_text((json.dumps(record) + "\n") * 2)
+    rc = train_main(["--init", str(tmp_path / "out"), "--data", str(tmp_path / "data.jsonl"), "--stage", "2",
+                     "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "tuned")])  # fmt: skip
+    assert rc == 0 and load_model(tmp_path / "tuned").cfg.prompt.template == "gpt4roi_v0"
 
 
 def test_conversion_refuses_bad_sources(tmp_path, clip_dir):
