@@ -20,6 +20,9 @@ The backend never hard-codes control names: it reads them from the project's con
   are new vocabulary as above (returned once the model says them, if the config also has a label
   the model predicts, so that relations are asked at all).  Without ``<Relations>``, a
   non-per-region TextArea whose name contains ``relation`` gets the relations as text.
+* region questions (:mod:`backend.region_qa`): a non-per-region ``<TextArea>`` named ``question``
+  or ``prompt`` (or containing either word) holds the questions the annotator types; one named
+  ``answer`` (or containing it) receives the answers in the interactive request.
 
 Everything the backend will not fill in, or fills in only after training, is listed in
 :attr:`LabelConfig.warnings` (``/setup`` answers and logs them).  A config the backend cannot serve
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from backend.errors import ClientError
@@ -96,6 +99,8 @@ class LabelConfig:
     new_relation_labels: dict[str, str] = field(default_factory=dict)  # relation_key -> config label
     has_relations: bool = False
     relation_text: str | None = None
+    question: str | None = None  # non-per-region TextArea the annotator types region questions in
+    answer: str | None = None  # non-per-region TextArea receiving their answers
     control_names: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
 
@@ -153,6 +158,7 @@ class LabelConfig:
             "caption": self.caption,
             "attributes": attributes,
             "relations": relations,
+            **({"questions": {"question": self.question, "answer": self.answer}} if self.answer else {}),
         }
 
 
@@ -331,6 +337,8 @@ def parse_label_config(xml: str) -> LabelConfig:
 
     caption = None
     relation_text = None
+    question = None
+    answer = None
     attributes: list[AttributeControl] = []
     for t, n in tags:
         tag = f'<{n.tag} name="{n.get("name")}">'
@@ -341,6 +349,10 @@ def parse_label_config(xml: str) -> LabelConfig:
                 caption = caption or n.get("name")
             elif "relation" in (n.get("name") or "").lower():
                 relation_text = relation_text or n.get("name")
+            elif re.search("question|prompt", (n.get("name") or "").lower()):
+                question = question or n.get("name")
+            elif "answer" in (n.get("name") or "").lower():
+                answer = answer or n.get("name")
         elif t in ("choices", "taxonomy"):
             if not targets_image(n):
                 warnings.append(f"{tag} does not point at the image {image_name!r}: left empty")
@@ -393,12 +405,23 @@ def parse_label_config(xml: str) -> LabelConfig:
         new_relation_labels=new_relation_labels,
         has_relations=has_relations,
         relation_text=relation_text,
+        question=question if answer else None,
+        answer=answer if question else None,
         control_names=frozenset(n.get("name") for _, n in tags if n.get("name") and n.get("toName")),
         warnings=tuple(warnings),
     )
-    if caption is None and not attributes and not config.wants_relations:
+    if (question is None) != (answer is None):
+        config = replace(
+            config,
+            warnings=config.warnings
+            + (
+                "region questions need both a question and an answer <TextArea> (not per-region): "
+                "none are answered",
+            ),
+        )
+    if caption is None and not attributes and not config.wants_relations and config.answer is None:
         raise ConfigError(
             'nothing for the backend to fill in: add a per-region <TextArea perRegion="true"> for captions, '
-            "per-region <Choices> for colour/shape/size, or <Relations>"
+            "per-region <Choices> for colour/shape/size, <Relations>, or question and answer TextAreas"
         )
     return config

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from backend import region_qa
 from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfig
@@ -435,6 +436,11 @@ def _describe(
         for k in focus:
             items += region_results(plan.regions[k], report.regions[k], config, image.width, image.height)
         items += relation_results(plan, report, config)
+        asked = region_qa.context_questions(context, config)
+        if asked:
+            items += _answers(
+                engine, image, chunk.tensors[chunk.tasks.index(i)], plan, asked, config, context
+            )
         stats.regions += len(focus)
         stats.tasks += 1
         score = report.score
@@ -443,6 +449,28 @@ def _describe(
             "score": round(score, 4) if math.isfinite(score) else 0.0,
             "model_version": version,
         }
+
+
+def _answers(
+    engine: InferenceEngine,
+    image: EncodedImage,
+    boxes: torch.Tensor,
+    plan: TaskPlan,
+    questions: list[str],
+    config: LabelConfig,
+    context: dict | None,
+) -> list[dict]:
+    """The answer TextArea item for questions typed in the interactive request; boxes are numbered
+    in the context's drawing order (``box 1`` is the first drawn).
+    ``boxes``: ``(N, 4)`` normalised, rows of ``plan.regions``."""
+    drawn = [item.get("id") for item in (context or {}).get("result") or [] if isinstance(item, dict)]
+    order = sorted(
+        range(len(plan.regions)),
+        key=lambda k: drawn.index(plan.regions[k].id) if plan.regions[k].id in drawn else len(drawn),
+    )
+    regions = [plan.regions[k] for k in order]
+    item = region_qa.answer_result(engine, image, boxes[order], regions, questions, config, plan.task_id)
+    return [item] if item is not None else []
 
 
 def _task_code(exc: ClientError) -> str:
