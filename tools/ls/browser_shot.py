@@ -4,7 +4,11 @@ Runs in ``.venv-ls`` (it has selenium; nothing is downloaded: ``/usr/bin/chromiu
 ``/usr/bin/chromedriver`` come from Debian), so it imports nothing of this project; the login comes
 from the environment (``LS_USER``, ``LS_PASSWORD``).  Called by ``tools/ls/screenshot_labeling.py``::
 
-    LS_USER=... LS_PASSWORD=... .venv-ls/bin/python tools/ls/browser_shot.py URL PROJECT TASK CAPTION OUT.png
+    LS_USER=... LS_PASSWORD=... .venv-ls/bin/python tools/ls/browser_shot.py URL PROJECT TASK TEXT OUT.png
+
+``TEXT`` is what the page must show before the shot (a caption or an answer in a TextArea).  With
+``--data-manager`` the project's Data Manager table (``/projects/PROJECT/data``) is shot instead,
+once ``TEXT`` (e.g. a prediction score) is on the page; ``TASK`` is then ignored.
 """
 
 from __future__ import annotations
@@ -41,14 +45,30 @@ def browser(user_data: str, size: str = "1400,900") -> webdriver.Chrome:
 
 
 def wait_for_text(driver: webdriver.Chrome, text: str, timeout: float = 60) -> None:
-    """Wait until some input/textarea of the page holds ``text`` (the per-region caption)."""
-    script = "return Array.from(document.querySelectorAll('textarea, input')).map(e => e.value || '')"
+    """Wait until some input/textarea of the page holds ``text`` or the page's visible text has it."""
+    script = (
+        "return Array.from(document.querySelectorAll('textarea, input')).map(e => e.value || '')"
+        ".concat([document.body ? document.body.innerText : ''])"
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         if any(text in value for value in driver.execute_script(script)):
             return
         time.sleep(1)
     raise RuntimeError(f"{text!r} never appeared on the labeling page")
+
+
+def scroll_to_text(driver: webdriver.Chrome, text: str) -> bool:
+    """Scroll the innermost element showing ``text`` (value or visible text) into view."""
+    script = """
+        const text = arguments[0];
+        const hits = Array.from(document.querySelectorAll('body *')).filter(e =>
+            (e.value || '').includes(text)
+            || (e.children.length === 0 && (e.innerText || '').includes(text)));
+        if (!hits.length) return false;
+        hits[hits.length - 1].scrollIntoView({block: 'end'});
+        return true;"""
+    return bool(driver.execute_script(script, text))
 
 
 def select_first_region(driver: webdriver.Chrome) -> bool:
@@ -65,9 +85,17 @@ def select_first_region(driver: webdriver.Chrome) -> bool:
     return False
 
 
-def shoot(url: str, project: int, task: int, caption: str, out: Path) -> None:
+def shoot(
+    url: str,
+    project: int,
+    task: int,
+    caption: str,
+    out: Path,
+    data_manager: bool = False,
+    size: str = "1400,900",
+) -> None:
     with tempfile.TemporaryDirectory() as profile:
-        driver = browser(profile)
+        driver = browser(profile, size)
         try:
             driver.get(f"{url}/user/login")
             WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(
@@ -76,10 +104,16 @@ def shoot(url: str, project: int, task: int, caption: str, out: Path) -> None:
             driver.find_element(By.NAME, "password").send_keys(os.environ["LS_PASSWORD"])
             driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
             WebDriverWait(driver, 30).until(lambda d: "/user/login" not in d.current_url)
-            driver.get(f"{url}/projects/{project}/data?task={task}")
-            wait_for_text(driver, caption)
-            selected = select_first_region(driver)
-            time.sleep(2)
+            if data_manager:
+                driver.get(f"{url}/projects/{project}/data")
+                wait_for_text(driver, caption)
+                selected = False
+            else:
+                driver.get(f"{url}/projects/{project}/data?task={task}")
+                wait_for_text(driver, caption)
+                selected = select_first_region(driver)
+                scroll_to_text(driver, caption)
+            time.sleep(3)  # thumbnails and the last layout pass
             out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(out))
             print(f"screenshot {out} (region selected: {selected})")
@@ -94,8 +128,10 @@ def main() -> int:
     ap.add_argument("task", type=int)
     ap.add_argument("caption")
     ap.add_argument("out", type=Path)
+    ap.add_argument("--data-manager", action="store_true", help="shoot the project's tasks table")
+    ap.add_argument("--size", default="1400,900", help="window width,height")
     args = ap.parse_args()
-    shoot(args.url.rstrip("/"), args.project, args.task, args.caption, args.out)
+    shoot(args.url.rstrip("/"), args.project, args.task, args.caption, args.out, args.data_manager, args.size)
     return 0
 
 
