@@ -28,7 +28,7 @@ def test_demo_teaches_the_held_out_colour(tmp_path: Path, redis_db):
     proc = subprocess.run(
         [sys.executable, "-m", "tools.ls.demo_active_learning", "--regions", "50", "--eval-images", "60",
          "--work", str(tmp_path / "work"), "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
