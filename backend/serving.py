@@ -21,10 +21,12 @@ version that loads.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +43,17 @@ log = logging.getLogger("backend.serving")
 
 Loader = Callable[[Path, str], RegionMLLM]
 MIN_POLL_SECONDS = 0.1  # the watcher's floor: MODEL_POLL_SECONDS=0 must not spin a core
+EXIT_WAIT_SECONDS = 60.0
+
+_holders: weakref.WeakSet[ModelHolder] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_holders() -> None:
+    """A holder's daemon thread still inside torch while the interpreter tears torch down ends the
+    process with C++ 'terminate called without an active exception' (exit 134): stop them first."""
+    for holder in list(_holders):
+        holder.stop(wait=EXIT_WAIT_SECONDS)
 
 
 class ModelUnavailable(RuntimeError):
@@ -86,17 +99,30 @@ class ModelHolder:
         self._watcher: threading.Thread | None = None
         self._watcher_pid: int | None = None  # the process the watcher runs in (None: not started)
         self._watch_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        _holders.add(self)
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
         """Begin loading the current version in the background and start the watcher thread that
         follows the registry pointer (both return at once)."""
-        threading.Thread(target=self._initial_load, name="model-load", daemon=True).start()
+        self._spawn(self._initial_load, "model-load")
         self._start_watcher()
 
-    def stop(self) -> None:
-        """Stop the watcher thread (a load in progress finishes)."""
+    def stop(self, wait: float = 0.0) -> None:
+        """Stop the watcher thread (a load in progress finishes); ``wait``: seconds to wait for this
+        holder's threads (watcher, loads) to end."""
         self._stop.set()
+        deadline = time.monotonic() + wait
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def watching(self) -> bool:
@@ -149,7 +175,7 @@ class ModelHolder:
         wanted = self._wanted(now)
         if wanted is not None and self._loading is None:
             self._loading = wanted
-            threading.Thread(target=self._swap_to, args=(wanted,), name="model-swap", daemon=True).start()
+            self._spawn(self._swap_to, "model-swap", wanted)
 
     def _wanted(self, now: float) -> str | None:
         """The registry's current version when this process should load it now: not the one
@@ -182,8 +208,7 @@ class ModelHolder:
                 return
             self._stop.clear()
             self._watcher_pid = os.getpid()
-            self._watcher = threading.Thread(target=self._watch, name="model-watch", daemon=True)
-            self._watcher.start()
+            self._watcher = self._spawn(self._watch, "model-watch")
 
     def _ensure_watcher(self) -> None:
         """Start the watcher again in a forked child (threads do not survive a fork)."""
