@@ -300,7 +300,10 @@ def test_orphaned_work_horse_stops_before_commit_and_the_job_runs_once(
     assert meta["phase"] == "done" and meta["version"] == "1.1.0" and meta["steps"] == settings.train_steps
     assert json.loads((registry.path("1.1.0") / "version.json").read_text())["parent"] == "1.0.0"
     (failure,) = job_status(project, settings, test_redis.conn)["failures"]
-    assert failure["job"] == job.id and failure["phase"] == "train" and "Abandoned" in failure["error"]
+    assert failure["job"] == job.id and failure["kind"] == "abandoned" and "Abandoned" in failure["error"]
+    # The killed attempt's record (its LONG_RUN steps, not the rerun's), at the phase the orphan last
+    # reported: training, or on a fast machine already past it, stopped at the commit's lease check.
+    assert failure["steps"] == LONG_RUN and failure["phase"] in ("train", "evaluate-candidate", "commit")
     assert open_store(settings.data_dir).new_corrections(project) == 0  # committed: watermark moved
     print(f"orphaned horse exited {orphan_seconds:.1f} s after its worker was killed")
 
