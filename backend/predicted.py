@@ -35,7 +35,7 @@ from typing import Any
 
 from backend.region_shapes import REGION_TYPES
 from backend.settings import Settings
-from backend.store import one_per_folder
+from backend.store import database_path, one_per_folder
 
 __all__ = [
     "DB_NAME",
@@ -136,9 +136,7 @@ class PredictionLog:
     every call opens its own short-lived connection)."""
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        self.path = path / DB_NAME if path.suffix == "" else path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = database_path(path, DB_NAME)
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)

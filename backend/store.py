@@ -155,13 +155,19 @@ class Annotation:
     regions: list[Region]
 
 
+def database_path(path: str | Path, name: str) -> Path:
+    """``path`` when it names a file (it has a suffix), else ``path / name``; its folder is created."""
+    path = Path(path)
+    path = path / name if path.suffix == "" else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class CorrectionStore:
     """Thread- and process-safe: every call opens its own short-lived connection."""
 
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        self.path = path / DB_NAME if path.suffix == "" else path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = database_path(path, DB_NAME)
         with self._connect() as con:
             # WAL is a property of the database file: set once, every later connection inherits it.
             con.execute("PRAGMA journal_mode=WAL")
