@@ -53,7 +53,7 @@ from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfig
 from backend.region_shapes import ShapeError, region_geometry, shape_of
-from backend.results import Region, TaskPlan, region_results, relation_results
+from backend.results import Region, TaskPlan, region_masks, region_results, relation_results
 from backend.settings import Settings
 from model.geometry import BoxError, boxes_tensor, check_pixel_box
 from model.inference.describe import ImageReport, describe_regions
@@ -406,6 +406,16 @@ class _Chunk:
         return image
 
 
+def _masks(chunk: _Chunk, plans: list[TaskPlan | None]) -> list | None:
+    """Per task of the chunk its regions' brush masks (:func:`backend.results.region_masks`), or
+    None when no region of the chunk is a brush."""
+    masks = [
+        region_masks(plans[i].regions, image.width, image.height)  # type: ignore[union-attr]
+        for i, image in zip(chunk.tasks, chunk.images)
+    ]
+    return masks if any(m is not None for m in masks) else None
+
+
 def _describe(
     chunk: _Chunk,
     plans: list[TaskPlan | None],
@@ -427,6 +437,7 @@ def _describe(
         relations=config.wants_relations,
         max_relation_boxes=settings.max_relation_regions,
         only=[plans[i].focus for i in chunk.tasks] if context else None,  # type: ignore[union-attr]
+        masks=_masks(chunk, plans),
     )
     for i, report, image in zip(chunk.tasks, reports, chunk.images):
         plan = plans[i]
@@ -469,7 +480,10 @@ def _answers(
         key=lambda k: drawn.index(plan.regions[k].id) if plan.regions[k].id in drawn else len(drawn),
     )
     regions = [plan.regions[k] for k in order]
-    item = region_qa.answer_result(engine, image, boxes[order], regions, questions, config, plan.task_id)
+    masks = region_masks(regions, image.width, image.height)
+    item = region_qa.answer_result(
+        engine, image, boxes[order], regions, questions, config, plan.task_id, masks
+    )
     return [item] if item is not None else []
 
 

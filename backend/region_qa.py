@@ -266,17 +266,19 @@ def answer_result(
     questions: Sequence[str],
     config: LabelConfig,
     task_id: Any,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> dict | None:
     """The answer TextArea result for the typed ``questions`` (one line per question, in order).
 
-    ``boxes``: ``(N, 4)`` normalised boxes of ``regions`` (same order).  All asked questions go in
+    ``boxes``: ``(N, 4)`` normalised boxes of ``regions`` (same order); ``masks``: their brush
+    masks (:func:`backend.results.region_masks`) or None.  All asked questions go in
     one engine call over the image's boxes (as :func:`model.inference.describe.describe_regions`
     asks them); the image's state comes from the engine's cache, so a turn costs no re-encoding."""
     if not questions or not config.answer:
         return None
     turns = plan_turns(questions, regions)
     asked = [t for t in turns if t.asked is not None]
-    answers = engine.answer([image], [boxes], [(0, t.asked) for t in asked]) if asked else []  # type: ignore[misc]
+    answers = engine.answer([image], [boxes], [(0, t.asked) for t in asked], [masks]) if asked else []  # type: ignore[misc]
     by_turn = dict(zip(map(id, asked), answers))
     lines, scores = [], []
     for turn in turns:

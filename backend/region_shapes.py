@@ -44,6 +44,7 @@ __all__ = [
     "REGION_TYPES",
     "SHAPES",
     "ShapeError",
+    "mask_pixel_box",
     "region_geometry",
     "region_mask",
     "region_pixel_box",
@@ -143,6 +144,16 @@ def region_mask(geometry: Mapping[str, Any], original: tuple[int, int]) -> torch
         raise BoxError(f"brush RLE: {exc}") from None
 
 
+def mask_pixel_box(mask: torch.Tensor, image_w: int, image_h: int) -> Box:
+    """Pixel ``xyxy`` of a ``image_w`` x ``image_h`` image around the painted pixels of ``mask``
+    ``(H, W)``, a mask of the same image at any resolution (a brush RLE's frame is the image Label
+    Studio annotated).  Raises :class:`BoxError` for a mask that paints nothing."""
+    oh, ow = mask.shape
+    x0, y0, x1, y1 = mask_to_pixels(mask)
+    sx, sy = image_w / ow, image_h / oh
+    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
 def region_pixel_box(
     kind: str,
     geometry: Mapping[str, Any],
@@ -159,10 +170,7 @@ def region_pixel_box(
     shape = SHAPES[kind]
     g = geometry
     if shape == "brush":
-        ow, oh = original or (image_w, image_h)
-        x0, y0, x1, y1 = mask_to_pixels(region_mask(g, (ow, oh)))
-        sx, sy = image_w / ow, image_h / oh
-        return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        return mask_pixel_box(region_mask(g, original or (image_w, image_h)), image_w, image_h)
     if shape == "polygon":
         numbers = [v for p in g["points"] for v in p]
     else:

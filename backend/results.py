@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from backend.label_config import AttributeControl, LabelConfig
-from backend.region_shapes import LABEL_TYPES, region_pixel_box
+from backend.region_shapes import LABEL_TYPES, mask_pixel_box, region_mask, region_pixel_box, shape_of
 from model.geometry import pixels_to_percent
 from model.inference.describe import ImageReport, RegionReport
 from model.tasks import relation_key
@@ -39,13 +41,40 @@ class Region:
         assert self.pixels is not None
         return {**pixels_to_percent(self.pixels, width, height), "rotation": 0}
 
+    _mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def is_brush(self) -> bool:
+        return self.percent is not None and shape_of(self.type) == "brush"
+
+    def mask(self, width: int, height: int) -> torch.Tensor | None:
+        """A brush region's painted pixels, boolean ``(H, W)`` in the frame Label Studio annotated
+        (``original``, else the image's ``width`` x ``height``), decoded once; None for other
+        tools.  Raises :class:`model.geometry.BoxError` for an undecodable RLE."""
+        if not self.is_brush:
+            return None
+        if self._mask is None:
+            assert self.percent is not None
+            self._mask = region_mask(self.percent, self.original or (width, height))
+        return self._mask
+
     def pixel_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The pixel box the model describes; raises :class:`model.geometry.BoxError` for
         geometry that has none (NaN, an undecodable brush RLE, an empty mask)."""
         if self.pixels is not None:
             return self.pixels
         assert self.percent is not None
+        mask = self.mask(width, height)
+        if mask is not None:
+            return mask_pixel_box(mask, width, height)
         return region_pixel_box(self.type, self.percent, width, height, self.original)
+
+
+def region_masks(regions: list[Region], width: int, height: int) -> list[torch.Tensor | None] | None:
+    """Per region its brush mask (:meth:`Region.mask`) or None; None when no region has one (the
+    model then pools whole boxes, unchanged)."""
+    masks = [r.mask(width, height) for r in regions]
+    return masks if any(m is not None for m in masks) else None
 
 
 @dataclass

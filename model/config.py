@@ -98,8 +98,14 @@ class RegionEncoderConfig:
     # of the pooled features, so it leaves a near-constant vector and the region token carries only
     # the box position (figure: docs/design-notes.md).
     feature_norm: str = "none"
+    # Weight of the box's pooled bins outside a region's mask (a brush region): 0 pools the painted
+    # pixels only, which a model never trained with masks reads as a token far from its training
+    # data; a floor keeps the box's context and still favours the painted part (docs/label-studio.md).
+    mask_floor: float = 0.6
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_floor <= 1.0:
+            raise ValueError(f"region.mask_floor must be in [0, 1], got {self.mask_floor}")
         if isinstance(self.feature_norm, bool):  # configs written before the choice existed
             self.feature_norm = "layer" if self.feature_norm else "none"
         if self.feature_norm not in FEATURE_NORMS:

@@ -27,7 +27,7 @@ from torchvision.ops import roi_align
 
 from model.config import RegionEncoderConfig
 from model.derived_weights import derived
-from model.geometry import input_to_feature_scale, normalized_to_input
+from model.geometry import input_to_feature_scale, normalized_to_input, normalized_to_pixels
 
 __all__ = [
     "BoxBatchNorm",
@@ -36,6 +36,7 @@ __all__ = [
     "RegionFeatureExtractor",
     "freeze_norm_statistics",
     "mask_roi_weights",
+    "masks_roi_weights",
 ]
 
 
@@ -51,6 +52,26 @@ def mask_roi_weights(
         sampling_ratio=sampling_ratio, aligned=True,
     )  # fmt: skip
     return grid[0]
+
+
+def masks_roi_weights(
+    boxes: torch.Tensor, masks: list[torch.Tensor | None], output_size: int, sampling_ratio: int
+) -> torch.Tensor | None:
+    """Normalised boxes ``(N, 4)`` of one image and per box ``None`` or a mask ``(H, W)`` of the
+    whole image (any resolution: its size is its frame) -> ``(N, 1, o, o)`` RoI-grid weights
+    (ones for a box without mask), or None when no box has a mask."""
+    if len(masks) != len(boxes):
+        raise ValueError(f"{len(masks)} masks for {len(boxes)} boxes")
+    if all(m is None for m in masks):
+        return None
+    grids = []
+    for box, mask in zip(boxes.tolist(), masks):
+        if mask is None:
+            grids.append(torch.ones(1, output_size, output_size))
+            continue
+        h, w = mask.shape[-2:]
+        grids.append(mask_roi_weights(mask, normalized_to_pixels(box, w, h), output_size, sampling_ratio))
+    return torch.stack(grids)
 
 
 def _coord_channels(x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +315,15 @@ class RegionEncoder(nn.Module):
         """Box-independent part, cacheable per image: ``(B, C, g, g)`` levels -> region maps, the
         fused pyramid with same-size levels stacked (:meth:`RegionFeatureExtractor.group_levels`)."""
         return self.roi_align.group_levels(self.mlvl_fuse(levels))
+
+    def mask_weights(self, boxes: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Normalised boxes ``(N, 4)`` of one image + per box ``None`` or an ``(H, W)`` mask of the
+        image -> the ``(N, 1, o, o)`` RoI-grid weights :meth:`encode_boxes` takes (the mask's
+        coverage of each bin, lifted to at least ``mask_floor``; ones for a box without mask), or
+        None when no box has a mask (:func:`masks_roi_weights`)."""
+        cfg = self.roi_align.cfg
+        grid = masks_roi_weights(boxes, masks, cfg.roi_output_size, cfg.sampling_ratio)
+        return None if grid is None else cfg.mask_floor + (1.0 - cfg.mask_floor) * grid
 
     def encode_boxes(
         self,

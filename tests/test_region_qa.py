@@ -171,9 +171,10 @@ class RecordingEngine(InferenceEngine):
 
     asked: list[str]
 
-    def answer(self, images, boxes, queries):
+    def answer(self, images, boxes, queries, masks=None):
         self.asked = [*getattr(self, "asked", []), *(q for _, q in queries)]
-        return super().answer(images, boxes, queries)
+        self.masks = masks
+        return super().answer(images, boxes, queries, masks)
 
 
 def test_interactive_request_answers_typed_questions_in_the_answer_area(tiny_checkpoint):

@@ -21,6 +21,7 @@ from model.geometry import (
     KEYPOINT_BOX_FRACTION,
     BoxError,
     RLEError,
+    boxes_tensor,
     check_pixel_box,
     ellipse_to_pixels,
     keypoint_to_pixels,
@@ -30,8 +31,9 @@ from model.geometry import (
     rle_decode,
     rotated_rect_to_pixels,
 )
-from model.region_encoder import RegionFeatureExtractor, mask_roi_weights
-from tests.model_helpers import tiny_region_config
+from model.inference.engine import InferenceEngine
+from model.region_encoder import RegionEncoder, RegionFeatureExtractor, mask_roi_weights
+from tests.model_helpers import tiny_model, tiny_records, tiny_region_config
 from tests.test_predictions import SETTINGS, DictFetcher, OracleDescribe, ls_rect, ls_task, scene
 from tools.ls.region_tools import (
     REGION_TOOLS_CONFIG,
@@ -223,11 +225,17 @@ def scene_fetch(monkeypatch):
     return sc, oracle, DictFetcher({"/data/upload/1/s.png": sc.image})
 
 
+def brush_mask(sc) -> np.ndarray:
+    """The brush of :func:`tool_items`: the scene's third object's box painted, ``(H, W)``."""
+    x0, y0, x1, y1 = (int(v) for v in sc.objects[2].box)
+    return rects_mask(sc.height, sc.width, [(y0, y1, x0, x1)])
+
+
 def tool_items(sc) -> tuple[list[dict], list[tuple[float, float, float, float]]]:
     """One region per object, each with another tool, and the pixel box the model should see."""
     w, h = sc.width, sc.height
     boxes = [o.box for o in sc.objects]
-    mask = rects_mask(h, w, [(int(boxes[2][1]), int(boxes[2][3]), int(boxes[2][0]), int(boxes[2][2]))])
+    mask = brush_mask(sc)
     cx, cy = (boxes[1][0] + boxes[1][2]) / 2, (boxes[1][1] + boxes[1][3]) / 2
     half = KEYPOINT_BOX_FRACTION * min(w, h) / 2
     items = [
@@ -263,6 +271,10 @@ def test_prediction_answers_each_tool_with_its_own_region_items(scene_fetch):
         assert got == pytest.approx(
             [clipped[0] / w, clipped[1] / h, clipped[2] / w, clipped[3] / h], abs=1e-6
         )
+    # The brush's painted pixels reach the model with its box (mask pooling); the other tools none.
+    (masks,) = oracle.calls[0]["masks"]
+    assert [m is None for m in masks] == [True, True, False, True, True]
+    assert torch.equal(masks[2], torch.from_numpy(brush_mask(sc)))
     answer = results[0]["result"]
     objects = [0, 1, 2, 0, 1]
     for item, k in zip(items, objects):
@@ -402,3 +414,45 @@ def test_rle_decode_of_junk_raises_only_rle_errors_and_huge_masks_are_refused():
     item = brush_result("b", good, 200_000, 200_000)
     parsed = parse_result(with_caption(item, "x"))
     assert parsed.regions == [] and "not decoded" in parsed.skipped[0]
+
+
+def test_mask_weights_lift_unpainted_bins_to_the_floor_and_leave_maskless_boxes_whole():
+    cfg = tiny_region_config(mask_floor=0.25)
+    enc = RegionEncoder(8, 16, input_size=32, cfg=cfg)
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[4:16, 4:10] = True  # the left half of the box (4, 4, 16, 16) px = (0.2, 0.2, 0.8, 0.8)
+    boxes = torch.tensor([[0.2, 0.2, 0.8, 0.8], [0.0, 0.0, 0.5, 0.5]])
+    grid = enc.mask_weights(boxes, [mask, None])
+    assert grid is not None and grid.shape == (2, 1, 2, 2)
+    assert torch.equal(grid[0], torch.tensor([[[1.0, 0.25], [1.0, 0.25]]]))
+    assert torch.equal(grid[1], torch.ones(1, 2, 2))
+    # a mask at another resolution of the same image weighs the same bins (its size is its frame)
+    big = mask.repeat_interleave(3, 0).repeat_interleave(3, 1)
+    assert torch.equal(enc.mask_weights(boxes[:1], [big]), grid[:1])
+    assert enc.mask_weights(boxes, [None, None]) is None
+    with pytest.raises(ValueError, match="mask_floor"):
+        tiny_region_config(mask_floor=1.5)
+
+
+def test_engine_pools_a_region_by_its_mask_and_a_full_mask_changes_nothing():
+    m = tiny_model(seed=2).eval()
+    rec = tiny_records(1, seed=5)[0]
+    image, w, h = rec["image"], rec["width"], rec["height"]
+    boxes = boxes_tensor(rec["boxes"][:2], w, h)
+    queries = [(0, "What is <region1>?"), (0, "What colour is <region2>?")]
+    engine = InferenceEngine(m, "t", max_new_tokens=6)
+    plain = engine.answer([image], [boxes], queries)
+    full = torch.ones(h, w, dtype=torch.bool)
+    assert engine.answer([image], [boxes], queries, [[full, None]]) == plain
+    assert engine.answer([image], [boxes], queries, [None]) == plain
+    states = engine.image_states([image])
+    x0, y0, x1, y1 = (int(v) for v in rec["boxes"][0])
+    half = torch.zeros(h, w, dtype=torch.bool)
+    half[y0:y1, x0 : (x0 + x1) // 2] = True
+    with torch.inference_mode():
+        base = engine._region_features(states, [boxes], [{0, 1}])[0]
+        masked = engine._region_features(states, [boxes], [{0, 1}], [[half, None]])[0]
+    assert not torch.allclose(masked[0], base[0])  # the masked box's token changes
+    assert torch.equal(masked[1], base[1])  # the other box's token does not
+    with pytest.raises(ValueError, match="mask lists"):
+        engine.answer([image], [boxes], queries, [None, None])

@@ -57,12 +57,14 @@ def describe_regions(
     relations: bool = True,
     max_relation_boxes: int = 8,
     only: Sequence[Sequence[int] | None] | None = None,
+    masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
 ) -> list[ImageReport]:
     """Ask every wanted question for every box, all in one batched engine call.
 
     ``boxes[i]``: ``(N_i, 4)`` normalised xyxy.  Relations are asked for every ordered pair of the
     first ``max_relation_boxes`` boxes.  ``only[i]`` restricts questions to those box indices of
     image i (e.g. the box just drawn), relations then pair those boxes with every other box.
+    ``masks``: optional per-box ``(H, W)`` image masks (:meth:`InferenceEngine.answer`).
     """
     unknown = [a for a in attributes if a not in ATTRIBUTE_QUESTION]
     if unknown:
@@ -88,7 +90,7 @@ def describe_regions(
                         continue
                     queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
                     slots.append(("rel", i, a, c))
-    answers = engine.answer(images, boxes, queries) if queries else []
+    answers = engine.answer(images, boxes, queries, masks) if queries else []
     reports = [ImageReport([RegionReport(None) for _ in b], []) for b in boxes]
     for slot, ans in zip(slots, answers):
         if slot[0] == "caption":

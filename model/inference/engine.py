@@ -131,12 +131,18 @@ class InferenceEngine:
         images: Sequence[ImageLike],
         boxes: Sequence[torch.Tensor],
         queries: Sequence[tuple[int, str]],
+        masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
     ) -> list[Answer]:
         """Answer ``queries`` = [(image index, question with <regionK>), ...].
 
         ``images``: decoded, or encoded files (decoded only if the cache lacks them);
-        ``boxes[i]``: ``(N_i, 4)`` normalised boxes of image i (``<regionK>`` = row K-1).
+        ``boxes[i]``: ``(N_i, 4)`` normalised boxes of image i (``<regionK>`` = row K-1);
+        ``masks[i]``: ``None`` or per box of image i ``None`` or an ``(H, W)`` mask of the whole
+        image (e.g. a brush region): the box's token then pools its box weighted by the mask
+        (:meth:`model.region_encoder.RegionEncoder.mask_weights`).
         """
+        if masks is not None and len(masks) != len(boxes):
+            raise ValueError(f"{len(masks)} mask lists for {len(boxes)} box lists")
         with self._lock:
             states = self.image_states(images)
             m = self.model
@@ -144,7 +150,7 @@ class InferenceEngine:
             used: list[set[int]] = [set() for _ in images]
             for (i, _), (_, order) in zip(queries, encoded):
                 used[i].update(order)
-            feats = self._region_features(states, boxes, used)
+            feats = self._region_features(states, boxes, used, masks)
             answers: list[Answer] = []
             for start in range(0, len(queries), self.max_batch):
                 end = start + self.max_batch
@@ -153,11 +159,15 @@ class InferenceEngine:
             return answers
 
     def _region_features(
-        self, states: Sequence[ImageState], boxes: Sequence[torch.Tensor], used: Sequence[set[int]]
+        self,
+        states: Sequence[ImageState],
+        boxes: Sequence[torch.Tensor],
+        used: Sequence[set[int]],
+        masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
     ) -> list[torch.Tensor]:
         """Region tokens ``(N_i, D)`` per image; only the boxes some question refers to (``used``)
         are encoded (an interactive request sends every box of the task but asks about one), the
-        other rows stay zero.  Each box's token depends on its own box only."""
+        other rows stay zero.  Each box's token depends on its own box (and mask) only."""
         m = self.model
         if len(states) == 1:
             maps = states[0].region_maps
@@ -166,7 +176,13 @@ class InferenceEngine:
         boxes = [b.to(m.device, torch.float32).reshape(-1, 4) for b in boxes]
         rows = [sorted(u) for u in used]
         wanted = [b[r] for b, r in zip(boxes, rows)]
-        encoded = m.region_encoder.encode_boxes(maps, wanted).split([len(r) for r in rows])
+        grids = None
+        if masks is not None:
+            grids = [
+                None if ms is None else m.region_encoder.mask_weights(w, [ms[k] for k in r])
+                for w, ms, r in zip(wanted, masks, rows)
+            ]
+        encoded = m.region_encoder.encode_boxes(maps, wanted, grids).split([len(r) for r in rows])
         feats = []
         for b, r, f in zip(boxes, rows, encoded):
             full = f.new_zeros(len(b), f.shape[-1])
