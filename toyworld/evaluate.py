@@ -1,6 +1,7 @@
 """Held-out evaluation of a checkpoint on synthetic scenes.
 
     python -m toyworld.evaluate --model model/default --images 200 --seed 0 [--colors pink] [--check]
+    python -m toyworld.evaluate --suite stress [--images 60]   # conditions the generator never drew
 
 Prints caption exact-match, attribute accuracy (colour, shape, size) and relation accuracy (exact
 label set), plus two region-reading checks: the *same box on different images* and *different boxes
@@ -193,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--colors", nargs="*", default=None, help="only these colours (e.g. a held-out one)")
     ap.add_argument("--shapes", nargs="*", default=None, choices=SHAPES)
+    ap.add_argument(
+        "--suite",
+        choices=("standard", "stress"),
+        default="standard",
+        help="stress: per condition off the generator (toyworld.stress), --images each",
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
@@ -203,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = SceneSpec(colors=colors, shapes=args.shapes or SHAPES, sizes=tuple(SIZE_FRACTIONS))
     model = load_model(args.model)
     engine = InferenceEngine(model, version=read_metadata(args.model).get("version", "?"))
+    if args.suite == "stress":
+        from toyworld.stress import format_stress, run_stress
+
+        stress = run_stress(engine, args.images, args.seed)
+        print(json.dumps(stress, indent=2) if args.json else format_stress(stress))
+        return 0
     result = evaluate(engine, args.images, args.seed, spec)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.check:

@@ -1,0 +1,94 @@
+"""The stress suite (issue 17, item 4): conditions off the generator, and the score metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.geometry import check_pixel_box
+from model.inference.engine import InferenceEngine
+from model.tasks import size_class
+from tests.model_helpers import tiny_model
+from toyworld.stress import (
+    CONDITIONS,
+    NO_OBJECT,
+    auroc,
+    conditions,
+    expected_calibration_error,
+    format_stress,
+    photo_cases,
+    run_stress,
+)
+
+
+def _disjoint(a, b) -> bool:
+    return a[0] >= b[2] or b[0] >= a[2] or a[1] >= b[3] or b[1] >= a[3]
+
+
+def test_conditions_are_deterministic_and_change_what_they_say():
+    cases = conditions(4, seed=3)
+    again = conditions(4, seed=3)
+    assert list(cases) == list(CONDITIONS)
+    for name in CONDITIONS:
+        assert len(cases[name]) == 4
+        for a, b in zip(cases[name], again[name]):
+            assert a.boxes == b.boxes and a.captions == b.captions and a.image.tobytes() == b.image.tobytes()
+        for case in cases[name]:
+            w, h = case.image.size
+            for box in case.boxes:
+                check_pixel_box(box, w, h)  # usable: raises for a box off the image or empty
+    assert conditions(4, seed=4)["off-grid"][0].boxes != cases["off-grid"][0].boxes
+    for case in cases["crowded"]:
+        assert 5 <= len(case.boxes) <= 8
+        assert all(_disjoint(a, b) for i, a in enumerate(case.boxes) for b in case.boxes[i + 1 :])
+    for case in cases["small-in-large"]:
+        w, h = case.image.size
+        assert min(w, h) >= 1000 * 1000 / 1600 and max(w, h) >= 1000
+        assert all(max(x1 - x0, y1 - y0) <= 0.03 * min(w, h) + 1e-6 for x0, y0, x1, y1 in case.boxes)
+        assert all(c is not None and c.startswith("a small ") for c in case.captions)
+        assert all(size_class(b, w, h) == "small" for b in case.boxes)
+    assert all(c.image.width % 4 == 0 and c.image.width >= 4 * 128 for c in cases["zoom4"])
+    for case in cases["no-object"]:
+        (box,) = case.boxes
+        assert case.captions == [NO_OBJECT]
+        scene_pixels = case.image.crop(tuple(int(v) for v in box)).getcolors(1 << 16)
+        assert scene_pixels is not None and len(scene_pixels) == 1  # nothing but background in it
+    dark = cases["dark"][0].image.getpixel((0, 0))
+    white = cases["white"][0].image.getpixel((0, 0))
+    assert max(dark) <= 60 and white == (255, 255, 255)
+    assert len(cases["textured"][0].image.getcolors(1 << 20) or []) > 1000
+
+
+def test_auroc_and_ece_on_known_figures():
+    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auroc([0.5, 0.5], [False, True]) == 0.5
+    assert auroc([0.5], [True]) != auroc([0.5], [True])  # NaN without both kinds
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+    # one bin holding scores 0.95 of which half are right: |0.5 - 0.95|
+    assert expected_calibration_error([0.95, 0.95], [True, False]) == pytest.approx(0.45)
+    # two bins, each perfectly calibrated on average
+    assert expected_calibration_error(
+        [0.25, 0.25, 0.25, 0.25, 0.75, 0.75, 0.75, 0.75], [True, False, False, False, True, True, True, False]
+    ) == pytest.approx(0.0)
+
+
+def test_photos_come_from_installed_packages():
+    cases = photo_cases(boxes_per_photo=2)
+    assert cases and all(len(c.boxes) == 2 and c.captions == [None, None] for c in cases)
+    assert max(c.image.width for c in cases) >= 400
+
+
+def test_run_stress_reports_every_condition_and_the_score_metrics():
+    engine = InferenceEngine(tiny_model(seed=1).eval(), "t", max_new_tokens=4)
+    result = run_stress(engine, count=1, seed=0)
+    assert list(result["conditions"]) == list(CONDITIONS)
+    for figures in result["conditions"].values():
+        assert figures["regions"] >= 1 and 0.0 <= figures["caption_exact_match"] <= 1.0
+    assert (
+        "relation_accuracy" in result["conditions"]["off-grid"]
+        or result["conditions"]["off-grid"]["regions"] < 2
+    )
+    assert result["photos"]["regions"] > 0 and 0.0 <= result["photos"]["mean_score"] <= 1.0
+    assert set(result["scores"]) == {"auroc_low_score_wrong", "ece", "mean_score_right", "mean_score_wrong"}
+    table = format_stress(result)
+    assert all(f"| {name} |" in table for name in CONDITIONS) and "AUROC" in table

@@ -1,0 +1,388 @@
+"""Stress suite: the embedded default's figures on scenes its generator never drew.
+
+    python -m toyworld.evaluate --suite stress [--model DIR] [--images 60] [--seed 0] [--json]
+
+Each condition changes one thing about the generator's held-out scenes (:func:`conditions`):
+
+==================  =========================================================================
+generator           the generator's own scenes (3x3 grid, grey canvas, three sizes, 2-4 objects)
+off-grid            the same objects placed anywhere (no overlap), relations scored too
+crowded             5-8 objects placed anywhere
+jitter              boxes drawn loosely: every edge moved by up to +-10 % of the box side
+white / dark        the generator's layouts on a white / a dark canvas
+textured            on a coloured canvas with a gradient, stripes and noise
+zoom4               the image (and its boxes) scaled x4
+small-in-large      1,000-1,500 px canvases, objects of 1.5-3 % of the shorter side ("small")
+no-object           a box on empty background: the right answer is :data:`NO_OBJECT`
+photos              photos shipped with matplotlib (no truth: their mean score is reported)
+==================  =========================================================================
+
+Per condition: caption exact match (and relation accuracy where scored) through the same engine
+the backend uses; over the mix of all conditions but photos: the AUROC of "low caption score =
+wrong" and the expected calibration error of the caption score (10 equal-width bins).  Scenes come
+from seeds no training run uses (:data:`toyworld.evaluate.EVAL_SEED_OFFSET`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from model.geometry import box_center, boxes_tensor, pixels_to_normalized
+from model.inference.describe import describe_regions
+from model.inference.engine import InferenceEngine
+from model.tasks import POSITION_MARGIN, relation_labels
+from toyworld.scenes import COLORS, SIZE_FRACTIONS, SceneObject, SceneSpec, draw_shape, make_scene
+
+__all__ = [
+    "CONDITIONS",
+    "NO_OBJECT",
+    "StressCase",
+    "auroc",
+    "conditions",
+    "expected_calibration_error",
+    "format_stress",
+    "photo_cases",
+    "run_stress",
+]
+
+NO_OBJECT = "no object"
+CONDITIONS = (
+    "generator",
+    "off-grid",
+    "crowded",
+    "jitter",
+    "white",
+    "dark",
+    "textured",
+    "zoom4",
+    "small-in-large",
+    "no-object",
+)
+STRESS_SEED_OFFSET = 8_311_000  # apart from toyworld.evaluate's and every training seed
+# An off-grid pair is scored only if no centre distance lies this close to POSITION_MARGIN (a
+# hand-drawn box could put it on either side).
+RELATION_CLEARANCE = 0.04
+
+
+@dataclass
+class StressCase:
+    """One image and its boxes (pixels xyxy) with the caption each should get (None: unknown)."""
+
+    image: Image.Image
+    boxes: list[tuple[float, float, float, float]]
+    captions: list[str | None]
+    relations: bool = False  # score relations between this image's boxes
+    objects: list[SceneObject] = field(default_factory=list)  # the drawn objects (relation truth)
+
+
+# ---------------------------------------------------------------------- drawing
+def _canvas(rng: random.Random, w: int, h: int, kind: str) -> Image.Image:
+    """A ``w`` x ``h`` background: ``grey`` (the generator's), ``white``, ``dark`` or ``textured``."""
+    if kind == "grey":
+        g = rng.randint(200, 240)
+        return Image.new("RGB", (w, h), (g, g, g))
+    if kind == "white":
+        return Image.new("RGB", (w, h), (255, 255, 255))
+    if kind == "dark":
+        g = rng.randint(15, 60)
+        return Image.new("RGB", (w, h), (g, g, g))
+    gen = np.random.default_rng(rng.getrandbits(32))
+    a, b = gen.uniform(0, 255, 3), gen.uniform(0, 255, 3)
+    t = np.linspace(0, 1, w)[None, :, None] if gen.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+    img = a * (1 - t) + b * t + np.zeros((h, w, 3))
+    period = gen.integers(6, 24)
+    stripes = ((np.arange(w)[None, :] + np.arange(h)[:, None]) // period) % 2
+    img += (stripes[..., None] - 0.5) * gen.uniform(10, 40)
+    img += gen.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _draw(canvas: Image.Image, objects: Sequence[SceneObject]) -> Image.Image:
+    image = canvas.copy()
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        draw_shape(draw, obj.shape, obj.box, COLORS[obj.color])
+    return image
+
+
+def _free_layout(
+    rng: random.Random, w: int, h: int, count: int, spec: SceneSpec, sides: Callable[[], tuple[str, float]]
+) -> list[SceneObject] | None:
+    """``count`` non-overlapping objects anywhere on the canvas (a gap of 2 % of the shorter side),
+    each of ``sides()`` (size word, side in pixels); None if they do not fit."""
+    gap = 0.02 * min(w, h)
+    objects: list[SceneObject] = []
+    for _ in range(count):
+        size, side = sides()
+        for _ in range(200):
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(
+                box[0] > o.box[2] + gap
+                or o.box[0] > box[2] + gap
+                or box[1] > o.box[3] + gap
+                or o.box[1] > box[3] + gap
+                for o in objects
+            ):
+                break
+        else:
+            return None
+        objects.append(SceneObject(rng.choice(list(spec.colors)), rng.choice(list(spec.shapes)), size, box))
+    return objects
+
+
+def _class_side(rng: random.Random, spec: SceneSpec, short: int) -> Callable[[], tuple[str, float]]:
+    def pick() -> tuple[str, float]:
+        size = rng.choice(list(spec.sizes))
+        return size, short * (SIZE_FRACTIONS[size] + rng.uniform(-0.01, 0.01))
+
+    return pick
+
+
+# ---------------------------------------------------------------------- conditions
+def _scene_case(objects: list[SceneObject], image: Image.Image, relations: bool = False) -> StressCase:
+    return StressCase(image, [o.box for o in objects], [o.caption for o in objects], relations, objects)
+
+
+def _generator(rng: random.Random, spec: SceneSpec) -> StressCase:
+    scene = make_scene(rng, spec)
+    return _scene_case(scene.objects, scene.image, relations=True)
+
+
+def _free(rng: random.Random, spec: SceneSpec, counts: tuple[int, int], relations: bool) -> StressCase:
+    while True:
+        w = rng.randint(spec.min_side, spec.max_side)
+        h = rng.randint(max(spec.min_side, int(w / 1.6)), min(spec.max_side, int(w * 1.6)))
+        objects = _free_layout(rng, w, h, rng.randint(*counts), spec, _class_side(rng, spec, min(w, h)))
+        if objects is not None:
+            return _scene_case(objects, _draw(_canvas(rng, w, h, "grey"), objects), relations)
+
+
+def _jitter(rng: random.Random, spec: SceneSpec) -> StressCase:
+    case = _generator(rng, spec)
+    w, h = case.image.size
+    loose = []
+    for x0, y0, x1, y1 in case.boxes:
+        dx, dy = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
+        box = (
+            x0 + rng.uniform(-dx, dx),
+            y0 + rng.uniform(-dy, dy),
+            x1 + rng.uniform(-dx, dx),
+            y1 + rng.uniform(-dy, dy),
+        )
+        loose.append((max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3])))
+    return StressCase(case.image, loose, case.captions)
+
+
+def _background(kind: str) -> Callable[[random.Random, SceneSpec], StressCase]:
+    def make(rng: random.Random, spec: SceneSpec) -> StressCase:
+        scene = make_scene(rng, spec)
+        canvas = _canvas(rng, scene.width, scene.height, kind)
+        return _scene_case(scene.objects, _draw(canvas, scene.objects))
+
+    return make
+
+
+def _zoom4(rng: random.Random, spec: SceneSpec) -> StressCase:
+    scene = make_scene(rng, spec)
+    image = scene.image.resize((scene.width * 4, scene.height * 4), Image.Resampling.BICUBIC)
+    boxes = [(x0 * 4, y0 * 4, x1 * 4, y1 * 4) for x0, y0, x1, y1 in (o.box for o in scene.objects)]
+    return StressCase(image, boxes, [o.caption for o in scene.objects])
+
+
+def _small_in_large(rng: random.Random, spec: SceneSpec) -> StressCase:
+    while True:
+        w = rng.randint(1000, 1500)
+        h = rng.randint(int(w / 1.6), min(1500, int(w * 1.6)))
+        short = min(w, h)
+        objects = _free_layout(
+            rng, w, h, rng.randint(3, 6), spec, lambda s=short: ("small", s * rng.uniform(0.015, 0.03))
+        )
+        if objects is not None:
+            return _scene_case(objects, _draw(_canvas(rng, w, h, "grey"), objects))
+
+
+def _no_object(rng: random.Random, spec: SceneSpec) -> StressCase:
+    """A generator scene with one extra box on empty background (object-sized, touching none)."""
+    while True:
+        scene = make_scene(rng, spec)
+        w, h = scene.width, scene.height
+        side = min(w, h) * SIZE_FRACTIONS[rng.choice(list(spec.sizes))]
+        for _ in range(100):
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(
+                box[0] >= o.box[2] or o.box[0] >= box[2] or box[1] >= o.box[3] or o.box[1] >= box[3]
+                for o in scene.objects
+            ):
+                return StressCase(scene.image, [box], [NO_OBJECT])
+
+
+MAKERS: dict[str, Callable[[random.Random, SceneSpec], StressCase]] = {
+    "generator": _generator,
+    "off-grid": lambda rng, spec: _free(rng, spec, (spec.min_objects, spec.max_objects), True),
+    "crowded": lambda rng, spec: _free(rng, spec, (5, 8), False),
+    "jitter": _jitter,
+    "white": _background("white"),
+    "dark": _background("dark"),
+    "textured": _background("textured"),
+    "zoom4": _zoom4,
+    "small-in-large": _small_in_large,
+    "no-object": _no_object,
+}
+assert tuple(MAKERS) == CONDITIONS
+
+
+def conditions(count: int, seed: int = 0, spec: SceneSpec | None = None) -> dict[str, list[StressCase]]:
+    """``count`` cases per condition, deterministic per ``seed`` (a condition's cases do not
+    depend on the others')."""
+    spec = spec or SceneSpec()
+    out = {}
+    for k, name in enumerate(CONDITIONS):
+        rng = random.Random(STRESS_SEED_OFFSET + seed * 1_000_003 + k * 10_007)
+        out[name] = [MAKERS[name](rng, spec) for _ in range(count)]
+    return out
+
+
+def photo_cases(boxes_per_photo: int = 6, seed: int = 0) -> list[StressCase]:
+    """Photos shipped with matplotlib (its sample data), each with random object-sized boxes."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    rng = random.Random(STRESS_SEED_OFFSET - 1 + seed)
+    cases = []
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        boxes = []
+        for _ in range(boxes_per_photo):
+            side = min(w, h) * rng.uniform(0.15, 0.4)
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            boxes.append((x0, y0, x0 + side, y0 + side))
+        cases.append(StressCase(image, boxes, [None] * len(boxes)))
+    return cases
+
+
+# ---------------------------------------------------------------------- metrics
+def auroc(scores: Sequence[float], right: Sequence[bool]) -> float:
+    """Probability that a wrong answer scores below a right one (ties count half): the AUROC of
+    "low score = wrong"; NaN without both kinds."""
+    wrong = [s for s, ok in zip(scores, right) if not ok]
+    good = [s for s, ok in zip(scores, right) if ok]
+    if not wrong or not good:
+        return float("nan")
+    pairs = sum((w < g) + 0.5 * (w == g) for w in wrong for g in good)
+    return pairs / (len(wrong) * len(good))
+
+
+def expected_calibration_error(scores: Sequence[float], right: Sequence[bool], bins: int = 10) -> float:
+    """Mean |accuracy - mean score| over equal-width score bins, weighted by the bins' counts."""
+    if not scores:
+        return float("nan")
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [(s, ok) for s, ok in zip(scores, right) if lo <= s < hi or (b == bins - 1 and s == 1.0)]
+        if members:
+            acc = sum(ok for _, ok in members) / len(members)
+            conf = sum(s for s, _ in members) / len(members)
+            total += len(members) * abs(acc - conf)
+    return total / len(scores)
+
+
+def _unambiguous(a: SceneObject, b: SceneObject, w: int, h: int) -> bool:
+    (ax, ay), (bx, by) = (box_center(pixels_to_normalized(o.box, w, h)) for o in (a, b))
+    return all(abs(abs(d) - POSITION_MARGIN) > RELATION_CLEARANCE for d in (ax - bx, ay - by))
+
+
+def _score(engine: InferenceEngine, cases: Sequence[StressCase], batch: int = 8) -> dict:
+    captions: list[tuple[float, bool]] = []
+    relations = [0, 0]
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        boxes = [boxes_tensor(c.boxes, c.image.width, c.image.height) for c in chunk]
+        reports = describe_regions(
+            engine, [c.image for c in chunk], boxes, attributes=(), relations=any(c.relations for c in chunk)
+        )
+        for case, report in zip(chunk, reports):
+            for truth, region in zip(case.captions, report.regions):
+                assert region.caption is not None
+                captions.append((region.caption.score, region.caption.text.strip() == truth))
+            if not case.relations:
+                continue
+            w, h = case.image.size
+            for r in report.relations:
+                a, b = case.objects[r.source], case.objects[r.target]
+                if _unambiguous(a, b, w, h):
+                    relations[0] += r.labels == relation_labels(a.box, b.box, w, h)
+                    relations[1] += 1
+    result: dict = {
+        "regions": len(captions),
+        "caption_exact_match": sum(ok for _, ok in captions) / max(1, len(captions)),
+        "mean_score": sum(s for s, _ in captions) / max(1, len(captions)),
+        "_pairs": captions,
+    }
+    if relations[1]:
+        result["relation_accuracy"] = relations[0] / relations[1]
+        result["relation_pairs"] = relations[1]
+    return result
+
+
+def run_stress(engine: InferenceEngine, count: int = 60, seed: int = 0) -> dict:
+    """Every condition's figures, the scores' AUROC / ECE over all of them, the photos' mean score."""
+    table = {}
+    mix: list[tuple[float, bool]] = []
+    for name, cases in conditions(count, seed).items():
+        figures = _score(engine, cases)
+        mix += figures.pop("_pairs")
+        table[name] = figures
+    photos = _score(engine, photo_cases(seed=seed))
+    photos.pop("_pairs")
+    scores, right = [s for s, _ in mix], [ok for _, ok in mix]
+    return {
+        "conditions": table,
+        "photos": {"regions": photos["regions"], "mean_score": photos["mean_score"]},
+        "scores": {
+            "auroc_low_score_wrong": auroc(scores, right),
+            "ece": expected_calibration_error(scores, right),
+            "mean_score_right": _mean([s for s, ok in mix if ok]),
+            "mean_score_wrong": _mean([s for s, ok in mix if not ok]),
+        },
+        "images_per_condition": count,
+        "seed": seed,
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def format_stress(result: dict) -> str:
+    """The stress table as Markdown (what docs/benchmarks.md quotes)."""
+    lines = [
+        "| condition | regions | caption exact | relation accuracy (pairs) | mean score |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, f in result["conditions"].items():
+        rel = f"{f['relation_accuracy']:.3f} ({f['relation_pairs']})" if "relation_accuracy" in f else "-"
+        lines.append(
+            f"| {name} | {f['regions']} | {f['caption_exact_match']:.3f} | {rel} | {f['mean_score']:.3f} |"
+        )
+    p = result["photos"]
+    lines.append(f"| photos | {p['regions']} | - | - | {p['mean_score']:.3f} |")
+    s = result["scores"]
+    lines.append("")
+    lines.append(
+        f"AUROC (low score = wrong) {s['auroc_low_score_wrong']:.3f}, ECE {s['ece']:.3f}, mean score right "
+        f"{s['mean_score_right']:.3f} / wrong {s['mean_score_wrong']:.3f}"
+    )
+    return "\n".join(lines)
