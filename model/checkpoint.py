@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from model import lm as lm_module
+from model.calibration import ScoreCalibration
 from model.config import ModelConfig, TrainConfig, load_model_config, save_json
 from model.device import pick_dtype
 from model.footprint import MemoryEstimate, estimate_memory
@@ -170,6 +171,9 @@ def save_checkpoint(
     if train_cfg is not None:
         save_json(train_cfg.to_dict(), folder / "train_config.json")
     save_json(metadata or {}, folder / "version.json")
+    calibration = getattr(model, "score_calibration", None)
+    if calibration is not None:  # a fine-tuned version keeps its parent's until fitted again
+        calibration.save(folder)
     return folder
 
 
@@ -199,6 +203,7 @@ def load_model(
     model = _load(folder, device, dtype)
     if verify:
         smoke_check(model)
+    model.score_calibration = ScoreCalibration.load(folder)  # None: the engine's scores stay raw
     return model
 
 

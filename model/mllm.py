@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model.calibration import ScoreCalibration
 from model.config import ModelConfig
 from model.prompt import BBOX, IGNORE_INDEX, IM_PATCH, EncodedPrompt, PromptBuilder
 from model.region_encoder import RegionEncoder
@@ -94,6 +95,8 @@ class RegionMLLM(nn.Module):
         self.image_patch_id = int(tokenizer.convert_tokens_to_ids(IM_PATCH))
         self.bbox_id = int(tokenizer.convert_tokens_to_ids(BBOX))
         self.stage = 2
+        # Its folder's answer-score calibration (model.calibration), set by load_model; None: raw.
+        self.score_calibration: ScoreCalibration | None = None
 
     # ------------------------------------------------------------------ freeze policy
     def set_stage(self, stage: int) -> None:

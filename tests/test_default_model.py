@@ -58,7 +58,7 @@ def test_default_model_engine_equals_naive_with_eos():
     for (i, q), ans in zip(queries, got):
         text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
         assert ans.text == text
-        assert ans.score == pytest.approx(score, abs=1e-4)
+        assert ans.raw_score == pytest.approx(score, abs=1e-4)
 
 
 def test_default_model_quick_accuracy():

@@ -69,7 +69,7 @@ def test_engine_equals_naive_greedy(scrambled, lean):
     for (i, q), ans in zip(queries, got):
         text, score = generate_naive(m, m.processor(images[i]), boxes[i], q, max_new_tokens=12)
         assert ans.text == text, (i, q)
-        assert ans.score == pytest.approx(score, abs=1e-4)
+        assert ans.raw_score == pytest.approx(score, abs=1e-4)
     assert len({a.text for a in got}) == len(got)  # every prompt gives its own answer
     # One image per request (its prefix broadcast to every row, not concatenated): same answers.
     alone = InferenceEngine(m, "t", max_new_tokens=12, lean=lean).answer(
@@ -214,4 +214,4 @@ def test_mixed_length_answers_decode_together_and_finished_rows_leave():
     for i, q, ans in asked:
         text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
         assert ans.text == text, q
-        assert ans.score == pytest.approx(score, abs=1e-4)
+        assert ans.raw_score == pytest.approx(score, abs=1e-4)

@@ -133,4 +133,4 @@ def test_engine_and_naive_cut_split_characters_alike():
     for (i, q), ans in zip(queries, got):
         text, score = generate_naive(m, m.processor(images[i]), boxes[i], q, max_new_tokens=12)
         assert ans.text == text and "\ufffd" not in text, (i, q)
-        assert ans.score == pytest.approx(score, abs=1e-4)
+        assert ans.raw_score == pytest.approx(score, abs=1e-4)

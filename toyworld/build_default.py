@@ -29,6 +29,7 @@ from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 from model.tokenizer import train_tokenizer
 from model.training import TrainOptions, train
+from toyworld.calibrate import fit_calibration
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from toyworld.train_clip import train_clip
@@ -120,8 +121,12 @@ def build_default(
     eval_images: int = 200,
     eval_every: int = 0,
     resume: Path | None = None,
+    calibration_images: int = 40,
 ) -> dict:
     """Run every phase and write the checkpoint folder ``out``; returns the figures recorded.
+
+    ``calibration_images``: images per stress condition the answer-score calibration is fitted on
+    (:mod:`toyworld.calibrate`; 0: none, the scores stay raw).
 
     ``resume``: a folder an earlier build of the same recipe wrote; its model is loaded and the
     phases it records as done are skipped (a long build continued instead of started again).
@@ -165,6 +170,11 @@ def build_default(
         if eval_images:
             figures["evaluation"] = evaluation_rates(
                 evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
+            )
+        if calibration_images:
+            engine = InferenceEngine(model, DEFAULT_VERSION)
+            model.score_calibration, figures["calibration"] = fit_calibration(
+                engine, fit_images=calibration_images
             )
         meta = {
             "version": DEFAULT_VERSION,
@@ -248,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-images", type=int, default=200, help="held-out scenes scored at the end")
     ap.add_argument("--resume", type=Path, default=None, help="continue a build: skip the phases it did")
     ap.add_argument("--eval-every", type=int, default=0, help="quick evaluation every N steps (0: off)")
+    ap.add_argument("--calibration-images", type=int, default=40, help="per stress condition (0: none)")
     args = ap.parse_args(argv)
     figures = build_default(
         args.out,
@@ -259,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_images=args.eval_images,
         eval_every=args.eval_every,
         resume=args.resume,
+        calibration_images=args.calibration_images,
     )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")

@@ -250,7 +250,7 @@ def conditions(count: int, seed: int = 0, spec: SceneSpec | None = None) -> dict
     return out
 
 
-def photo_cases(boxes_per_photo: int = 6, seed: int = 0) -> list[StressCase]:
+def photo_cases(boxes_per_photo: int = 20, seed: int = 0) -> list[StressCase]:
     """Photos shipped with matplotlib (its sample data), each with random object-sized boxes."""
     import matplotlib
 

@@ -35,8 +35,15 @@ __all__ = ["Answer", "EngineStats", "InferenceEngine"]
 @dataclass
 class Answer:
     text: str
-    score: float  # mean probability of the generated tokens (EOS included)
+    # The calibrated probability that the answer is right when the model has a calibration
+    # (model.calibration), else ``raw_score``.
+    score: float
     num_tokens: int
+    raw_score: float | None = None  # mean probability of the generated tokens (EOS included)
+
+    def __post_init__(self) -> None:
+        if self.raw_score is None:
+            self.raw_score = self.score
 
 
 @dataclass
@@ -71,6 +78,7 @@ class InferenceEngine:
         self.lean = lean  # lean Llama decode steps where they apply (model.inference.kv_decode)
         self.stop = StopString(model.tokenizer, model.prompts.stop_text or STOP_STRING)
         self.text = AnswerText(model.tokenizer, model.prompts.stop_text)  # whole characters only
+        self.calibration = getattr(model, "score_calibration", None)  # None: scores stay raw
 
     # ------------------------------------------------------------------ image states
     def _build_states(self, images: Sequence[Image.Image]) -> list[ImageState]:
@@ -155,8 +163,35 @@ class InferenceEngine:
             for start in range(0, len(queries), self.max_batch):
                 end = start + self.max_batch
                 answers += self._decode(states, feats, list(queries[start:end]), encoded[start:end])
+            if self.calibration is not None:
+                answers = self._calibrated(answers, feats, queries, encoded)
             self.stats.questions += len(queries)
             return answers
+
+    @torch.inference_mode()
+    def region_tokens(self, images: Sequence[ImageLike], boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The region tokens ``(N_i, D)`` of every box of every image (``boxes[i]``: ``(N_i, 4)``
+        normalised), as the questions about them read them."""
+        with self._lock:
+            states = self.image_states(images)
+            return self._region_features(states, boxes, [set(range(len(b))) for b in boxes])
+
+    def _calibrated(
+        self,
+        answers: list[Answer],
+        feats: Sequence[torch.Tensor],
+        queries: Sequence[tuple[int, str]],
+        encoded: Sequence[tuple[list[int], list[int]]],
+    ) -> list[Answer]:
+        """``answers`` with calibrated scores: each reads its raw score and the largest distance of
+        the regions its question is about from the model's training statistics."""
+        assert self.calibration is not None
+        distances = [self.calibration.distance(f).tolist() for f in feats]
+        out = []
+        for ans, (i, _), (_, order) in zip(answers, queries, encoded):
+            far = max((distances[i][k] for k in order), default=0.0)
+            out.append(Answer(ans.text, self.calibration.score(ans.score, far), ans.num_tokens, ans.score))
+        return out
 
     def _region_features(
         self,

@@ -1,0 +1,114 @@
+"""Fit a model's answer-score calibration on the toy world and store it in its folder.
+
+    python -m toyworld.calibrate --model model/default [--scenes 300] [--fit-images 40]
+
+1. Region-token statistics (:func:`model.inference.calibration.fit_region_statistics`) from
+   ``--scenes`` generator scenes (the training distribution; seeds no evaluation uses).
+2. A logistic map from each caption's features (mean token probability, the region's Mahalanobis
+   distance) to "the caption is right", fitted on the stress conditions at ``--fit-seed`` (1): a
+   split held out from the evaluation's seed 0 (``python -m toyworld.evaluate --suite stress``).
+3. ``calibration.safetensors`` is written into the folder and its manifest renewed.
+
+The calibration belongs to the weights it was fitted for: a model whose weights change (a
+fine-tuned version) keeps its parent's until it is fitted again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from model.calibration import (
+    ScoreCalibration,
+    answer_features,
+    fit_platt,
+    fit_region_statistics,
+)
+from model.geometry import boxes_tensor
+from model.inference.describe import describe_regions
+from model.inference.engine import InferenceEngine
+from toyworld.scenes import SceneSpec, make_scene
+from toyworld.stress import StressCase, conditions
+
+__all__ = ["fit_calibration", "main"]
+
+STATISTICS_SEED = 5_551_000  # generator scenes for the region statistics, apart from every other seed
+
+
+def _tokens(engine: InferenceEngine, cases: Sequence[StressCase]) -> list[torch.Tensor]:
+    return engine.region_tokens(
+        [c.image for c in cases], [boxes_tensor(c.boxes, c.image.width, c.image.height) for c in cases]
+    )
+
+
+def fit_calibration(
+    engine: InferenceEngine,
+    scenes: int = 300,
+    fit_images: int = 40,
+    fit_seed: int = 1,
+    shrinkage: float = 0.02,
+) -> tuple[ScoreCalibration, dict]:
+    """The calibration of ``engine``'s model (fitted on its raw scores) and fit figures."""
+    saved, engine.calibration = engine.calibration, None  # fit on raw scores
+    try:
+        rng = random.Random(STATISTICS_SEED)
+        generator = [make_scene(rng, SceneSpec()) for _ in range(scenes)]
+        cases = [StressCase(s.image, [o.box for o in s.objects], []) for s in generator]
+        tokens = torch.cat(
+            [t for start in range(0, len(cases), 16) for t in _tokens(engine, cases[start : start + 16])]
+        )
+        mean, precision = fit_region_statistics(tokens, shrinkage)
+        stats_only = ScoreCalibration(mean, precision, torch.zeros(0), torch.zeros(()))
+        features, right = [], []
+        for group in conditions(fit_images, fit_seed).values():
+            for start in range(0, len(group), 8):
+                chunk = group[start : start + 8]
+                distances = [stats_only.distance(t) for t in _tokens(engine, chunk)]
+                boxes = [boxes_tensor(c.boxes, c.image.width, c.image.height) for c in chunk]
+                reports = describe_regions(
+                    engine, [c.image for c in chunk], boxes, attributes=(), relations=False
+                )
+                for case, report, dist in zip(chunk, reports, distances):
+                    for truth, region, d in zip(case.captions, report.regions, dist.tolist()):
+                        assert region.caption is not None
+                        features.append(answer_features(region.caption.score, d))
+                        right.append(region.caption.text.strip() == truth)
+        weights, bias = fit_platt(torch.tensor(features), torch.tensor(right))
+    finally:
+        engine.calibration = saved
+    figures = {
+        "statistics_tokens": len(tokens),
+        "fit_answers": len(right),
+        "fit_right": sum(right),
+        "weights": [round(w, 4) for w in weights.tolist()],
+        "bias": round(float(bias), 4),
+    }
+    return ScoreCalibration(mean, precision, weights, bias), figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.checkpoint import DEFAULT_DIR, load_model, read_metadata, write_manifest
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="checkpoint folder (written to)")
+    ap.add_argument("--scenes", type=int, default=300, help="generator scenes for the region statistics")
+    ap.add_argument("--fit-images", type=int, default=40, help="images per stress condition for the fit")
+    ap.add_argument("--fit-seed", type=int, default=1)
+    ap.add_argument("--shrinkage", type=float, default=0.02)
+    args = ap.parse_args(argv)
+    engine = InferenceEngine(load_model(args.model), version=read_metadata(args.model).get("version", "?"))
+    calibration, figures = fit_calibration(
+        engine, args.scenes, args.fit_images, args.fit_seed, args.shrinkage
+    )
+    path = calibration.save(args.model)
+    write_manifest(args.model)
+    print(f"{path} written: {figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
