@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from model.geometry import box_center, pixels_to_normalized
 
 __all__ = [
+    "NO_OBJECT",
     "ATTRIBUTE_QUESTION",
     "ATTRIBUTE_QUESTIONS",
     "ATTRIBUTE_VALUES",
@@ -59,6 +60,8 @@ RELATION_QUESTION = RELATION_QUESTIONS[0]
 
 RELATION_LABELS = ("left of", "right of", "above", "below", "larger than", "smaller than")
 POSITION_MARGIN = 0.15  # normalised centre distance below which no left/right/above/below is said
+# What a region that holds no object is (its caption, and what the stress suite expects there).
+NO_OBJECT = "no object"
 SIZE_THRESHOLDS = (0.20, 0.28)  # max(w, h) normalised: small < 0.20 <= medium < 0.28 <= large
 SIZE_ORDER = ("small", "medium", "large")
 

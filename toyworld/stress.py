@@ -30,14 +30,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from model.geometry import box_center, boxes_tensor, pixels_to_normalized
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
-from model.tasks import POSITION_MARGIN, relation_labels
-from toyworld.scenes import COLORS, SIZE_FRACTIONS, SceneObject, SceneSpec, draw_shape, make_scene
+from model.tasks import NO_OBJECT, POSITION_MARGIN, relation_labels
+from toyworld.scenes import SIZE_FRACTIONS, SceneObject, SceneSpec, make_scene
+from toyworld.world import canvas, draw_objects
 
 __all__ = [
     "CONDITIONS",
@@ -51,7 +51,6 @@ __all__ = [
     "run_stress",
 ]
 
-NO_OBJECT = "no object"
 CONDITIONS = (
     "generator",
     "off-grid",
@@ -81,36 +80,7 @@ class StressCase:
     objects: list[SceneObject] = field(default_factory=list)  # the drawn objects (relation truth)
 
 
-# ---------------------------------------------------------------------- drawing
-def _canvas(rng: random.Random, w: int, h: int, kind: str) -> Image.Image:
-    """A ``w`` x ``h`` background: ``grey`` (the generator's), ``white``, ``dark`` or ``textured``."""
-    if kind == "grey":
-        g = rng.randint(200, 240)
-        return Image.new("RGB", (w, h), (g, g, g))
-    if kind == "white":
-        return Image.new("RGB", (w, h), (255, 255, 255))
-    if kind == "dark":
-        g = rng.randint(15, 60)
-        return Image.new("RGB", (w, h), (g, g, g))
-    gen = np.random.default_rng(rng.getrandbits(32))
-    a, b = gen.uniform(0, 255, 3), gen.uniform(0, 255, 3)
-    t = np.linspace(0, 1, w)[None, :, None] if gen.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
-    img = a * (1 - t) + b * t + np.zeros((h, w, 3))
-    period = gen.integers(6, 24)
-    stripes = ((np.arange(w)[None, :] + np.arange(h)[:, None]) // period) % 2
-    img += (stripes[..., None] - 0.5) * gen.uniform(10, 40)
-    img += gen.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def _draw(canvas: Image.Image, objects: Sequence[SceneObject]) -> Image.Image:
-    image = canvas.copy()
-    draw = ImageDraw.Draw(image)
-    for obj in objects:
-        draw_shape(draw, obj.shape, obj.box, COLORS[obj.color])
-    return image
-
-
+# ---------------------------------------------------------------------- layout
 def _free_layout(
     rng: random.Random, w: int, h: int, count: int, spec: SceneSpec, sides: Callable[[], tuple[str, float]]
 ) -> list[SceneObject] | None:
@@ -161,7 +131,7 @@ def _free(rng: random.Random, spec: SceneSpec, counts: tuple[int, int], relation
         h = rng.randint(max(spec.min_side, int(w / 1.6)), min(spec.max_side, int(w * 1.6)))
         objects = _free_layout(rng, w, h, rng.randint(*counts), spec, _class_side(rng, spec, min(w, h)))
         if objects is not None:
-            return _scene_case(objects, _draw(_canvas(rng, w, h, "grey"), objects), relations)
+            return _scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects), relations)
 
 
 def _jitter(rng: random.Random, spec: SceneSpec) -> StressCase:
@@ -183,8 +153,8 @@ def _jitter(rng: random.Random, spec: SceneSpec) -> StressCase:
 def _background(kind: str) -> Callable[[random.Random, SceneSpec], StressCase]:
     def make(rng: random.Random, spec: SceneSpec) -> StressCase:
         scene = make_scene(rng, spec)
-        canvas = _canvas(rng, scene.width, scene.height, kind)
-        return _scene_case(scene.objects, _draw(canvas, scene.objects))
+        background = canvas(rng, scene.width, scene.height, kind)
+        return _scene_case(scene.objects, draw_objects(background, scene.objects))
 
     return make
 
@@ -205,7 +175,7 @@ def _small_in_large(rng: random.Random, spec: SceneSpec) -> StressCase:
             rng, w, h, rng.randint(3, 6), spec, lambda s=short: ("small", s * rng.uniform(0.015, 0.03))
         )
         if objects is not None:
-            return _scene_case(objects, _draw(_canvas(rng, w, h, "grey"), objects))
+            return _scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects))
 
 
 def _no_object(rng: random.Random, spec: SceneSpec) -> StressCase:
@@ -231,7 +201,7 @@ MAKERS: dict[str, Callable[[random.Random, SceneSpec], StressCase]] = {
     "jitter": _jitter,
     "white": _background("white"),
     "dark": _background("dark"),
-    "textured": _background("textured"),
+    "textured": _background("texture"),
     "zoom4": _zoom4,
     "small-in-large": _small_in_large,
     "no-object": _no_object,

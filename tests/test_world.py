@@ -1,0 +1,126 @@
+"""The wider toy world (issue 17, item 1): scenes off the grid, any canvas, unambiguous labels."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from model.config import TrainConfig
+from model.tasks import NO_OBJECT, position_text, relation_text, size_class
+from model.training import train
+from tests.model_helpers import tiny_model
+from toyworld.world import (
+    BACKGROUNDS,
+    CLEARANCE,
+    SIZE_BANDS,
+    WorldRecords,
+    WorldSpec,
+    make_world_scene,
+    world_turns,
+)
+
+SPEC = WorldSpec()
+
+
+def _scenes(n: int, seed: int = 0):
+    out = []
+    for i in range(n):
+        rng = random.Random(seed * 1_000_003 + i)
+        scene = make_world_scene(rng, SPEC)
+        out.append((scene, *world_turns(scene, rng, SPEC, num_turns=4)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return _scenes(160)
+
+
+def test_scenes_are_deterministic_per_seed():
+    a, b = _scenes(6, seed=3), _scenes(6, seed=3)
+    for (sa, ra, ta), (sb, rb, tb) in zip(a, b):
+        assert sa.image.tobytes() == sb.image.tobytes() and ra == rb and ta == tb
+    assert _scenes(1, seed=4)[0][0].image.tobytes() != a[0][0].image.tobytes()
+
+
+def test_scenes_cover_the_wider_world_and_keep_size_words_unambiguous(scenes):
+    sides, counts, small_big = [], [], 0
+    for scene, _, _ in scenes:
+        w, h = scene.width, scene.height
+        sides += [w, h]
+        counts.append(len(scene.objects))
+        assert max(w, h) / min(w, h) <= SPEC.max_aspect + 0.02 or max(w, h) <= 224  # grid scenes: 1.6
+        for o in scene.objects:
+            assert 0 <= o.box[0] < o.box[2] <= w and 0 <= o.box[1] < o.box[3] <= h
+            assert o.color != "pink"
+            assert size_class(o.box, w, h) == o.size  # the word always matches the drawn size
+        if (
+            min(w, h) >= 800
+            and scene.objects
+            and all(max(o.box[2] - o.box[0], o.box[3] - o.box[1]) <= 0.04 * min(w, h) for o in scene.objects)
+        ):
+            small_big += 1
+    assert min(sides) < 160 and max(sides) > 1000
+    assert min(counts) <= 2 and max(counts) >= 7
+    assert small_big >= 5  # small objects on large canvases
+    assert SIZE_BANDS["small"][0] <= 0.015
+
+
+def test_turns_are_right_about_jittered_boxes_and_empty_regions(scenes):
+    kinds = {"no_object": 0, "position": 0, "relation": 0}
+    for scene, regions, turns in scenes:
+        w, h = scene.width, scene.height
+        for r in regions:
+            if r.obj is None:
+                assert all(  # an empty box touches no object
+                    r.box[2] <= o.box[0]
+                    or o.box[2] <= r.box[0]
+                    or r.box[3] <= o.box[1]
+                    or o.box[3] <= r.box[1]
+                    for o in scene.objects
+                )
+                continue
+            o = scene.objects[r.obj]
+            for got, true, side in zip(r.box, o.box, (o.box[2] - o.box[0], o.box[3] - o.box[1]) * 2):
+                assert abs(got - true) <= SPEC.box_jitter * side + 1e-6
+        for question, answer in turns:
+            refs = [int(t.split(">")[0]) - 1 for t in question.split("<region")[1:]]
+            targets = [regions[k].obj for k in refs]
+            if answer == NO_OBJECT:
+                assert targets == [None]
+                kinds["no_object"] += 1
+            elif answer in {o.caption for o in scene.objects}:
+                assert scene.objects[targets[0]].caption == answer
+            elif "part" in question:
+                o = scene.objects[targets[0]]
+                assert answer == position_text(o.box, w, h)
+                cx, cy = (o.box[0] + o.box[2]) / 2 / w, (o.box[1] + o.box[3]) / 2 / h
+                assert all(abs(c - e) > CLEARANCE for c in (cx, cy) for e in (1 / 3, 2 / 3))
+                kinds["position"] += 1
+            elif len(refs) == 2:
+                a, b = (scene.objects[t].box for t in targets)
+                assert answer == relation_text(a, b, w, h)
+                kinds["relation"] += 1
+            else:
+                o = scene.objects[targets[0]]
+                assert answer in (o.color, o.shape, o.size), (question, answer)
+    assert all(v >= 10 for v in kinds.values()), kinds
+
+
+def test_every_background_is_drawn():
+    from toyworld.world import canvas
+
+    rng = random.Random(1)
+    for kind in BACKGROUNDS:
+        image = canvas(rng, 120, 90, kind)
+        assert image.size == (120, 90)
+    assert len(canvas(rng, 200, 100, "texture").getcolors(1 << 20) or []) > 1000
+
+
+def test_world_records_train_a_model():
+    records = WorldRecords(seed=2, count=16, spec=WorldSpec(max_side=400), num_turns=2)
+    rec = records[3]
+    assert len(rec["boxes"]) == len(rec["box_labels"]) and rec["conversations"]
+    history = train(tiny_model(seed=5), records, TrainConfig(steps=2, batch_size=2, log_every=1))
+    assert len(history) >= 1 and all(h["loss"] == h["loss"] for h in history)  # finite

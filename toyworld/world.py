@@ -1,0 +1,354 @@
+"""The wider toy world: scenes a user could draw boxes on, not only the 3x3 grid.
+
+:func:`make_world_scene` draws, deterministically per ``rng``: 1-8 objects placed anywhere (a share
+of scenes keeps the original grid layout), partial overlaps (later objects drawn over earlier
+ones), continuous sizes inside bands that leave each size word unambiguous (down to 1.5 % of the
+shorter side, the small objects of a large photo), canvases of any aspect ratio from ``min_side``
+to ``max_side`` pixels, plain backgrounds of any colour, gradients and textures, shades of each
+object colour, and distractor marks (lines, dots) that are not objects.
+
+:func:`world_turns` asks about the scene's regions with hand-drawn boxes (every edge jittered by up
+to ``box_jitter`` of the box side) and, now and then, a box on empty background whose right answer
+is :data:`model.tasks.NO_OBJECT`.  Positions and relations are only asked where the scene puts
+them clearly on one side of a boundary (:data:`CLEARANCE`), so labels stay right off the grid.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from model.geometry import box_center, pixels_to_normalized
+from model.tasks import (
+    ATTRIBUTE_QUESTIONS,
+    CAPTION_QUESTIONS,
+    NO_OBJECT,
+    POSITION_MARGIN,
+    POSITION_QUESTIONS,
+    RELATION_QUESTIONS,
+    SIZE_THRESHOLDS,
+    position_text,
+    relation_text,
+)
+from toyworld.scenes import (
+    COLORS,
+    HELD_OUT_COLORS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    SceneSpec,
+    draw_shape,
+    make_scene,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "CLEARANCE",
+    "SIZE_BANDS",
+    "Region",
+    "WorldScene",
+    "WorldSpec",
+    "canvas",
+    "draw_objects",
+    "WorldRecords",
+    "make_world_scene",
+    "world_record",
+    "world_turns",
+]
+
+# Object side (its box's larger side / the canvas's shorter side) per size word: bands kept clear
+# of model.tasks.SIZE_THRESHOLDS (0.20, 0.28) so the word is never a coin toss.
+SIZE_BANDS: dict[str, tuple[float, float]] = {
+    "small": (0.015, 0.18),
+    "medium": (0.215, 0.265),
+    "large": (0.295, 0.40),
+}
+assert SIZE_BANDS["small"][1] < SIZE_THRESHOLDS[0] < SIZE_BANDS["medium"][0]
+assert SIZE_BANDS["medium"][1] < SIZE_THRESHOLDS[1] < SIZE_BANDS["large"][0]
+BACKGROUNDS = ("grey", "plain", "white", "dark", "gradient", "texture")
+# Normalised distance a box centre keeps from a position boundary (a third of the image) or from the
+# relation margin before the scene asks about it: a hand-drawn box moves centres by a few percent.
+CLEARANCE = 0.04
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What the wider world may draw (defaults: everything the issue lists, pink held out)."""
+
+    colors: Sequence[str] = field(default_factory=lambda: [c for c in COLORS if c not in HELD_OUT_COLORS])
+    shapes: Sequence[str] = SHAPES
+    min_objects: int = 1
+    max_objects: int = 8
+    min_side: int = 96
+    max_side: int = 1500
+    max_aspect: float = 2.5
+    grid_share: float = 0.25  # scenes laid out by the original generator (its world stays learnt)
+    overlap_share: float = 0.3  # scenes whose objects may overlap
+    max_overlap: float = 0.35  # of an object's box covered by one drawn later
+    small_share: float = 0.15  # scenes of only small objects, 1.5-4 % of the side, on canvases >= 800 px
+    background_weights: Sequence[float] = (0.3, 0.2, 0.1, 0.1, 0.15, 0.15)  # per BACKGROUNDS
+    max_distractors: int = 4
+    shade: float = 0.12  # each object's RGB scaled by up to +-12 %
+    box_jitter: float = 0.15  # per edge, of the box's side
+    no_object_share: float = 0.15  # turns asking about a box on empty background
+
+
+@dataclass
+class WorldScene:
+    """A drawn scene: its image and objects (true boxes, drawing order: later ones on top)."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box shown to the model and what it holds: ``obj`` index, or None for empty background."""
+
+    box: tuple[float, float, float, float]
+    obj: int | None
+
+
+# ---------------------------------------------------------------------- drawing
+def canvas(rng: random.Random, w: int, h: int, kind: str) -> Image.Image:
+    """A ``w`` x ``h`` background of one of :data:`BACKGROUNDS`."""
+    if kind == "grey":
+        g = rng.randint(200, 240)
+        return Image.new("RGB", (w, h), (g, g, g))
+    if kind == "white":
+        return Image.new("RGB", (w, h), (255, 255, 255))
+    if kind == "dark":
+        g = rng.randint(15, 60)
+        return Image.new("RGB", (w, h), (g, g, g))
+    if kind == "plain":
+        return Image.new("RGB", (w, h), tuple(rng.randint(0, 255) for _ in range(3)))  # type: ignore[arg-type]
+    gen = np.random.default_rng(rng.getrandbits(32))
+    a, b = gen.uniform(0, 255, 3), gen.uniform(0, 255, 3)
+    t = np.linspace(0, 1, w)[None, :, None] if gen.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+    img = a * (1 - t) + b * t + np.zeros((h, w, 3))
+    if kind == "texture":
+        period = gen.integers(6, 24)
+        stripes = ((np.arange(w)[None, :] + np.arange(h)[:, None]) // period) % 2
+        img += (stripes[..., None] - 0.5) * gen.uniform(10, 40)
+        img += gen.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def draw_objects(
+    image: Image.Image, objects: Sequence[SceneObject], shades: Sequence[float] | None = None
+) -> Image.Image:
+    """``objects`` drawn in order on a copy of ``image``, each colour scaled by its ``shades`` factor."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    for k, obj in enumerate(objects):
+        f = shades[k] if shades else 1.0
+        color = tuple(int(min(255, max(0, c * f))) for c in COLORS[obj.color])
+        draw_shape(draw, obj.shape, obj.box, color)  # type: ignore[arg-type]
+    return out
+
+
+def _distractors(image: Image.Image, rng: random.Random, count: int) -> None:
+    """Thin lines and dots: marks on the canvas that are not objects (and are never asked about)."""
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    for _ in range(count):
+        color = tuple(rng.randint(0, 255) for _ in range(3))
+        if rng.random() < 0.5:
+            pts = [(rng.uniform(0, w), rng.uniform(0, h)) for _ in range(2)]
+            draw.line(pts, fill=color, width=rng.randint(1, max(1, min(w, h) // 150)))  # type: ignore[arg-type]
+        else:
+            r = max(1.0, min(w, h) * rng.uniform(0.002, 0.006))
+            x, y = rng.uniform(0, w), rng.uniform(0, h)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- layout
+def _covered(a: tuple, b: tuple) -> float:
+    """Share of box ``a``'s area inside box ``b``."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy / max(1e-9, (a[2] - a[0]) * (a[3] - a[1]))
+
+
+def _free_objects(rng: random.Random, spec: WorldSpec, w: int, h: int, small_only: bool) -> list[SceneObject]:
+    short = min(w, h)
+    overlap = spec.max_overlap if rng.random() < spec.overlap_share else 0.0
+    gap = 0.0 if overlap else 0.02 * short
+    objects: list[SceneObject] = []
+    for _ in range(rng.randint(spec.min_objects, spec.max_objects)):
+        size = "small" if small_only else rng.choice(list(SIZE_BANDS))
+        lo, hi = (0.015, 0.04) if small_only else SIZE_BANDS[size]
+        side = short * rng.uniform(lo, hi)
+        for _ in range(100):
+            x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            grown = (x0 - gap, y0 - gap, x0 + side + gap, y0 + side + gap)
+            if all(_covered(o.box, grown) <= overlap and _covered(grown, o.box) <= overlap for o in objects):
+                objects.append(
+                    SceneObject(rng.choice(list(spec.colors)), rng.choice(list(spec.shapes)), size, box)
+                )
+                break
+    return objects
+
+
+def _inside(obj: SceneObject, w: int, h: int) -> SceneObject:
+    """``obj`` moved (not resized) to lie on the canvas: the grid's jitter can overhang it a little."""
+    x0, y0, x1, y1 = obj.box
+    dx = max(0.0, -x0) - max(0.0, x1 - w)
+    dy = max(0.0, -y0) - max(0.0, y1 - h)
+    return SceneObject(obj.color, obj.shape, obj.size, (x0 + dx, y0 + dy, x1 + dx, y1 + dy))
+
+
+def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> WorldScene:
+    """One scene of the wider world (see the module docstring); deterministic per ``rng``."""
+    spec = spec or WorldSpec()
+    if rng.random() < spec.grid_share:  # the original generator's scene, on another background
+        grid = make_scene(rng, SceneSpec(colors=spec.colors, shapes=spec.shapes))
+        (w, h), objects = grid.image.size, [_inside(o, *grid.image.size) for o in grid.objects]
+    else:
+        small_only = rng.random() < spec.small_share
+        lo = max(spec.min_side, 800) if small_only else spec.min_side
+        # Log-uniform side: as many small canvases as large ones.
+        w = int(round(np.exp(rng.uniform(np.log(lo), np.log(spec.max_side)))))
+        aspect = np.exp(rng.uniform(-np.log(spec.max_aspect), np.log(spec.max_aspect)))
+        h = int(min(spec.max_side, max(lo if small_only else spec.min_side, round(w / aspect))))
+        objects = _free_objects(rng, spec, w, h, small_only)
+    kind = rng.choices(BACKGROUNDS, weights=spec.background_weights)[0]
+    image = canvas(rng, w, h, kind)
+    _distractors(image, rng, rng.randint(0, spec.max_distractors))
+    shades = [1.0 + rng.uniform(-spec.shade, spec.shade) for _ in objects]
+    return WorldScene(draw_objects(image, objects, shades), objects)
+
+
+# ---------------------------------------------------------------------- questions
+def _jittered(
+    box: tuple, rng: random.Random, jitter: float, w: int, h: int
+) -> tuple[float, float, float, float]:
+    dx, dy = jitter * (box[2] - box[0]), jitter * (box[3] - box[1])
+    x0, y0 = box[0] + rng.uniform(-dx, dx), box[1] + rng.uniform(-dy, dy)
+    x1, y1 = box[2] + rng.uniform(-dx, dx), box[3] + rng.uniform(-dy, dy)
+    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+    return (x0, y0, x1, y1)
+
+
+def _empty_box(scene: WorldScene, rng: random.Random) -> tuple[float, float, float, float] | None:
+    """An object-sized box on background only (touching no object), or None if none fits."""
+    w, h = scene.width, scene.height
+    side = min(w, h) * rng.uniform(0.1, 0.3)
+    for _ in range(50):
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        box = (x0, y0, x0 + side, y0 + side)
+        if all(_covered(box, o.box) == 0.0 for o in scene.objects):
+            return box
+    return None
+
+
+def _clear_position(box: Sequence[float], w: int, h: int) -> bool:
+    cx, cy = box_center(pixels_to_normalized(box, w, h))
+    return all(abs(c - edge) > CLEARANCE for c in (cx, cy) for edge in (1 / 3, 2 / 3))
+
+
+def _clear_relation(a: Sequence[float], b: Sequence[float], w: int, h: int) -> bool:
+    (ax, ay), (bx, by) = (box_center(pixels_to_normalized(x, w, h)) for x in (a, b))
+    return all(abs(abs(d) - POSITION_MARGIN) > CLEARANCE for d in (ax - bx, ay - by))
+
+
+def world_turns(
+    scene: WorldScene | Scene, rng: random.Random, spec: WorldSpec | None = None, num_turns: int = 3
+) -> tuple[list[Region], list[tuple[str, str]]]:
+    """The regions shown to the model (jittered object boxes, maybe one empty box, in random
+    order) and ``num_turns`` (question, answer) pairs about them (``<regionK>`` = region K-1)."""
+    spec = spec or WorldSpec()
+    w, h = scene.width, scene.height
+    regions = [Region(_jittered(o.box, rng, spec.box_jitter, w, h), k) for k, o in enumerate(scene.objects)]
+    if rng.random() < spec.no_object_share or not regions:
+        empty = _empty_box(scene, rng)  # type: ignore[arg-type]
+        if empty is not None:
+            regions.append(Region(empty, None))
+    rng.shuffle(regions)
+    objs = scene.objects
+    turns: list[tuple[str, str]] = []
+    for _ in range(num_turns * 4):  # a few tries per turn: unclear positions/relations are skipped
+        if len(turns) == num_turns or not regions:
+            break
+        kind = rng.random()
+        i = rng.randrange(len(regions))
+        ref = f"<region{i + 1}>"
+        target = regions[i].obj
+        if kind < 0.25 or target is None:  # an empty box is asked what it holds, nothing else
+            caption = NO_OBJECT if target is None else objs[target].caption
+            turns.append((rng.choice(CAPTION_QUESTIONS).format(a=ref), caption))
+        elif kind < 0.45:
+            if _clear_position(objs[target].box, w, h):
+                question = rng.choice(POSITION_QUESTIONS).format(a=ref)
+                turns.append((question, position_text(objs[target].box, w, h)))
+        elif kind < 0.65:
+            attr = rng.choice(list(ATTRIBUTE_QUESTIONS))
+            turns.append((rng.choice(ATTRIBUTE_QUESTIONS[attr]).format(a=ref), getattr(objs[target], attr)))
+        else:
+            others = [k for k, r in enumerate(regions) if k != i and r.obj is not None]
+            if not others:
+                continue
+            j = rng.choice(others)
+            a, b = objs[target].box, objs[regions[j].obj].box  # type: ignore[index]
+            if _clear_relation(a, b, w, h):
+                question = rng.choice(RELATION_QUESTIONS).format(a=ref, b=f"<region{j + 1}>")
+                turns.append((question, relation_text(a, b, w, h)))
+    return regions, turns
+
+
+def world_record(
+    scene: WorldScene | Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str
+) -> dict:
+    """A wider-world scene as a region-text record (the format of :func:`toyworld.scenes.scene_record`;
+    an empty region's ``box_labels`` entry is ``{}``, so no attribute head learns from it)."""
+    conv = []
+    for q, a in turns:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    labels = [
+        {} if r.obj is None else {k: getattr(scene.objects[r.obj], k) for k in ("color", "shape", "size")}
+        for r in regions
+    ]
+    return {
+        "id": record_id,
+        "image": scene.image,
+        "width": scene.width,
+        "height": scene.height,
+        "boxes": [list(r.box) for r in regions],
+        "conversations": conv,
+        "box_labels": labels,
+        "source": "synthetic-world",
+    }
+
+
+class WorldRecords(Sequence):
+    """Lazy, indexable wider-world record set: record ``i`` is drawn on access."""
+
+    def __init__(self, seed: int, count: int, spec: WorldSpec | None = None, num_turns: int = 3) -> None:
+        self.seed, self.count, self.num_turns = seed, count, num_turns
+        self.spec = spec or WorldSpec()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        rng = random.Random(self.seed * 1_000_003 + index)
+        scene = make_world_scene(rng, self.spec)
+        regions, turns = world_turns(scene, rng, self.spec, self.num_turns)
+        return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
