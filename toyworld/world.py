@@ -50,7 +50,6 @@ __all__ = [
     "CLEARANCE",
     "SIZE_BANDS",
     "Region",
-    "WorldScene",
     "WorldSpec",
     "canvas",
     "draw_objects",
@@ -95,22 +94,6 @@ class WorldSpec:
     shade: float = 0.12  # each object's RGB scaled by up to +-12 %
     box_jitter: float = 0.15  # per edge, of the box's side
     no_object_share: float = 0.15  # turns asking about a box on empty background
-
-
-@dataclass
-class WorldScene:
-    """A drawn scene: its image and objects (true boxes, drawing order: later ones on top)."""
-
-    image: Image.Image
-    objects: list[SceneObject]
-
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        return self.image.height
 
 
 @dataclass(frozen=True)
@@ -211,7 +194,7 @@ def _inside(obj: SceneObject, w: int, h: int) -> SceneObject:
     return SceneObject(obj.color, obj.shape, obj.size, (x0 + dx, y0 + dy, x1 + dx, y1 + dy))
 
 
-def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> WorldScene:
+def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> Scene:
     """One scene of the wider world (see the module docstring); deterministic per ``rng``."""
     spec = spec or WorldSpec()
     if rng.random() < spec.grid_share:  # the original generator's scene, on another background
@@ -229,7 +212,7 @@ def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> World
     image = canvas(rng, w, h, kind)
     _distractors(image, rng, rng.randint(0, spec.max_distractors))
     shades = [1.0 + rng.uniform(-spec.shade, spec.shade) for _ in objects]
-    return WorldScene(draw_objects(image, objects, shades), objects)
+    return Scene(draw_objects(image, objects, shades), objects)
 
 
 # ---------------------------------------------------------------------- questions
@@ -245,7 +228,7 @@ def _jittered(
     return (x0, y0, x1, y1)
 
 
-def _empty_box(scene: WorldScene, rng: random.Random) -> tuple[float, float, float, float] | None:
+def _empty_box(scene: Scene, rng: random.Random) -> tuple[float, float, float, float] | None:
     """An object-sized box on background only (touching no object), or None if none fits."""
     w, h = scene.width, scene.height
     side = min(w, h) * rng.uniform(0.1, 0.3)
@@ -268,7 +251,7 @@ def _clear_relation(a: Sequence[float], b: Sequence[float], w: int, h: int) -> b
 
 
 def world_turns(
-    scene: WorldScene | Scene, rng: random.Random, spec: WorldSpec | None = None, num_turns: int = 3
+    scene: Scene, rng: random.Random, spec: WorldSpec | None = None, num_turns: int = 3
 ) -> tuple[list[Region], list[tuple[str, str]]]:
     """The regions shown to the model (jittered object boxes, maybe one empty box, in random
     order) and ``num_turns`` (question, answer) pairs about them (``<regionK>`` = region K-1)."""
@@ -311,9 +294,7 @@ def world_turns(
     return regions, turns
 
 
-def world_record(
-    scene: WorldScene | Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str
-) -> dict:
+def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str) -> dict:
     """A wider-world scene as a region-text record (the format of :func:`toyworld.scenes.scene_record`;
     an empty region's ``box_labels`` entry is ``{}``, so no attribute head learns from it)."""
     conv = []
