@@ -54,9 +54,13 @@ REPO = Path(__file__).resolve().parents[2]
 BROWSER_SHOT = Path(__file__).with_name("browser_shot.py")  # runs in .venv-ls, which has selenium
 
 
-def make_task(ls: LabelStudio, project: int, seed: int) -> tuple[int, list[str]]:
-    """Upload one synthetic scene; pre-draw its true boxes as a prediction.  -> (task id, captions)."""
-    scene = make_scene(random.Random(seed), SceneSpec(min_objects=3, max_objects=3))
+def make_task(
+    ls: LabelStudio, project: int, seed: int, colors: list[str] | None = None
+) -> tuple[int, list[str]]:
+    """Upload one synthetic scene (of ``colors`` only, if given); pre-draw its true boxes as a
+    prediction.  -> (task id, captions)."""
+    spec = SceneSpec(min_objects=3, max_objects=3)
+    scene = make_scene(random.Random(seed), replace(spec, colors=colors) if colors else spec)
     task = ls.upload_images(project, [("scene-0.png", encode_image(scene.image))])["scene-0.png"]
     result = [
         rectangle_result(f"box{k + 1}", obj.box, scene.width, scene.height)
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-manager", action="store_true", help="pre-annotate, shoot the Data Manager")
     ap.add_argument("--tasks", type=int, default=8, help="tasks to pre-annotate (--data-manager)")
     ap.add_argument("--redis", default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/10")
+    ap.add_argument("--colors", nargs="*", default=None, help="scene colours (e.g. pink: a taught concept)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ls-shot-"))
     ls_server = start_label_studio(work / "ls")
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ls = LabelStudio(ls_server.url)
         xml = (REPO / "label_config" / f"{args.config}.xml").read_text()
         project = ls.create_project("Region captions", xml)
-        task, captions = make_task(ls, project, args.seed)
+        task, captions = make_task(ls, project, args.seed, args.colors)
         ls.connect_backend(project, backend.url)
         ls.retrieve_predictions(project)
         stored = [p for p in ls.predictions(project) if p["model_version"] != "boxes"]
