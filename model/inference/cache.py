@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import torch
+
+from model.inference.question_tree import QuestionNodes
 
 __all__ = ["ImageState", "SizedLRU"]
 
@@ -24,15 +26,17 @@ V = TypeVar("V")
 class ImageState:
     """Cached per-image work.  ``region_maps``: the fused pyramid, same-size levels stacked
     (``RegionEncoder.fuse``), ``(1, n * F, s, s)`` per level size; ``prefix_kv``: per LM layer
-    ``(keys, values)`` each ``(1, heads, P, head_dim)``."""
+    ``(keys, values)`` each ``(1, heads, P, head_dim)``; ``questions``: keys and values of the
+    question tokens asked on the image so far (a request computes only the ones it adds)."""
 
     region_maps: list[torch.Tensor]
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    questions: QuestionNodes = field(default_factory=lambda: QuestionNodes(0))
 
     @property
     def nbytes(self) -> int:
         tensors = [t for pair in self.prefix_kv for t in pair] + self.region_maps
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + self.questions.nbytes
 
 
 class SizedLRU(Generic[K, V]):

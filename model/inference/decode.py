@@ -226,7 +226,7 @@ class DecodeTimes:
 
 def greedy_decode(
     steps: DecodeSteps,
-    embeds: torch.Tensor,
+    question: Callable[[], torch.Tensor],
     batch: QuestionBatch,
     embed: Callable[[torch.Tensor], torch.Tensor],
     eos_id: int,
@@ -237,15 +237,16 @@ def greedy_decode(
     """Greedy answers of every row of ``batch``.
 
     ``steps``: decode steps holding each row's prefix KV (:func:`model.inference.kv_decode.make_steps`);
-    ``embeds``: ``(R, Lq, D)`` embeddings of ``batch.ids`` with region tokens filled in; ``embed``:
-    the LM's token embedding, ``(R', 1)`` ids -> ``(R', 1, D)``.  A row ends at EOS, at the stop
+    ``question``: runs the rows' question tokens ``batch.ids`` through ``steps`` (region tokens
+    filled in) and returns each row's next-token logits ``(R, V)``; ``embed``: the LM's token
+    embedding, ``(R', 1)`` ids -> ``(R', 1, D)``.  A row ends at EOS, at the stop
     string or after ``max_new_tokens`` tokens.  ``times``, if given, is added the time spent.
     """
     t0 = time.perf_counter()
     mask = batch.key_mask
-    logits = steps.forward(embeds, batch.positions, mask)
+    logits = question()
     next_pos = batch.positions[:, -1:] + 1
-    rows = [Generated() for _ in range(len(embeds))]
+    rows = [Generated() for _ in range(len(logits))]
     active = list(range(len(rows)))
     t_question, n_steps, n_tokens = 0.0, 0, 0
     for step in range(max_new_tokens):

@@ -9,6 +9,7 @@ images' prefixes (:mod:`model.inference.decode`).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,10 +27,17 @@ from model.inference.decode import (
     question_batch,
 )
 from model.inference.image_input import ImageLike, cache_key, pixels
-from model.inference.kv_decode import KV, make_steps, prefill
+from model.inference.kv_decode import KV, LlamaSteps, make_steps, prefill
+from model.inference.question_tree import QuestionNodes, QuestionTree, question_tree
 from model.mllm import RegionMLLM
 
-__all__ = ["Answer", "EngineStats", "InferenceEngine"]
+__all__ = ["Answer", "EngineStats", "InferenceEngine", "QUESTION_CACHE_SHARE", "QUESTION_NODES_PER_PREFIX"]
+
+# Question tokens kept per cached image (model.inference.question_tree.QuestionNodes): up to this
+# many prefix lengths (a position's keys and values cost the same), and at most this share of the
+# engine's image cache - a new-box request adds about 100 positions, a 7B LM's cost 0.5 MB each.
+QUESTION_NODES_PER_PREFIX = 2
+QUESTION_CACHE_SHARE = 1 / 8
 
 
 @dataclass
@@ -54,6 +62,12 @@ class EngineStats:
     generated_tokens: int = 0
     times: DecodeTimes = field(default_factory=DecodeTimes)  # question forwards vs decode steps
     extra: dict = field(default_factory=dict)
+
+
+def _keys_transposed(keys: torch.Tensor) -> torch.Tensor:
+    """A copy of prefix keys ``(1, H, P, d)`` stored as ``(1, H, d, P)`` and viewed back: a decode
+    step multiplies queries by the keys' transpose, which then is a contiguous matrix."""
+    return keys.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 class InferenceEngine:
@@ -90,10 +104,17 @@ class InferenceEngine:
         no_regions = [maps[0].new_zeros(0, m.projector.out_features)] * len(images)
         embeds = m.embed_prompts(prefix, vision, no_regions, list(range(len(images))), [[] for _ in images])
         layers = prefill(m.lm, embeds, lean=self.lean)
+        k = layers[0][0]
+        node_bytes = 2 * len(layers) * k.shape[1] * k.shape[3] * k.element_size()
+        nodes = min(
+            int(QUESTION_NODES_PER_PREFIX * embeds.shape[1]),
+            int(self.cache_bytes * QUESTION_CACHE_SHARE) // node_bytes,
+        )
         return [
             ImageState(
                 region_maps=[p[i : i + 1].clone() for p in maps],
-                prefix_kv=[(k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in layers],
+                prefix_kv=[(_keys_transposed(k[i : i + 1]), v[i : i + 1].clone()) for k, v in layers],
+                questions=QuestionNodes(nodes),
             )
             for i in range(len(images))
         ]
@@ -101,7 +122,9 @@ class InferenceEngine:
     def image_states(self, images: Sequence[ImageLike]) -> list[ImageState]:
         """States for ``images``, from the cache where possible; misses are decoded (an
         :class:`~model.inference.image_input.EncodedImage` only then) and encoded in one batch."""
-        keys = [(self.version, cache_key(im)) for im in images]
+        return self._image_states([(self.version, cache_key(im)) for im in images], images)
+
+    def _image_states(self, keys: list[tuple[str, str]], images: Sequence[ImageLike]) -> list[ImageState]:
         result: list[ImageState | None] = []
         missing: list[int] = []
         for i, key in enumerate(keys):
@@ -152,7 +175,8 @@ class InferenceEngine:
         if masks is not None and len(masks) != len(boxes):
             raise ValueError(f"{len(masks)} mask lists for {len(boxes)} box lists")
         with self._lock:
-            states = self.image_states(images)
+            keys = [(self.version, cache_key(im)) for im in images]
+            states = self._image_states(keys, images)
             m = self.model
             encoded = [m.prompts.question_ids(q, first=True, num_boxes=len(boxes[i])) for i, q in queries]
             used: list[set[int]] = [set() for _ in images]
@@ -166,6 +190,8 @@ class InferenceEngine:
             if self.calibration is not None:
                 answers = self._calibrated(answers, feats, queries, encoded)
             self.stats.questions += len(queries)
+            for key, state in zip(keys, states):  # their stored question tokens grew
+                self._cache.put(key, state)
             return answers
 
     @torch.inference_mode()
@@ -240,9 +266,32 @@ class InferenceEngine:
         capacity = batch.ids.shape[1] + self.max_new_tokens
         prefix_kv, row_prefix = self._row_prefixes(states, row_image)
         steps = make_steps(m.lm, prefix_kv, capacity, lean=self.lean, row_prefix=row_prefix)
+        if isinstance(steps, LlamaSteps):  # shared and already computed question tokens once
+            known = [states[i].questions for i in sorted(set(row_image))]  # row_prefix's groups
+            tree = question_tree(self._token_keys(encoded, feats, row_image), row_prefix, m.device, known)
+            nodes = embeds.flatten(0, 1)[tree.source]
+            extra = self.stats.extra
+            extra["question_nodes"] = extra.get("question_nodes", 0) + tree.size
+            extra["question_nodes_known"] = extra.get("question_nodes_known", 0) + len(tree.context)
+            context = self._known_kv(known, tree)
+            kv_shape = prefix_kv[0][0].shape[1:2] + prefix_kv[0][0].shape[3:]  # (H_kv, d)
+            nodes_kv = nodes.new_empty(len(prefix_kv), 2, tree.size, *kv_shape)
+
+            def question() -> torch.Tensor:
+                logits = steps.forward_tree(tree, nodes, context, nodes_kv)
+                for g, store in enumerate(known):
+                    new = [j for j, (k, group) in enumerate(zip(tree.keys, tree.group)) if group == g and k]
+                    ends = {key: logits[r].clone() for r, key in tree.finals if row_prefix[r] == g}
+                    store.add([tree.keys[j] for j in new], nodes_kv[:, :, new], ends)
+                return logits
+        else:
+
+            def question() -> torch.Tensor:
+                return steps.forward(embeds, batch.positions, batch.key_mask)
+
         rows = greedy_decode(
             steps,
-            embeds,
+            question,
             batch,
             m.lm.get_input_embeddings(),
             m.tokenizer.eos_token_id,
@@ -252,6 +301,42 @@ class InferenceEngine:
         )
         self.stats.generated_tokens += sum(len(g.probs) for g in rows)
         return [Answer(self.text(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens)) for g in rows]
+
+    def _token_keys(
+        self,
+        encoded: list[tuple[list[int], list[int]]],
+        feats: Sequence[torch.Tensor],
+        row_image: list[int],
+    ) -> list[list[tuple]]:
+        """Identity of each question position: the token, and for a ``<bbox>`` a digest of the
+        region token put there (its box's, pooled with its mask if any)."""
+        bbox = self.model.bbox_id
+        digests: dict[tuple[int, int], bytes] = {}
+
+        def region(image: int, box: int) -> bytes:
+            key = (image, box)
+            if key not in digests:
+                data = feats[image][box].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                digests[key] = hashlib.blake2b(data, digest_size=16).digest()
+            return digests[key]
+
+        keys = []
+        for (ids, order), image in zip(encoded, row_image):
+            refs = iter(order)
+            keys.append([(t, region(image, next(refs))) if t == bbox else (t,) for t in ids])
+        return keys
+
+    @staticmethod
+    def _known_kv(known: Sequence[QuestionNodes], tree: QuestionTree) -> torch.Tensor | None:
+        """Stored keys and values ``(layers, 2, C, H_kv, d)`` of the tree's known nodes."""
+        if not tree.context:
+            return None
+        groups = {g for g, _ in tree.context}
+        if len(groups) == 1:
+            store = known[tree.context[0][0]]
+            slots = torch.tensor([s for _, s in tree.context], device=store.kv.device)  # type: ignore[union-attr]
+            return store.kv.index_select(2, slots)  # type: ignore[union-attr]
+        return torch.cat([known[g].kv[:, :, s : s + 1] for g, s in tree.context], dim=2)  # type: ignore[index]
 
     @staticmethod
     def _row_prefixes(states: Sequence[ImageState], row_image: list[int]) -> tuple[KV, list[int]]:

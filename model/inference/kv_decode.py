@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from model.derived_weights import derived
+from model.inference.question_tree import QuestionTree
 
 __all__ = [
     "COPY_LIMIT_BYTES",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+_Groups = tuple[int, "torch.Tensor | None"]  # rows a group, row -> place (None: in order)
 
 
 class DecodeSteps(Protocol):
@@ -300,36 +302,40 @@ class LlamaSteps:
         return self.prefix_len + self.seen
 
     def _layout(self, rows: list[int]) -> None:
-        """Rows' places in the per-group layout ``(G, n, ...)`` the prefix matmuls use: ``n`` rows
-        a group; ``index`` (row -> ``g * n + slot``) None when rows already lie in that order."""
+        """Rows' places in the per-group layout the prefix matmuls use (:meth:`_group_layout`)."""
         self.rows = rows
+        self.per_group, self.index = self._group_layout(rows)
+
+    def _group_layout(self, rows: Sequence[int]) -> _Groups:
+        """Places of rows of prefix groups ``rows`` in the layout ``(G, n, ...)``: ``n`` rows a
+        group; ``index`` (row -> ``g * n + slot``) None when rows already lie in that order."""
         counts = [0] * self.groups
         slots = []
         for g in rows:
             slots.append(counts[g])
             counts[g] += 1
-        self.per_group = max(counts) if rows else 0
-        n = self.per_group
+        n = max(counts) if rows else 0
         index = [g * n + s for g, s in zip(rows, slots)]
-        self.index = None
-        if index != list(range(self.groups * n)):
-            self.index = torch.tensor(index, dtype=torch.long, device=self.buffer.device)
+        if index == list(range(self.groups * n)):
+            return n, None
+        return n, torch.tensor(index, dtype=torch.long, device=self.buffer.device)
 
-    def _to_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, M, X)`` per row -> ``(G, H, n * M, X)`` per prefix group (zero rows pad)."""
+    def _to_groups(self, x: torch.Tensor, layout: _Groups | None = None) -> torch.Tensor:
+        """``(B, H, M, X)`` per row -> ``(G, H, n * M, X)`` per prefix group (zero rows pad);
+        ``layout``: the rows' (:meth:`_group_layout`), default the decoded rows'."""
         _, heads, m, last = x.shape
-        n = self.per_group
-        if self.index is not None:
+        n, index = layout or (self.per_group, self.index)
+        if index is not None:
             pad = x.new_zeros(self.groups * n, heads, m, last)
-            x = pad.index_copy_(0, self.index, x)
+            x = pad.index_copy_(0, index, x)
         return x.view(self.groups, n, heads, m, last).transpose(1, 2).reshape(self.groups, heads, n * m, last)
 
-    def _from_groups(self, y: torch.Tensor) -> torch.Tensor:
+    def _from_groups(self, y: torch.Tensor, layout: _Groups | None = None) -> torch.Tensor:
         """Inverse of :meth:`_to_groups`: ``(G, H, n * M, X)`` -> ``(B, H, M, X)``."""
         groups, heads, nm, last = y.shape
-        n = self.per_group
+        n, index = layout or (self.per_group, self.index)
         y = y.view(groups, heads, n, nm // n, last).transpose(1, 2).reshape(groups * n, heads, nm // n, last)
-        return y if self.index is None else y.index_select(0, self.index)
+        return y if index is None else y.index_select(0, index)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``LlamaRMSNorm``: normalised in float32, scaled in the model dtype (one fused op when
@@ -353,13 +359,14 @@ class LlamaSteps:
         half = x.shape[-1] // 2
         return (x * cos) + (torch.cat((x.narrow(-1, half, half), x.narrow(-1, 0, half)), dim=-1) * signed_sin)
 
-    def _attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """``q`` ``(B, H_q, L, d)`` against the row's prefix and its slots ``< end``; ``mask``
-        ``(B, 1, L, P + end)`` bool (True = attend) or None -> ``(B, H_q, L, d)``."""
+    def _attend(self, layer: int, q: torch.Tensor, end: int, hide: torch.Tensor | None) -> torch.Tensor:
+        """``q`` ``(B, H_q, L, d)`` against the row's prefix and its slots ``< end``; ``hide``
+        ``(B, 1, L, P + end)`` bool (True = masked out) or None -> ``(B, H_q, L, d)``."""
         batch, q_heads, steps, d = q.shape
         ks = self.buffer[layer, 0, : len(self.rows), :, :end]
         vs = self.buffer[layer, 1, : len(self.rows), :, :end]
         if self.prefix_len == 0:  # a prompt's own prefill
+            mask = None if hide is None else ~hide
             return F.scaled_dot_product_attention(
                 q,
                 ks,
@@ -373,20 +380,47 @@ class LlamaSteps:
         # (B, H_kv, g * L, d): the query heads sharing a key/value head side by side (repeat_kv's order).
         qg = (q * self.w.scaling).reshape(batch, kv_heads, -1, d)
         kp, vp = self.prefix[layer]
+        if self.groups == 1 and qg.shape[2] == 1:
+            return self._attend_one(qg, ks, vs, kp[0], vp[0], hide).view(batch, q_heads, steps, d)
         scores = torch.cat(
             (self._from_groups(self._to_groups(qg) @ kp.transpose(-1, -2)), qg @ ks.transpose(-1, -2)), dim=-1
         )
-        if mask is not None:
+        if hide is not None:
             group = q_heads // kv_heads
             scores = (
                 scores.view(batch, kv_heads, group, steps, -1)
-                .masked_fill(~mask[:, :, None], float("-inf"))
+                .masked_fill(hide[:, :, None], float("-inf"))
                 .view(batch, kv_heads, group * steps, -1)
             )
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pp, ps = probs.split((self.prefix_len, end), dim=-1)
         out = self._from_groups(self._to_groups(pp) @ vp) + ps @ vs
         return out.view(batch, q_heads, steps, d)
+
+    def _attend_one(
+        self,
+        qg: torch.Tensor,
+        ks: torch.Tensor,
+        vs: torch.Tensor,
+        kp: torch.Tensor,
+        vp: torch.Tensor,
+        hide: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`_attend` of a decode step without grouped queries, every row on one prefix:
+        ``qg`` ``(B, H, 1, d)`` (scaled), ``kp``, ``vp`` ``(H, P, d)`` -> ``(B, H, d)``.  The
+        prefix matmuls take the rows as ``(H, B, d)`` views, so no per-group copies are made."""
+        scores = torch.cat(
+            (
+                (qg[:, :, 0].transpose(0, 1) @ kp.transpose(-1, -2)).transpose(0, 1),
+                (qg @ ks.transpose(-1, -2))[:, :, 0],
+            ),
+            dim=-1,
+        )  # (B, H, P + end)
+        if hide is not None:
+            scores = scores.masked_fill(hide[:, :, 0], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qg.dtype)
+        pp, ps = probs.split((self.prefix_len, ks.shape[2]), dim=-1)
+        return ((pp.transpose(0, 1) @ vp).transpose(0, 1) + (ps[:, :, None] @ vs)[:, :, 0]).contiguous()
 
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
@@ -398,15 +432,17 @@ class LlamaSteps:
             raise RuntimeError(
                 f"KV buffer holds {self.prefix_len + capacity} positions, step needs {self.prefix_len + end}"
             )
-        mask = None
-        if key_mask is not None or (steps > 1 and self.prefix_len):
-            # (B, 1, L, P + end): query i (own slot start + i) sees the prefix and its own slots
-            # <= start + i that key_mask keeps.  Without a prefix and a key_mask: SDPA's causal path.
+        mask = None  # (B, 1, L, P + end) bool, True = masked out; built once for every layer
+        if steps == 1 and key_mask is not None:  # one token sees every slot key_mask keeps
+            mask = (key_mask[:, : self.prefix_len + end] == 0)[:, None, None]
+        elif key_mask is not None or (steps > 1 and self.prefix_len):
+            # Query i (own slot start + i) sees the prefix and its own slots <= start + i that
+            # key_mask keeps.  Without a prefix and a key_mask: SDPA's causal path.
             keys = torch.arange(self.prefix_len + end, device=embeds.device)
             queries = self.prefix_len + start + torch.arange(steps, device=embeds.device)
-            mask = (keys[None, :] <= queries[:, None])[None, None]
+            mask = (keys[None, :] > queries[:, None])[None, None]
             if key_mask is not None:
-                mask = mask & key_mask[:, None, None, : self.prefix_len + end].bool()
+                mask = mask | (key_mask[:, None, None, : self.prefix_len + end] == 0)
         cos, sin = self._rotary(positions, self.prefix_len + end, embeds.dtype)
         w, d = self.w, self.w.head_dim
         hidden = embeds.reshape(batch * steps, -1)  # (B * L, D): the projections are plain matmuls
@@ -435,6 +471,105 @@ class LlamaSteps:
             hidden = hidden + lw.down(F.silu(gate) * up)
         self.seen = end
         return w.head(self._rms(hidden, w.norm))  # one row per sequence: (B, V)
+
+    def forward_tree(
+        self,
+        tree: QuestionTree,
+        embeds: torch.Tensor,
+        context: torch.Tensor | None = None,
+        nodes_kv: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Every row's question at once, each node of their tree (:mod:`model.inference.question_tree`)
+        computed once: ``embeds`` ``(N, D)`` of the nodes to compute -> logits ``(R, V)`` of each
+        row's last question token (``tree.stored``'s rows: the stored ones).  ``context``: keys and
+        values ``(layers, 2, C, H_kv, d)`` of the tree's known nodes; ``nodes_kv``, if given,
+        ``(layers, 2, N, H_kv, d)``, receives those of the computed nodes.  Each row's first
+        ``Lq`` slots get its path's keys and values laid out as
+        :func:`model.inference.decode.question_batch` lays the row out, so decode steps continue
+        with that batch's key mask and positions as after :meth:`forward` on it."""
+        rows = len(self.rows)
+        width = tree.slots.numel() // rows
+        if self.seen or width > self.buffer.shape[4]:
+            raise RuntimeError(f"a question tree of {width} slots needs {width} empty slots")
+        w, d, n = self.w, self.w.head_dim, tree.size
+        cos, sin = self._rotary((self.prefix_len + tree.depth)[None], self.prefix_len + width, embeds.dtype)
+        layout = self._group_layout(tree.group)
+        ancestors = tree.ancestors
+        hidden = embeds
+        last = len(w.layers) - 1
+        for i, lw in enumerate(w.layers):
+            if n:
+                qkv = lw.qkv(self._rms(hidden, lw.in_norm)).view(1, n, -1, d)
+                n_q, n_k = lw.qkv.sizes[0] // d, lw.qkv.sizes[1] // d
+                qk = self._rotate(qkv.narrow(2, 0, n_q + n_k), cos, sin)[0]
+                k, v = qk.narrow(1, n_q, n_k), qkv[0].narrow(1, n_q + n_k, n_k)  # (N, H_kv, d)
+                if nodes_kv is not None:
+                    nodes_kv[i, 0].copy_(k)
+                    nodes_kv[i, 1].copy_(v)
+                if context is not None and context.shape[2]:  # known nodes first, as tree.slots counts
+                    k, v = torch.cat((context[i, 0], k)), torch.cat((context[i, 1], v))
+            else:  # every node known
+                k, v = context[i, 0], context[i, 1]  # type: ignore[index]
+            # Each row's slots: its path's nodes (a gap slot: any finite node, masked).
+            kv_heads = k.shape[1]
+            self.buffer[i, 0, :rows, :, :width].copy_(
+                k[tree.slots].view(rows, width, kv_heads, d).transpose(1, 2)
+            )
+            self.buffer[i, 1, :rows, :, :width].copy_(
+                v[tree.slots].view(rows, width, kv_heads, d).transpose(1, 2)
+            )
+            if not n:
+                continue
+            q = qk.narrow(1, 0, n_q)
+            if i == last:  # past the last keys and values only the rows' last nodes are read
+                q, hidden, ancestors = q[tree.leaves], hidden[tree.leaves], ancestors[tree.leaves]
+                layout = self._group_layout([tree.group[j] for j in tree.leaves.tolist()])
+            out = self._attend_tree(i, q, k, v, ancestors, layout)
+            hidden = hidden + lw.o(out.reshape(len(q), -1))
+            gate, up = lw.gate_up(self._rms(hidden, lw.post_norm)).chunk(2, dim=-1)
+            hidden = hidden + lw.down(F.silu(gate) * up)
+        self.seen = width
+        if not tree.stored:
+            return w.head(self._rms(hidden, w.norm))[tree.leaf]
+        logits = embeds.new_empty(rows, sum(w.head.sizes))
+        for r, stored in tree.stored:
+            logits[r] = stored
+        if n:
+            computed = (tree.leaf >= 0).nonzero()[:, 0]
+            logits[computed] = w.head(self._rms(hidden, w.norm))[tree.leaf[computed]]
+        return logits
+
+    def _attend_tree(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ancestors: torch.Tensor,
+        layout: _Groups,
+    ) -> torch.Tensor:
+        """Queries ``q`` ``(M, H_q, d)`` of tree nodes against their prefixes and the tree's nodes
+        ``k``, ``v`` ``(C + N, H_kv, d)`` where ``ancestors`` ``(M, C + N)`` is True -> ``(M, H_q, d)``;
+        the same two-part softmax as :meth:`_attend`."""
+        m, q_heads, d = q.shape
+        kv_heads = k.shape[1]
+        qg = (q * self.w.scaling).view(m, kv_heads, -1, d)  # (M, H_kv, g, d), repeat_kv's order
+        group = qg.shape[2]
+        kp, vp = self.prefix[layer]
+        own = qg.permute(1, 0, 2, 3).reshape(kv_heads, m * group, d) @ k.permute(1, 2, 0)
+        own = own.view(kv_heads, m, group, -1).permute(1, 0, 2, 3)
+        scores = torch.cat(
+            (
+                self._from_groups(self._to_groups(qg, layout) @ kp.transpose(-1, -2), layout),
+                own.masked_fill(~ancestors[:, None, None], float("-inf")),
+            ),
+            dim=-1,
+        )
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pp, pn = probs.split((self.prefix_len, k.shape[0]), dim=-1)
+        nodes = pn.permute(1, 0, 2, 3).reshape(kv_heads, m * group, -1) @ v.transpose(0, 1)
+        out = self._from_groups(self._to_groups(pp, layout) @ vp, layout)
+        return (out + nodes.view(kv_heads, m, group, d).permute(1, 0, 2, 3)).reshape(m, q_heads, d)
 
     def keep(self, rows: torch.Tensor) -> None:
         kept = rows.tolist()
