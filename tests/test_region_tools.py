@@ -454,5 +454,9 @@ def test_engine_pools_a_region_by_its_mask_and_a_full_mask_changes_nothing():
         masked = engine._region_features(states, [boxes], [{0, 1}], [[half, None]])[0]
     assert not torch.allclose(masked[0], base[0])  # the masked box's token changes
     assert torch.equal(masked[1], base[1])  # the other box's token does not
+    # A warm engine (its image's questions cached for the unmasked box) answers the masked box as
+    # a fresh engine does: what it keeps per question follows the region token, not the box alone.
+    fresh = InferenceEngine(m, "t", max_new_tokens=6).answer([image], [boxes], queries, [[half, None]])
+    assert engine.answer([image], [boxes], queries, [[half, None]]) == fresh
     with pytest.raises(ValueError, match="mask lists"):
         engine.answer([image], [boxes], queries, [None, None])
