@@ -128,12 +128,19 @@ def interactive_latency(
     base = boxes_tensor(random_boxes(rng, 4, width, height), width, height)
     ask(engine, probe, base)
     warm_times, cold_times, decoded_times = [], [], []
+    positions: dict[str, list[int]] = {"warm": [], "cold": []}  # question positions computed
+
+    def computed(eng: InferenceEngine) -> int:
+        return eng.stats.extra.get("question_nodes", 0)
+
     for _ in range(samples):
         new_box = boxes_tensor(random_boxes(rng, 1, width, height), width, height)
         boxes = torch.cat([base, new_box])
+        before = computed(engine)
         t0 = time.perf_counter()
         ask(engine, image_input(), boxes)
         warm_times.append(time.perf_counter() - t0)
+        positions["warm"].append(computed(engine) - before)
         if decoded_input is not None:
             t0 = time.perf_counter()
             ask(engine, decoded_input(), boxes)
@@ -142,8 +149,11 @@ def interactive_latency(
         t0 = time.perf_counter()
         ask(cold, image_input(), boxes)
         cold_times.append(time.perf_counter() - t0)
+        positions["cold"].append(computed(cold))
     warm, cold_t = statistics.median(warm_times), statistics.median(cold_times)
     row = {"warm_s": warm, "cold_s": cold_t, "ratio": warm / cold_t}
+    if positions["cold"][-1]:  # lean decode steps: the question tree's positions
+        row["question_positions"] = {k: statistics.median(v) for k, v in positions.items()}
     if decoded_times:
         row["warm_decoded_s"] = statistics.median(decoded_times)
     return row
@@ -325,6 +335,9 @@ def format_results(r: dict) -> str:
                 f"warm {full['warm_s'] * 1e3:.1f} ms, cold {full['cold_s'] * 1e3:.1f} ms, "
                 f"ratio {full['ratio']:.2f}"
             )
+            if "question_positions" in full:
+                n = full["question_positions"]
+                lines.append(f"    (question positions computed: warm {n['warm']:.0f}, cold {n['cold']:.0f})")
     lines += [
         "",
         f"decode (prefix cached): measured memory bandwidth {r.get('bandwidth_gbs', float('nan')):.1f} GB/s, "

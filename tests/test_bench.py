@@ -26,6 +26,7 @@ def test_bench_reports_every_figure_for_a_config_with_random_weights():
     text = format_results(results)
     assert "interactive new box" in text and "from a 1280x960 JPEG file" in text and "peak RSS" in text
     assert "(1280x960 JPEG): warm" in text and "bandwidth bound" in text
+    assert "question positions computed" in text  # the lean steps ask through the question tree
 
 
 def test_interleaved_medians_time_every_variant_each_repeat():

@@ -216,3 +216,21 @@ def test_weight_layout_follows_the_weights_size(monkeypatch):
     assert LeanLlamaWeights(lm).layout == ("packed" if torch.backends.mkldnn.is_available() else "mm")
     monkeypatch.setattr(kv_decode, "COPY_LIMIT_BYTES", 0)
     assert LeanLlamaWeights(lm).layout == "linear"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing")
+@torch.inference_mode()
+def test_packed_layout_takes_one_row_through_the_layers_own_weights(monkeypatch):
+    """A one-row step on packed weights multiplies by the layers' own weights (faster for one row
+    than the packed kernel): the same logits as the library's forward, bias included."""
+    monkeypatch.setattr(kv_decode, "LAYOUT", "packed")
+    lm = _llama(2, seed=7, attention_bias=True, mlp_bias=True)
+    assert lean_weights(lm).layout == "packed"
+    kv = prefill(lm, torch.randn(1, 5, 64), lean=False)
+    x, pos = torch.randn(1, 1, 64), torch.tensor([[5]])
+    torch.testing.assert_close(
+        LlamaSteps(lm, kv, 1).forward(x, pos, None),
+        HFSteps(lm, kv).forward(x, pos, None),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -154,6 +154,9 @@ class _Matmul:
         self.bias: torch.Tensor | None = None
         self.weights = [lin.weight for lin in linears]
         self.biases = [lin.bias for lin in linears]
+        # The layers' own weights (no copy): for one row, where MKL's matrix-vector product reads
+        # them faster than oneDNN's blocked kernel reads the packed copy (docs/benchmarks.md).
+        self.originals = list(zip(self.weights, self.biases))
         if layout == "linear":
             return
         stacked = torch.cat(self.weights) if len(self.weights) > 1 else self.weights[0]
@@ -168,6 +171,10 @@ class _Matmul:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if x.shape[0] == 1:
+                if len(self.originals) == 1:
+                    return F.linear(x, *self.originals[0])
+                return torch.cat([F.linear(x, w, b) for w, b in self.originals], dim=-1)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.weight_t is not None:
             if self.bias is None:
