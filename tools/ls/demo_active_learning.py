@@ -22,26 +22,27 @@ exits 1 when a target is missed.  Recipe settings (``TRAIN_STEPS``, ``TRAIN_LR``
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import DEFAULT_DIR
+from tools.ls.demo_loop import (
+    demo_parser,
+    finish,
+    post_annotations,
+    run_worker,
+    seed_registry,
+    use_work_folder,
+)
 from tools.ls.payloads import SCENE_LABEL_CONFIG, scene_payload, timestamp
 from toyworld.scenes import SHAPES, SIZE_FRACTIONS, Scene, SceneSpec, make_scene
 
 CONCEPT = "pink"
 CORRECTION_SEED = 424_242  # scenes the reviewer corrects (far from training and evaluation seeds)
-REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------- reviewer simulation
@@ -126,34 +127,12 @@ def run_demo(
     log=print,
 ) -> tuple[Figures, Figures, dict]:
     """Run the whole loop in ``work``; returns (before, after, job summary)."""
-    from rq import Queue
-
-    work.mkdir(parents=True, exist_ok=True)
-    images_dir = work / "images"
-    images_dir.mkdir(exist_ok=True)
-    overrides = {
-        "MODEL_DIR": str(work / "models"),
-        "DATA_DIR": str(work / "data"),
-        "DEFAULT_MODEL": str(model),
-        "LOCAL_FILES_DOCUMENT_ROOT": str(images_dir),
-        "QUEUE_NAME": f"demo-{uuid.uuid4().hex[:8]}",
-        "KEY_PREFIX": f"demo-{uuid.uuid4().hex[:8]}",
-        **(env or {}),
-    }
-    os.environ.update(overrides)  # the app, this process and the worker all read the same settings
+    images_dir = use_work_folder(work, model, "demo", env)
     from backend.app import create_app
-    from backend.jobs import job_id, redis_connection
-    from backend.registry import ModelRegistry
-    from backend.settings import get_settings
 
-    get_settings.cache_clear()
     scenes = correction_scenes(regions)
     n_regions = sum(len(s.objects) for s in scenes)
-    os.environ["TRAIN_MIN_CORRECTIONS"] = str(n_regions)  # the last correction triggers the job
-    get_settings.cache_clear()
-    settings = get_settings()
-    registry = ModelRegistry(settings.model_dir, settings.default_model)
-    parent = registry.ensure_initialized()
+    settings, registry, parent = seed_registry(scenes)
 
     t0 = time.monotonic()
     before = measure(registry.path(parent), parent, eval_images)
@@ -161,39 +140,17 @@ def run_demo(
 
     app = create_app(settings)
     client = app.test_client()
-    codes = []
-    for i, scene in enumerate(scenes):
-        name = f"correction-{i:03d}.png"
-        scene.image.save(images_dir / name)
-        payload = scene_payload(
-            scene, 5000 + i, f"/data/local-files/?d={name}", timestamp(i), project_id, task_id=9000 + i
-        )
-        resp = client.post("/webhook", json=payload)
-        codes.append(resp.status_code)
-    body = resp.get_json()
+
+    def payload(scene: Scene, i: int, image: str) -> dict:
+        return scene_payload(scene, 5000 + i, image, timestamp(i), project_id, task_id=9000 + i)
+
+    codes, body = post_annotations(client, scenes, images_dir, payload)
     log(f"posted {len(scenes)} annotations ({n_regions} regions, "
         f"{sum(len([o for o in s.objects if o.color == CONCEPT]) for s in scenes)} pink): "
         f"HTTP {sorted(set(codes))}; last answer {json.dumps(body['result']['jobs'])}")  # fmt: skip
-    connection = redis_connection(settings)
-    queue = Queue(settings.queue_name, connection=connection)
-    if job_id(project_id) not in queue.job_ids:
-        raise RuntimeError(f"no fine-tuning job was enqueued: {body}")
 
     t1 = time.monotonic()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "backend.worker", "--burst"], cwd=REPO, env=os.environ.copy()
-    )
-    job = queue.fetch_job(job_id(project_id))
-    last = None
-    while worker.poll() is None:
-        time.sleep(2)
-        meta = job.get_meta(refresh=True) if job is not None else {}
-        line = {k: meta.get(k) for k in ("phase", "step", "steps", "loss", "eta_s") if k in meta}
-        if line != last:
-            log(f"job {job_id(project_id)}: {json.dumps(line)}")
-            last = line
-    if worker.returncode != 0 or job.get_status(refresh=True).value != "finished":
-        raise RuntimeError(f"worker exited {worker.returncode}; job status {job.get_status().value}")
+    job = run_worker(settings, project_id, log)
     summary = job.return_value()
     log(f"job finished in {time.monotonic() - t1:.0f}s: {json.dumps(summary['rounds'][-1]['gate'])}")
 
@@ -208,25 +165,14 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="starting checkpoint")
-    ap.add_argument("--regions", type=int, default=50, help="pink regions the reviewer corrects")
+    ap = demo_parser(__doc__, regions=50)
     ap.add_argument("--eval-images", type=int, default=100, help="evaluation scenes per set")
-    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures and job summary here")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="al-demo-") as tmp:
         before, after, summary = run_demo(args.work or Path(tmp), args.model, args.regions, args.eval_images)
-    print(table(before, after))
-    missed = missed_targets(before, after)
-    print("targets: " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
-    print(f"total {time.monotonic() - t0:.0f}s")
-    if args.json:
-        out = {"before": before.__dict__, "after": after.__dict__, "missed": missed, "job": summary}
-        args.json.write_text(json.dumps(out, indent=2, default=str))
-    return 1 if missed and args.check else 0
+    out = {"before": before.__dict__, "after": after.__dict__, "job": summary}
+    return finish(table(before, after), missed_targets(before, after), t0, args, out)
 
 
 if __name__ == "__main__":
