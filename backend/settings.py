@@ -113,6 +113,9 @@ class Settings:
         "synthetic", "earlier data to replay: 'synthetic' (the default's training set) or a JSONL file"
     )
     train_max_turns: int = _setting(4, "questions per corrected image per training step (one prompt each)")
+    train_focus_turns: int = _setting(
+        0, "of those, how many at most are questions the parent answers wrong (0: drawn uniformly)"
+    )
     heldout_fraction: float = _setting(0.2, "share of corrected images kept out of training for the gate")
     heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")
     gate_eval_images: int = _setting(100, "base evaluation scenes scored by the promotion gate")
@@ -167,6 +170,11 @@ class Settings:
             raise SettingsError(f"HELDOUT_FRACTION must be in [0, 1), got {settings.heldout_fraction}")
         if not (math.isfinite(settings.min_box_px) and settings.min_box_px >= 0):
             raise SettingsError(f"MIN_BOX_PX must be a number >= 0, got {settings.min_box_px}")
+        if not 0 <= settings.train_focus_turns <= settings.train_max_turns:
+            raise SettingsError(
+                f"TRAIN_FOCUS_TURNS must be in [0, TRAIN_MAX_TURNS={settings.train_max_turns}], "
+                f"got {settings.train_focus_turns}"
+            )
         if not 0.0 <= settings.replay_fraction < 1.0:
             raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
         if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):

@@ -7,7 +7,8 @@
 2. ``evaluate-parent``: score the current version on the gate's corrections and on the lineage's
    base evaluation (reused from the parent's ``metrics.json`` when computed on the same set).
 3. ``train``: stage 2 with ``model.training.train`` on corrections mixed with the lineage's replay
-   data (``REPLAY_FRACTION`` of every batch) so earlier skills are kept.
+   data (``REPLAY_FRACTION`` of every batch) so earlier skills are kept; each sample of a corrected
+   image takes up to ``TRAIN_FOCUS_TURNS`` of the questions the parent answered wrong.
 4. ``evaluate-candidate`` and the gate: promote only if no gated base figure drops by more than
    ``PROMOTE_TOLERANCE`` and the gate's corrections score is not lower than the parent's.
 5. ``commit``: a new registry version (staging folder, one rename), promoted if the gate passed.
@@ -17,9 +18,10 @@ later jobs once older than ``JOB_TIMEOUT``); the job can simply run again.
 
 Modules: :mod:`~backend.finetune.job` (the steps in order; ``run_finetune_job`` is the RQ entry
 point, enqueued as ``backend.finetune.run_finetune_job``), :mod:`~backend.finetune.data`
-(corrections, split, replay mixing), :mod:`~backend.finetune.gate` (scores and the promotion rule),
-:mod:`~backend.finetune.commit` (writing, committing, promoting), :mod:`~backend.finetune.sources`
-(replay data and base evaluation of a lineage; the embedded default's come from the toy world).
+(corrections, split, replay mixing), :mod:`~backend.finetune.focus` (the turns the parent misses),
+:mod:`~backend.finetune.gate` (scores and the promotion rule), :mod:`~backend.finetune.commit`
+(writing, committing, promoting), :mod:`~backend.finetune.sources` (replay data and base evaluation
+of a lineage; the embedded default's come from the toy world).
 """
 
 from backend.finetune.commit import plot_curve

@@ -37,15 +37,22 @@ class MixedRecords(Sequence):
 
     ``model.training.train`` samples indices uniformly, so the first ``(1 - replay_fraction)`` of a
     virtual index space maps onto the corrections (cycled: each virtual index also draws its own
-    subset of a record's turns) and the rest onto the replay set.
+    subset of a record's turns) and the rest onto the replay set.  ``pick(record, index)``, if
+    given, chooses the turns of a correction drawn at virtual ``index``
+    (:func:`backend.finetune.focus.focused_turns`).
     """
 
     def __init__(
-        self, corrections: Sequence[dict], replay: Sequence[dict], replay_fraction: float, size: int = 20_000
+        self,
+        corrections: Sequence[dict],
+        replay: Sequence[dict],
+        replay_fraction: float,
+        size: int = 20_000,
+        pick: Callable[[dict, int], dict] | None = None,
     ) -> None:
         if not corrections:
             raise ValueError("no corrections to train on")
-        self.corrections, self.replay, self.size = corrections, replay, size
+        self.corrections, self.replay, self.size, self.pick = corrections, replay, size, pick
         self.n_corrections = size if not replay else max(1, round(size * (1.0 - replay_fraction)))
 
     def __len__(self) -> int:
@@ -53,7 +60,8 @@ class MixedRecords(Sequence):
 
     def __getitem__(self, index: int) -> dict:  # type: ignore[override]
         if index < self.n_corrections:
-            return self.corrections[index % len(self.corrections)]
+            record = self.corrections[index % len(self.corrections)]
+            return self.pick(record, index) if self.pick is not None else record
         # A large odd stride spreads consecutive virtual indices over the whole replay set.
         return self.replay[((index - self.n_corrections) * 7_919) % len(self.replay)]
 

@@ -27,6 +27,7 @@ from backend.finetune.commit import (
     stored_base_scores,
 )
 from backend.finetune.data import CorrectionSplit, MixedRecords, load_corrections
+from backend.finetune.focus import focused_turns, missed_turns
 from backend.finetune.gate import evaluate, gate_decision
 from backend.finetune.sources import LineageData, lineage_data
 from backend.jobs import progress_reporter, redis_connection, set_phase
@@ -164,10 +165,12 @@ def _finetune(
     engine = InferenceEngine(model, version=f"parent-{parent}", max_new_tokens=settings.max_new_tokens)
     stored = stored_base_scores(parent_dir, lineage.evaluator.identity)
     parent_scores = evaluate(engine, split.gate, lineage.evaluator, stored)
+    # The training turns the parent answers wrong: what the corrections teach (backend.finetune.focus).
+    missed = missed_turns(engine, split.train) if settings.train_focus_turns else {}
     del engine
 
     cfg = train_config(settings, seed=snapshot_seq)
-    history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease)
+    history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease, missed)
 
     _phase(lease, "evaluate-candidate", project=project_id)
     engine = InferenceEngine(model, version=f"candidate-{parent}", max_new_tokens=settings.max_new_tokens)
@@ -192,7 +195,8 @@ def _finetune(
                  "scripts": decision["scripts"], "malformed": decision["malformed"]},
         "data": _counts(split, candidate_scores, settings, snapshot_seq),
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "max_turns": settings.train_max_turns, "seconds": round(train_seconds, 1),
+                  "max_turns": settings.train_max_turns, "focus_turns": settings.train_focus_turns,
+                  "missed_turns": sum(map(len, missed.values())), "seconds": round(train_seconds, 1),
                   "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]},
     }  # fmt: skip
     guard = lease.check if lease is not None else None
@@ -217,10 +221,19 @@ def _train(
     settings: Settings,
     project_id: int,
     lease: TrainingLease | None,
+    missed: dict[str, list[int]],
 ) -> tuple[list[dict], float]:
-    """Train ``model`` in place on the corrections mixed with replay; returns (history, seconds)."""
+    """Train ``model`` in place on the corrections mixed with replay, each sample of a corrected
+    image taking up to ``TRAIN_FOCUS_TURNS`` of its ``missed`` turns; returns (history, seconds)."""
     replay = lineage.replay()
-    data = MixedRecords(split.train, replay if settings.replay_fraction > 0 else [], settings.replay_fraction)
+    max_turns, focus = settings.train_max_turns, settings.train_focus_turns
+
+    def pick(record: dict, index: int) -> dict:
+        return focused_turns(record, missed, max_turns, focus, seed=index)
+
+    data = MixedRecords(
+        split.train, replay if settings.replay_fraction > 0 else [], settings.replay_fraction, pick=pick
+    )
     _phase(lease, "train", project=project_id, step=0, steps=cfg.steps)
     t_train = time.monotonic()
     options = TrainOptions(
