@@ -204,7 +204,8 @@ class CorrectionStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite has already rolled back after an I/O error
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
 

@@ -305,9 +305,9 @@ class SpyEngine(InferenceEngine):
 
     calls: list[int]
 
-    def answer(self, images, boxes, queries):
+    def answer(self, images, boxes, queries, masks=None):
         self.calls.append(len(images))
-        return super().answer(images, boxes, queries)
+        return super().answer(images, boxes, queries, masks)
 
 
 def test_predict_works_in_bounded_chunks_and_encodes_each_image_once(tiny_checkpoint):
