@@ -54,6 +54,9 @@ HEARTBEAT = 1  # JOB_HEARTBEAT_SECONDS of these tests: a job silent for 3 s is d
 # TRAIN_STEPS of a run that gets killed: under 40 steps progress is reported after every step (a
 # lost lease is noticed at the next one); 39 steps outlast each test's wait after the first report.
 LONG_RUN = 39
+# TRAIN_STEPS of the run whose worker is killed while a second worker starts: on a quiet machine 39
+# steps (about 1 s) ended before the second worker was up, so this run is far longer than any wait.
+ORPHAN_RUN = 3000
 STARTUP = 600.0  # deadline for a worker to start and reach training on a busy machine, seconds
 # A bound plus room for a machine shared with other jobs (a thread may wait seconds for a core).
 SLACK = 30.0
@@ -252,11 +255,16 @@ def _training_step(job: Job) -> int:
 
 
 def _start_long_run(
-    settings: Settings, redis: PrivateRedis, workers: Workers, project: int, name: str = "a"
+    settings: Settings,
+    redis: PrivateRedis,
+    workers: Workers,
+    project: int,
+    name: str = "a",
+    steps: int = LONG_RUN,
 ) -> tuple[subprocess.Popen, Job]:
     """A worker running a long job of ``project``, waited for until its training loop reported."""
     _request(settings, project)
-    proc = workers.start(settings, name, TRAIN_STEPS=LONG_RUN)
+    proc = workers.start(settings, name, TRAIN_STEPS=steps)
     job = Job.fetch(job_id(project), connection=redis.conn)
     _wait_for(lambda: _training_step(job), "training under way", STARTUP, (proc,), workers.logs)
     return proc, job
@@ -278,12 +286,13 @@ def test_orphaned_work_horse_stops_before_commit_and_the_job_runs_once(
     use_settings(settings)
     project = 3
     _post_corrections(settings, project)
-    a, job = _start_long_run(settings, test_redis, workers, project)
+    a, job = _start_long_run(settings, test_redis, workers, project, steps=ORPHAN_RUN)
     b = workers.start(settings, "b")  # a short run (TRAIN_STEPS=8) when it gets the job
     _wait_for(
         lambda: _registered(test_redis.conn, settings, b), "second worker up", STARTUP, (b,), workers.logs
     )
 
+    assert _status(job) == "started" and job.get_meta(refresh=True).get("phase") == "train"  # mid-training
     os.killpg(a.pid, signal.SIGKILL)  # the worker's group only: RQ put its horse in another
     a.wait(30)
     assert _session_pids(a.pid), "the work horse should have outlived its worker's process group"
@@ -301,9 +310,9 @@ def test_orphaned_work_horse_stops_before_commit_and_the_job_runs_once(
     assert json.loads((registry.path("1.1.0") / "version.json").read_text())["parent"] == "1.0.0"
     (failure,) = job_status(project, settings, test_redis.conn)["failures"]
     assert failure["job"] == job.id and failure["kind"] == "abandoned" and "Abandoned" in failure["error"]
-    # The killed attempt's record (its LONG_RUN steps, not the rerun's), at the phase the orphan last
+    # The killed attempt's record (its ORPHAN_RUN steps, not the rerun's), at the phase the orphan last
     # reported: training, or on a fast machine already past it, stopped at the commit's lease check.
-    assert failure["steps"] == LONG_RUN and failure["phase"] in ("train", "evaluate-candidate", "commit")
+    assert failure["steps"] == ORPHAN_RUN and failure["phase"] in ("train", "evaluate-candidate", "commit")
     assert open_store(settings.data_dir).new_corrections(project) == 0  # committed: watermark moved
     print(f"orphaned horse exited {orphan_seconds:.1f} s after its worker was killed")
 
