@@ -233,6 +233,9 @@ class SyntheticRecords(Sequence):
     def __getitem__(self, index: int) -> dict:  # type: ignore[override]
         if not 0 <= index < self.count:
             raise IndexError(index)
-        rng = scene_rng(self.seed, index)
+        return self._record(scene_rng(self.seed, index), index)
+
+    def _record(self, rng: random.Random, index: int) -> dict:
+        """Record ``index``, drawn from its own ``rng`` (subclasses draw other worlds)."""
         scene = make_scene(rng, self.spec)
         return scene_record(scene, scene_turns(scene, rng, self.num_turns), f"syn-{self.seed}-{index}")

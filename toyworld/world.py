@@ -41,8 +41,10 @@ from toyworld.scenes import (
     Scene,
     SceneObject,
     SceneSpec,
+    SyntheticRecords,
     draw_shape,
     make_scene,
+    scene_record,
 )
 
 __all__ = [
@@ -295,41 +297,29 @@ def world_turns(
 
 
 def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str) -> dict:
-    """A wider-world scene as a region-text record (the format of :func:`toyworld.scenes.scene_record`;
-    an empty region's ``box_labels`` entry is ``{}``, so no attribute head learns from it)."""
-    conv = []
-    for q, a in turns:
-        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    """A wider-world scene as a region-text record (:func:`toyworld.scenes.scene_record` with the
+    regions' boxes; an empty region's ``box_labels`` entry is ``{}``, so no attribute head learns
+    from it)."""
     labels = [
         {} if r.obj is None else {k: getattr(scene.objects[r.obj], k) for k in ("color", "shape", "size")}
         for r in regions
     ]
     return {
-        "id": record_id,
-        "image": scene.image,
-        "width": scene.width,
-        "height": scene.height,
+        **scene_record(scene, turns, record_id),
         "boxes": [list(r.box) for r in regions],
-        "conversations": conv,
         "box_labels": labels,
         "source": "synthetic-world",
     }
 
 
-class WorldRecords(Sequence):
+class WorldRecords(SyntheticRecords):
     """Lazy, indexable wider-world record set: record ``i`` is drawn on access."""
 
     def __init__(self, seed: int, count: int, spec: WorldSpec | None = None, num_turns: int = 3) -> None:
-        self.seed, self.count, self.num_turns = seed, count, num_turns
-        self.spec = spec or WorldSpec()
+        super().__init__(seed, count, num_turns=num_turns)
+        self.world = spec or WorldSpec()
 
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        rng = random.Random(self.seed * 1_000_003 + index)
-        scene = make_world_scene(rng, self.spec)
-        regions, turns = world_turns(scene, rng, self.spec, self.num_turns)
+    def _record(self, rng: random.Random, index: int) -> dict:
+        scene = make_world_scene(rng, self.world)
+        regions, turns = world_turns(scene, rng, self.world, self.num_turns)
         return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
