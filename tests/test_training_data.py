@@ -106,3 +106,41 @@ def test_build_runs_every_phase_and_resumes_with_a_restart(tmp_path):
     assert second["stage2_restart_loss"] and second["stage1_loss"] == first["stage1_loss"]
     assert "stage2_restart_seconds" in read_metadata(tmp_path / "b")["figures"]
     load_model(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_an_interrupted_build_continues_from_its_last_finished_phase(tmp_path, monkeypatch):
+    """A build killed in stage 2 keeps CLIP, LM and stage 1 in ``<out>.partial``; started again it
+    trains stage 2 only, writes the complete folder and removes the partial one."""
+    import toyworld.build_default as bd
+    from model.checkpoint import load_model, read_metadata
+
+    recipe = BuildRecipe.from_dict(
+        {"config": "roi-test", "turns": 2, "prompts_per_image": 2, "records": 32, "world_share": 0.75,
+         "clip": {"steps": 2, "batch_size": 8, "world_share": 0.5}, "lm": {"stage": 1, "batch_size": 4},
+         "stage1": {"stage": 1, "batch_size": 4}, "stage2": {"stage": 2, "batch_size": 4}}
+    )  # fmt: skip
+    real_train, phases = bd.train, []
+
+    def killed_in_stage2(model, records, cfg, opts):
+        phases.append(cfg.stage)
+        if len(phases) == 3:
+            raise KeyboardInterrupt  # what a session's end does to the build
+        return real_train(model, records, cfg, opts)
+
+    out = tmp_path / "default"
+    kwargs = {"scale": 0.001, "show_bar": False, "eval_images": 2, "calibration_images": 0}
+    monkeypatch.setattr(bd, "train", killed_in_stage2)
+    with pytest.raises(KeyboardInterrupt):
+        bd.build_default(out, recipe, **kwargs)
+    done = read_metadata(bd.partial_folder(out))
+    assert done["build"] == {"complete": False} and "stage2_loss" not in done["figures"]
+    assert not out.exists() and bd._resumable(bd.partial_folder(out), recipe, seed=0, scale=0.001)
+    assert not bd._resumable(bd.partial_folder(out), recipe, seed=1, scale=0.001)  # never mixed in
+    monkeypatch.setattr(bd, "train", lambda *a: phases.append("again") or real_train(*a))
+    figures = bd.build_default(out, recipe, **kwargs)
+    assert phases[3:] == ["again"]  # stage 2 only
+    assert figures["stage1_loss"] == done["figures"]["stage1_loss"] and "stage2_loss" in figures
+    assert figures["build_seconds"] >= done["figures"]["build_seconds"]
+    assert read_metadata(out)["build"] == {"complete": True} and not bd.partial_folder(out).exists()
+    load_model(out)

@@ -124,3 +124,40 @@ def test_world_records_train_a_model():
     assert len(rec["boxes"]) == len(rec["box_labels"]) and rec["conversations"]
     history = train(tiny_model(seed=5), records, TrainConfig(steps=2, batch_size=2, log_every=1))
     assert len(history) >= 1 and all(h["loss"] == h["loss"] for h in history)  # finite
+
+
+def test_mixed_records_interleave_the_world_at_its_share_and_keep_the_grid_records():
+    from toyworld.scenes import SyntheticRecords
+    from toyworld.world import MixedRecords
+
+    mixed = MixedRecords(seed=7, count=400, share=0.75, world=WorldSpec(max_side=300), num_turns=2)
+    world = [i for i in range(400) if mixed.is_world(i)]
+    assert len(world) == 300 and not all(mixed.is_world(i) for i in range(4))  # spread, not a block
+    grid = SyntheticRecords(seed=7, count=400, num_turns=2)
+    i = next(i for i in range(400) if not mixed.is_world(i))
+    assert mixed[i]["id"] == grid[i]["id"] and mixed[i]["conversations"] == grid[i]["conversations"]
+    assert mixed[world[0]]["source"] == "synthetic-world" and mixed[world[0]]["id"].startswith("world-")
+    assert mixed[world[0]]["conversations"] == mixed[world[0]]["conversations"]  # deterministic
+    plain = MixedRecords(seed=7, count=10, share=0.0, num_turns=2)
+    assert [plain[k]["id"] for k in range(10)] == [grid[k]["id"] for k in range(10)]
+    with pytest.raises(ValueError, match="share"):
+        MixedRecords(seed=7, count=10, share=1.5)
+
+
+def test_world_clip_pairs_name_the_object_and_its_third():
+    from model.tasks import POSITION_COLUMNS, POSITION_ROWS
+    from toyworld.train_clip import CLIP_WORLD
+    from toyworld.world import world_clip_pair
+
+    rng = random.Random(3)
+    sizes = set()
+    for _ in range(40):
+        image, text = world_clip_pair(rng, CLIP_WORLD)
+        assert max(image.size) <= CLIP_WORLD.max_side
+        if text == NO_OBJECT:
+            continue
+        caption, where = text.split(" at the ")
+        row, col = where.split()
+        assert row in POSITION_ROWS and col in POSITION_COLUMNS and "pink" not in caption
+        sizes.add(caption.split()[1])
+    assert sizes == {"small", "medium", "large"}

@@ -5,8 +5,13 @@
 Steps (sizes and schedules from the recipe ``toyworld/recipes/roi-tiny-default.json``): tokenizer
 (``tokenizers`` BPE on the synthetic text) -> open_clip vision tower (``ClipLoss`` on synthetic
 pairs) -> LM text pre-training -> stage 1 (region encoder) -> stage 2 (region encoder + projector +
-LM) -> checkpoint folder with the figures of every phase.  ``--scale`` shrinks every step count
-(smoke tests); ``--vision`` reuses trained vision weights instead of training them again.
+LM) -> held-out evaluation -> score calibration -> checkpoint folder with the figures of every
+phase.  A ``world_share`` of the records comes from the wider world (:mod:`toyworld.world`).
+
+The build resumes phase by phase: every finished phase is written to ``<out>.partial``, and a build
+started again with the same recipe, seed and scale continues from there (an interrupted build loses
+at most the phase it was in; ``--restart`` ignores it).  ``--scale`` shrinks every step count (smoke
+tests); ``--vision`` reuses trained vision weights instead of training them again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +39,7 @@ from toyworld.calibrate import fit_calibration
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from toyworld.train_clip import train_clip
+from toyworld.world import MixedRecords
 
 __all__ = [
     "BuildRecipe",
@@ -46,6 +53,7 @@ __all__ = [
     "load_recipe",
     "loss_summary",
     "main",
+    "partial_folder",
     "training_records",
 ]
 
@@ -59,6 +67,7 @@ class ClipRecipe:
     steps: int = 600
     batch_size: int = 96
     lr: float = 1e-3
+    world_share: float = 0.0  # of the pairs drawn from the wider world
 
 
 @dataclass
@@ -70,6 +79,7 @@ class BuildRecipe:
     prompts_per_image: int = 4  # stage 1/2: that many of them, each its own single-question prompt
     records: int = 50_000
     record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
+    world_share: float = 0.0  # of the records drawn from the wider world (toyworld.world)
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
@@ -94,9 +104,10 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
 
 def training_records(recipe: BuildRecipe, seed: int = 0, spec: SceneSpec | None = None) -> SyntheticRecords:
     """The synthetic records the default is trained on (the fine-tuning job replays them)."""
-    return SyntheticRecords(
+    return MixedRecords(
         seed=seed + recipe.record_seed_offset,
         count=recipe.records,
+        share=recipe.world_share,
         spec=spec or SceneSpec(),
         num_turns=recipe.turns,
     )
@@ -108,6 +119,34 @@ def _scaled(cfg: TrainConfig, scale: float, seed: int) -> TrainConfig:
     data["warmup_steps"] = min(cfg.warmup_steps, data["steps"] // 2)
     data["seed"] = cfg.seed + seed
     return TrainConfig.from_dict(data)
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a build of ``out`` keeps its finished phases until it completes."""
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def _build_meta(recipe: BuildRecipe, seed: int, scale: float, figures: dict, complete: bool) -> dict:
+    return {
+        "version": DEFAULT_VERSION,
+        "parent": None,
+        "stage": 2,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": "toyworld.build_default",
+        "recipe": {"seed": seed, "scale": scale, **asdict(recipe)},
+        "held_out_colors": list(HELD_OUT_COLORS),
+        "build": {"complete": complete},
+        "figures": figures,
+    }
+
+
+def _resumable(folder: Path, recipe: BuildRecipe, seed: int, scale: float) -> bool:
+    """Whether ``folder`` holds an unfinished build of exactly this recipe, seed and scale."""
+    if not (folder / "version.json").is_file():
+        return False
+    meta = read_metadata(folder)
+    same = meta.get("recipe") == json.loads(json.dumps({"seed": seed, "scale": scale, **asdict(recipe)}))
+    return same and meta.get("build", {}).get("complete") is False
 
 
 def build_default(
@@ -122,29 +161,50 @@ def build_default(
     eval_every: int = 0,
     resume: Path | None = None,
     calibration_images: int = 40,
+    restart: bool = False,
 ) -> dict:
     """Run every phase and write the checkpoint folder ``out``; returns the figures recorded.
 
+    Each finished phase is saved to :func:`partial_folder` (``<out>.partial``); an unfinished build
+    of the same recipe, seed and scale found there is continued unless ``restart``.  ``resume``: a
+    complete folder an earlier build wrote; its model is loaded and the phases it records as done
+    are skipped (e.g. a recipe that adds a ``stage2_restart``).
+
     ``calibration_images``: images per stress condition the answer-score calibration is fitted on
     (:mod:`toyworld.calibrate`; 0: none, the scores stay raw).
-
-    ``resume``: a folder an earlier build of the same recipe wrote; its model is loaded and the
-    phases it records as done are skipped (a long build continued instead of started again).
     """
     recipe = recipe or load_recipe()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.monotonic()
     spec = SceneSpec()
+    partial = partial_folder(out)
     figures: dict = {}
+    if restart and partial.exists():
+        shutil.rmtree(partial)
+    if resume is None and _resumable(partial, recipe, seed, scale):
+        resume = partial
+        print(f"continuing the unfinished build in {partial}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if resume is not None:
             model = load_model(resume)
             vision_file = Path(resume) / "vision.safetensors"
             figures = dict(read_metadata(resume).get("figures", {}))
-            figures.pop("evaluation", None)
+            if resume != partial:
+                figures.pop("evaluation", None)
         else:
             model, vision_file = _fresh_model(recipe, Path(tmp), scale, seed, spec, figures, vision)
+        spent = figures.get("build_seconds", 0.0)
+
+        def save(folder: Path, complete: bool) -> None:
+            figures["build_seconds"] = round(spent + time.monotonic() - t0, 1)
+            meta = _build_meta(recipe, seed, scale, figures, complete)
+            train_cfg = _scaled(recipe.stage2, scale, seed)
+            save_checkpoint(model, folder, train_cfg, meta, vision_source=vision_file)
+
+        if resume is None:
+            save(partial, complete=False)
+            vision_file = partial / "vision.safetensors"
         records = training_records(recipe, seed, spec)
         phases = [("lm", recipe.lm), ("stage1", recipe.stage1), ("stage2", recipe.stage2)]
         if recipe.stage2_restart.steps > 0:
@@ -166,27 +226,21 @@ def build_default(
             hist = train(model, records, tcfg, options)
             figures[f"{name}_loss"] = loss_summary(hist)
             figures[f"{name}_seconds"] = round(time.monotonic() - started, 1)
-        figures["build_seconds"] = round(figures.get("build_seconds", 0) + time.monotonic() - t0, 1)
-        if eval_images:
+            save(partial, complete=False)
+        if eval_images and "evaluation" not in figures:
             figures["evaluation"] = evaluation_rates(
                 evaluate(InferenceEngine(model, DEFAULT_VERSION), images=eval_images, seed=0)
             )
+            save(partial, complete=False)
         if calibration_images:
+            started = time.monotonic()
             engine = InferenceEngine(model, DEFAULT_VERSION)
             model.score_calibration, figures["calibration"] = fit_calibration(
                 engine, fit_images=calibration_images
             )
-        meta = {
-            "version": DEFAULT_VERSION,
-            "parent": None,
-            "stage": 2,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": "toyworld.build_default",
-            "recipe": {"seed": seed, "scale": scale, **asdict(recipe)},
-            "held_out_colors": list(HELD_OUT_COLORS),
-            "figures": figures,
-        }
-        save_checkpoint(model, out, _scaled(recipe.stage2, scale, seed), meta, vision_source=vision_file)
+            figures["calibration_seconds"] = round(time.monotonic() - started, 1)
+        save(Path(out), complete=True)
+    shutil.rmtree(partial, ignore_errors=True)
     return figures
 
 
@@ -209,8 +263,13 @@ def _fresh_model(
         vision_file = tmp / "vision.safetensors"
         clip = recipe.clip
         steps = max(2, int(clip.steps * scale))
-        losses = train_clip(cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec)
+        started = time.monotonic()
+        losses = train_clip(
+            cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec,
+            world_share=clip.world_share,
+        )  # fmt: skip
         figures["clip_loss"] = [losses[0], losses[-1]]
+        figures["clip_seconds"] = round(time.monotonic() - started, 1)
     else:
         vision_file = Path(vision)
         figures["clip_loss"] = f"reused {vision_file}"
@@ -256,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vision", type=Path, default=None, help="reuse trained vision weights (skip CLIP)")
     ap.add_argument("--eval-images", type=int, default=200, help="held-out scenes scored at the end")
-    ap.add_argument("--resume", type=Path, default=None, help="continue a build: skip the phases it did")
+    ap.add_argument("--resume", type=Path, default=None, help="a finished build: skip the phases it did")
+    ap.add_argument("--restart", action="store_true", help="ignore an unfinished build in <out>.partial")
     ap.add_argument("--eval-every", type=int, default=0, help="quick evaluation every N steps (0: off)")
     ap.add_argument("--calibration-images", type=int, default=40, help="per stress condition (0: none)")
     args = ap.parse_args(argv)
@@ -271,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.eval_every,
         resume=args.resume,
         calibration_images=args.calibration_images,
+        restart=args.restart,
     )
     print(json.dumps(figures, indent=2))
     print(f"default model written to {args.out}")

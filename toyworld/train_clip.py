@@ -1,8 +1,10 @@
 """Contrastive pre-training of the small open_clip vision tower on synthetic image-text pairs.
 
 Uses open_clip's own model, tokenizer and ``ClipLoss``.  Each image holds one shape; its text
-names size, colour, shape and grid position, so the patch features learn what the region encoder
-later reads.  The result is saved as a vision-only safetensors file (``visual.*`` keys).
+names size, colour, shape and position (third of the image), so the patch features learn what the
+region encoder later reads.  A ``world_share`` of the pairs comes from the wider world
+(:func:`toyworld.world.world_clip_pair`: any canvas and background), the rest from the grid.  The
+result is saved as a vision-only safetensors file (``visual.*`` keys).
 """
 
 from __future__ import annotations
@@ -13,27 +15,29 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model.config import VisionConfig
+from model.tasks import position_text
 from model.vision import ImageProcessor, build_clip, resolve_preprocessing
 from toyworld.scenes import SceneSpec, make_scene
+from toyworld.world import WorldSpec, world_clip_pair
 
-__all__ = ["COLS", "ROWS", "clip_pair", "train_clip"]
+__all__ = ["CLIP_WORLD", "clip_pair", "train_clip"]
 
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "centre", "right")
+# The wider world's pairs stay on canvases of at most 448 px: the tower sees 112 px, and larger
+# canvases only cost drawing time.
+CLIP_WORLD = WorldSpec(max_side=448)
 
 
-def clip_pair(rng: random.Random, spec: SceneSpec):
-    """One (PIL image, text) pair: a single object and where it is."""
+def clip_pair(rng: random.Random, spec: SceneSpec) -> tuple[Image.Image, str]:
+    """One (PIL image, text) pair of the grid generator: a single object and where it is."""
     one = SceneSpec(colors=spec.colors, shapes=spec.shapes, sizes=spec.sizes, min_objects=1, max_objects=1)
     scene = make_scene(rng, one)
     obj = scene.objects[0]
-    cx, cy = (obj.box[0] + obj.box[2]) / 2 / scene.width, (obj.box[1] + obj.box[3]) / 2 / scene.height
-    where = f"{ROWS[min(2, int(cy * 3))]} {COLS[min(2, int(cx * 3))]}"
-    return scene.image, f"{obj.caption} at the {where}"
+    return scene.image, f"{obj.caption} at the {position_text(obj.box, scene.width, scene.height)}"
 
 
 def train_clip(
@@ -44,8 +48,12 @@ def train_clip(
     lr: float = 1e-3,
     seed: int = 0,
     spec: SceneSpec | None = None,
+    world_share: float = 0.0,
 ) -> list[float]:
-    """Train ``cfg.open_clip_model`` from scratch; write its vision weights to ``out_file``."""
+    """Train ``cfg.open_clip_model`` from scratch; write its vision weights to ``out_file``.
+
+    ``world_share``: the share of each batch drawn from the wider world (the rest: ``spec``'s grid).
+    Returns the loss of every step."""
     torch.manual_seed(seed)
     spec = spec or SceneSpec()
     model = build_clip(cfg.open_clip_model)
@@ -59,7 +67,10 @@ def train_clip(
     losses = []
     model.train()
     for _ in (bar := tqdm(range(steps), desc="clip")):
-        pairs = [clip_pair(rng, spec) for _ in range(batch_size)]
+        pairs = [
+            world_clip_pair(rng, CLIP_WORLD) if rng.random() < world_share else clip_pair(rng, spec)
+            for _ in range(batch_size)
+        ]
         images = processor.batch([p[0] for p in pairs])
         texts = tokenizer([p[1] for p in pairs])
         img, txt, scale = model(images, texts)

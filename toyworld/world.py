@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,8 +55,10 @@ __all__ = [
     "WorldSpec",
     "canvas",
     "draw_objects",
+    "MixedRecords",
     "WorldRecords",
     "make_world_scene",
+    "world_clip_pair",
     "world_record",
     "world_turns",
 ]
@@ -323,3 +325,45 @@ class WorldRecords(SyntheticRecords):
         scene = make_world_scene(rng, self.world)
         regions, turns = world_turns(scene, rng, self.world, self.num_turns)
         return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
+
+
+class MixedRecords(SyntheticRecords):
+    """The original generator's records with the wider world's interleaved: a ``share`` of the
+    indices, spread evenly, draw a world scene (``world-…`` ids), the others a grid scene."""
+
+    def __init__(
+        self,
+        seed: int,
+        count: int,
+        share: float,
+        spec: SceneSpec | None = None,
+        world: WorldSpec | None = None,
+        num_turns: int = 3,
+    ) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"world share must be in [0, 1], got {share}")
+        super().__init__(seed, count, spec, num_turns)
+        self.share = share
+        self.world = world or WorldSpec()
+
+    def is_world(self, index: int) -> bool:
+        """Whether record ``index`` is drawn from the wider world (exactly ``share`` of a long run)."""
+        return int((index + 1) * self.share) > int(index * self.share)
+
+    def _record(self, rng: random.Random, index: int) -> dict:
+        if not self.is_world(index):
+            return super()._record(rng, index)
+        scene = make_world_scene(rng, self.world)
+        regions, turns = world_turns(scene, rng, self.world, self.num_turns)
+        return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
+
+
+def world_clip_pair(rng: random.Random, spec: WorldSpec | None = None) -> tuple[Image.Image, str]:
+    """One (image, text) pair for the vision tower's contrastive training: a single object placed
+    anywhere on a wider-world canvas (any background, shade, distractors) and where it is."""
+    spec = replace(spec or WorldSpec(), min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
+    scene = make_world_scene(rng, spec)
+    if not scene.objects:  # no room was found: an empty canvas is a pair of its own
+        return scene.image, NO_OBJECT
+    obj = scene.objects[0]
+    return scene.image, f"{obj.caption} at the {position_text(obj.box, scene.width, scene.height)}"
