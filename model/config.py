@@ -102,10 +102,21 @@ class RegionEncoderConfig:
     # pixels only, which a model never trained with masks reads as a token far from its training
     # data; a floor keeps the box's context and still favours the painted part (docs/label-studio.md).
     mask_floor: float = 0.6
+    # Focal encode (inference): a box whose larger side is below ``focal_below`` of its image (in
+    # the normalised frame, so of the model input too) is a few input pixels wide; its visual part
+    # is pooled instead from a square crop around it, re-encoded, in which the box fills
+    # ``focal_fill`` of the side; its box embedding stays the original box's.  0: off (GPT4RoI).
+    focal_below: float = 0.0
+    focal_fill: float = 0.12
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_floor <= 1.0:
             raise ValueError(f"region.mask_floor must be in [0, 1], got {self.mask_floor}")
+        if not 0.0 <= self.focal_below < 1.0 or not 0.0 < self.focal_fill <= 1.0:
+            raise ValueError(
+                f"region.focal_below must be in [0, 1) and focal_fill in (0, 1], got "
+                f"{self.focal_below} and {self.focal_fill}"
+            )
         if isinstance(self.feature_norm, bool):  # configs written before the choice existed
             self.feature_norm = "layer" if self.feature_norm else "none"
         if self.feature_norm not in FEATURE_NORMS:

@@ -30,6 +30,7 @@ __all__ = [
     "boxes_tensor",
     "check_pixel_box",
     "ellipse_to_pixels",
+    "focal_crop",
     "input_to_feature_scale",
     "keypoint_to_pixels",
     "mask_to_pixels",
@@ -87,6 +88,20 @@ def normalized_to_pixels(box: Sequence[float], image_w: int, image_h: int) -> Bo
     """``xyxy`` in [0, 1] -> pixel ``xyxy``."""
     x0, y0, x1, y1 = box
     return (x0 * image_w, y0 * image_h, x1 * image_w, y1 * image_h)
+
+
+def focal_crop(box: Sequence[float], image_w: int, image_h: int, fill: float) -> tuple[Box, Box]:
+    """Pixel box -> (the square pixel crop around it in which its larger side is ``fill`` of the
+    crop's side, moved to lie inside the image and cut to it where the image is smaller; the box in
+    the crop's normalised frame).  The crop is square in pixels, so the model input (a squashed
+    square) shows the box with its own aspect ratio."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0, 1.0) / fill
+    cw, ch = min(side, float(image_w)), min(side, float(image_h))
+    cx0 = min(max((x0 + x1) / 2 - cw / 2, 0.0), image_w - cw)
+    cy0 = min(max((y0 + y1) / 2 - ch / 2, 0.0), image_h - ch)
+    crop = (cx0, cy0, cx0 + cw, cy0 + ch)
+    return crop, pixels_to_normalized((x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0), cw, ch)  # type: ignore[arg-type]
 
 
 def normalized_to_input(boxes: torch.Tensor, input_size: int) -> torch.Tensor:

@@ -235,9 +235,13 @@ class RegionFeatureExtractor(nn.Module):
         maps: list[torch.Tensor],
         boxes: list[torch.Tensor],
         masks: list[torch.Tensor | None] | None = None,
+        embed_boxes: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``maps``: :meth:`group_levels` of the pyramid; ``boxes``: per image ``(N_i, 4)``
         normalised xyxy -> ``(sum N_i, hidden_dim)`` in image-major, box order.
+
+        ``embed_boxes``: the boxes the box embedding reads when the maps are not of the boxes' own
+        image (a focal crop: pooled in the crop's frame, embedded as the box on its image).
 
         ``masks``: per image ``None`` or ``(N_i, 1, o, o)`` weights of its boxes' RoI grids
         (:func:`mask_roi_weights`; ones for a box without mask) that multiply the pooled features
@@ -280,7 +284,8 @@ class RegionFeatureExtractor(nn.Module):
         stacked = torch.cat(pooled, dim=1).to(weight.dtype).contiguous(memory_format=torch.channels_last)
         summed = F.conv2d(stacked, weight, bias, padding=1)
         flat = F.relu(summed).flatten(1)
-        pos = self.pos_embedd(self.box_features(torch.cat(boxes).float()).to(flat.dtype))
+        where = torch.cat(boxes if embed_boxes is None else embed_boxes).float().to(rois.device)
+        pos = self.pos_embedd(self.box_features(where).to(flat.dtype))
         return self.feature_norm(self.flatten_linear(flat)) + pos
 
     def forward(
@@ -330,17 +335,18 @@ class RegionEncoder(nn.Module):
         maps: list[torch.Tensor],
         boxes: list[torch.Tensor],
         masks: list[torch.Tensor | None] | None = None,
+        embed_boxes: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Region maps (:meth:`fuse`) + B tensors ``(N_i, 4)`` of normalised boxes (+ optional
-        per-image ``(N_i, 1, o, o)`` RoI-grid masks, :meth:`RegionFeatureExtractor.pool`) ->
-        ``(sum N_i, out_dim)``."""
+        per-image ``(N_i, 1, o, o)`` RoI-grid masks and the boxes to embed when they differ,
+        :meth:`RegionFeatureExtractor.pool`) -> ``(sum N_i, out_dim)``."""
         if len(boxes) != maps[0].shape[0]:
             raise ValueError(f"{len(boxes)} box lists for a batch of {maps[0].shape[0]} images")
         if masks is not None and len(masks) != len(boxes):
             raise ValueError(f"{len(masks)} mask lists for {len(boxes)} box lists")
         if sum(len(b) for b in boxes) == 0:
             return maps[0].new_zeros(0, self.updims.out_features)
-        return self.out_norm(self.updims(self.roi_align.pool(maps, boxes, masks)))
+        return self.out_norm(self.updims(self.roi_align.pool(maps, boxes, masks, embed_boxes)))
 
     def forward(self, levels: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``."""

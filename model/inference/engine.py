@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from model.geometry import focal_crop, normalized_to_pixels
 from model.inference.cache import ImageState, SizedLRU
 from model.inference.decode import (
     STOP_STRING,
@@ -183,6 +184,7 @@ class InferenceEngine:
             for (i, _), (_, order) in zip(queries, encoded):
                 used[i].update(order)
             feats = self._region_features(states, boxes, used, masks)
+            self._focal_features(images, boxes, used, masks, feats)
             answers: list[Answer] = []
             for start in range(0, len(queries), self.max_batch):
                 end = start + self.max_batch
@@ -200,7 +202,10 @@ class InferenceEngine:
         normalised), as the questions about them read them."""
         with self._lock:
             states = self.image_states(images)
-            return self._region_features(states, boxes, [set(range(len(b))) for b in boxes])
+            used = [set(range(len(b))) for b in boxes]
+            feats = self._region_features(states, boxes, used)
+            self._focal_features(images, boxes, used, None, feats)
+            return feats
 
     def _calibrated(
         self,
@@ -250,6 +255,49 @@ class InferenceEngine:
             full[r] = f
             feats.append(full)
         return feats
+
+    def _focal_features(
+        self,
+        images: Sequence[ImageLike],
+        boxes: Sequence[torch.Tensor],
+        used: Sequence[set[int]],
+        masks: Sequence[Sequence[torch.Tensor | None] | None] | None,
+        feats: list[torch.Tensor],
+    ) -> None:
+        """Replace in ``feats`` (per image ``(N_i, D)``) the tokens of the used boxes smaller than
+        ``region.focal_below`` of their image by a focal encode: a crop around each
+        (:func:`model.geometry.focal_crop`), encoded like an image, pooled in the crop's frame and
+        embedded as the original box.  Boxes with a mask keep their masked token."""
+        m = self.model
+        cfg = m.cfg.region
+        if cfg.focal_below <= 0:
+            return
+        crops: list[Image.Image] = []
+        inside: list[torch.Tensor] = []
+        where: list[tuple[int, int]] = []
+        for i, (b, u) in enumerate(zip(boxes, used)):
+            b = b.reshape(-1, 4).float()
+            side = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+            small = [k for k in sorted(u) if side[k] < cfg.focal_below]
+            if masks is not None and masks[i] is not None:
+                small = [k for k in small if masks[i][k] is None]  # type: ignore[index]
+            if not small:
+                continue
+            image = pixels(images[i])
+            w, h = image.size
+            for k in small:
+                crop, box = focal_crop(normalized_to_pixels(b[k].tolist(), w, h), w, h, cfg.focal_fill)
+                crops.append(image.crop(crop))
+                inside.append(torch.tensor([box]))
+                where.append((i, k))
+        for start in range(0, len(crops), self.max_batch):
+            part = slice(start, start + self.max_batch)
+            batch = m.processor.batch(crops[part]).to(m.device)
+            maps = m.region_encoder.fuse(m.cast_levels(m.encode_images(batch)))
+            embed = [boxes[i].reshape(-1, 4)[k : k + 1].float() for i, k in where[part]]
+            tokens = m.region_encoder.encode_boxes(maps, [x.to(m.device) for x in inside[part]], None, embed)
+            for (i, k), token in zip(where[part], tokens):
+                feats[i][k] = token.to(feats[i].dtype)
 
     def _decode(
         self,

@@ -1,0 +1,92 @@
+"""Focal encode of small boxes (issue 17, item 2): a crop around a box a few input pixels wide is
+encoded like an image; the box's token is pooled there and embedded as the original box."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from model.config import RegionEncoderConfig
+from model.geometry import boxes_tensor, focal_crop, normalized_to_pixels
+from model.inference.engine import InferenceEngine
+from model.inference.image_input import EncodedImage
+from tests.model_helpers import png_bytes, tiny_model
+
+
+@pytest.mark.parametrize("w,h", [(1500, 1000), (400, 1200), (100, 80)])
+def test_focal_crop_is_a_square_around_the_box_inside_the_image(w, h):
+    rng = random.Random(w)
+    for _ in range(200):
+        side = rng.uniform(2, 60)
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        box = (x0, y0, x0 + side, y0 + side * rng.uniform(0.5, 1.0))
+        crop, inside = focal_crop(box, w, h, fill=0.12)
+        assert 0 <= crop[0] <= crop[2] <= w + 1e-6 and 0 <= crop[1] <= crop[3] <= h + 1e-6
+        cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+        assert cw == pytest.approx(min(w, side / 0.12)) and ch == pytest.approx(min(h, side / 0.12))
+        back = normalized_to_pixels(inside, cw, ch)
+        assert back == pytest.approx((box[0] - crop[0], box[1] - crop[1], box[2] - crop[0], box[3] - crop[1]))
+        assert all(-1e-9 <= v <= 1 + 1e-9 for v in inside)
+
+
+def test_focal_config_is_checked_and_off_by_default():
+    assert RegionEncoderConfig().focal_below == 0.0
+    with pytest.raises(ValueError, match="focal"):
+        RegionEncoderConfig(focal_fill=0.0)
+    with pytest.raises(ValueError, match="focal"):
+        RegionEncoderConfig(focal_below=1.5)
+
+
+def _scene() -> tuple[Image.Image, list[tuple[float, float, float, float]]]:
+    image = Image.new("RGB", (1200, 900), (210, 210, 210))
+    image.paste((200, 30, 30), (600, 450, 624, 474))  # a 2 % object
+    image.paste((30, 30, 200), (100, 100, 500, 400))  # a large one
+    return image, [(600, 450, 624, 474), (100, 100, 500, 400)]
+
+
+def test_a_small_box_is_pooled_from_its_crop_and_embedded_as_itself():
+    model = tiny_model(seed=4)
+    image, boxes = _scene()
+    norm = boxes_tensor(boxes, *image.size)
+    plain = InferenceEngine(model, "plain").region_tokens([image], [norm])[0]
+    model.cfg.region.focal_below = 0.05
+    try:
+        engine = InferenceEngine(model, "focal")
+        focal = engine.region_tokens([image], [norm])[0]
+        # The file path (an encoded image, decoded for the crop) gives the same tokens.
+        from_file = engine.region_tokens([EncodedImage(png_bytes(image))], [norm])[0]
+        crop, inside = focal_crop(boxes[0], *image.size, fill=model.cfg.region.focal_fill)
+        with torch.inference_mode():
+            pixels = model.processor.batch([image.crop(crop)])
+            maps = model.region_encoder.fuse(model.cast_levels(model.encode_images(pixels)))
+            expected = model.region_encoder.encode_boxes(maps, [torch.tensor([inside])], None, [norm[:1]])[0]
+            shifted = model.region_encoder.encode_boxes(maps, [torch.tensor([inside])])[0]
+    finally:
+        model.cfg.region.focal_below = 0.0
+    assert torch.allclose(focal[0], expected, atol=1e-5)
+    assert not torch.allclose(focal[0], plain[0], atol=1e-3)  # the crop, not the whole image
+    assert not torch.allclose(expected, shifted, atol=1e-3)  # the box embedding is the original box's
+    assert torch.allclose(focal[1], plain[1], atol=1e-6)  # a large box: unchanged
+    assert torch.allclose(from_file, focal, atol=1e-5)
+
+
+def test_focal_answers_go_through_the_engine_and_masked_boxes_keep_their_mask():
+    model = tiny_model(seed=4)
+    image, boxes = _scene()
+    norm = boxes_tensor(boxes, *image.size)
+    mask = torch.zeros(900, 1200, dtype=torch.bool)
+    mask[455:470, 605:620] = True
+    queries = [(0, "What is <region1>?"), (0, "What is <region2>?")]
+    masked_plain = InferenceEngine(model, "a").answer([image], [norm], queries, masks=[[mask, None]])
+    model.cfg.region.focal_below = 0.05
+    try:
+        engine = InferenceEngine(model, "b")
+        masked = engine.answer([image], [norm], queries, masks=[[mask, None]])
+        answers = engine.answer([image], [norm], queries)
+    finally:
+        model.cfg.region.focal_below = 0.0
+    assert [a.text for a in masked] == [a.text for a in masked_plain]
+    assert len(answers) == 2 and all(0.0 <= a.score <= 1.0 for a in answers)
