@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.calibration import ScoreCalibration
 from model.config import ModelConfig
+from model.focal import FocalCrops
 from model.prompt import BBOX, IGNORE_INDEX, IM_PATCH, EncodedPrompt, PromptBuilder
 from model.region_encoder import RegionEncoder
 from model.vision import ImageProcessor, VisionFeatures, VisionTower
@@ -127,11 +128,24 @@ class RegionMLLM(nn.Module):
         """``(I, 3, S, S)`` -> frozen vision features (computed without gradients)."""
         return self.vision(pixels.to(self.device, self.vision.visual.conv1.weight.dtype))
 
-    def region_features(self, vision: VisionFeatures, boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def region_features(
+        self,
+        vision: VisionFeatures,
+        boxes: Sequence[torch.Tensor],
+        focal: Sequence[FocalCrops | None] | None = None,
+    ) -> list[torch.Tensor]:
         """Per image ``(N_i, 4)`` normalised boxes -> per image ``(N_i, D)`` region tokens (one
-        RoIAlign call per level for all boxes of all images)."""
+        RoIAlign call per level for all boxes of all images).  ``focal``: per image the crops of its
+        small boxes (:func:`model.focal.focal_crops`), whose tokens are pooled from the crops."""
         boxes = [b.to(self.device, torch.float32).reshape(-1, 4) for b in boxes]
-        feats = self.region_encoder(self.cast_levels(vision), boxes)
+        crops = None
+        if focal is not None and any(f is not None for f in focal):
+            starts = [sum(len(b) for b in boxes[:i]) for i in range(len(boxes))]
+            kept = [(start, f) for start, f in zip(starts, focal) if f is not None]
+            rows = torch.tensor([start + r for start, f in kept for r in f.rows], device=self.device)
+            levels = self.cast_levels(self.encode_images(torch.cat([f.pixels for _, f in kept])))
+            crops = (levels, torch.cat([f.boxes for _, f in kept]).to(self.device), rows)
+        feats = self.region_encoder(self.cast_levels(vision), boxes, crops)
         return list(feats.split([len(b) for b in boxes]))
 
     @property
@@ -191,13 +205,15 @@ class RegionMLLM(nn.Module):
         labels: torch.Tensor | None,
         region_orders: Sequence[Sequence[int]],
         row_image: Sequence[int] | None = None,
+        focal: Sequence[FocalCrops | None] | None = None,
     ):
         """``pixels`` ``(B, 3, S, S)``; ``input_ids``/``labels`` ``(R, L)``: R prompts, row r about
-        image ``row_image[r]`` (default: one prompt per image).  Each image is encoded once however
-        many prompts ask about it.  Returns the LM output; ``loss`` is the mean cross-entropy over
+        image ``row_image[r]`` (default: one prompt per image); ``focal``: per image the crops of
+        its small boxes (:meth:`region_features`).  Each image is encoded once however many
+        prompts ask about it.  Returns the LM output; ``loss`` is the mean cross-entropy over
         answer tokens."""
         vision = self.encode_images(pixels)
-        feats = self.region_features(vision, boxes)
+        feats = self.region_features(vision, boxes, focal)
         rows = list(range(len(boxes))) if row_image is None else list(row_image)
         embeds = self.embed_prompts(input_ids, vision, feats, rows, region_orders)
         return self.lm(

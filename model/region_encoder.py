@@ -348,6 +348,23 @@ class RegionEncoder(nn.Module):
             return maps[0].new_zeros(0, self.updims.out_features)
         return self.out_norm(self.updims(self.roi_align.pool(maps, boxes, masks, embed_boxes)))
 
-    def forward(self, levels: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``."""
-        return self.encode_boxes(self.fuse(levels), boxes)
+    def forward(
+        self,
+        levels: list[torch.Tensor],
+        boxes: list[torch.Tensor],
+        focal: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``.
+
+        ``focal``: ``(crop levels (M, C, g, g) per level, crop-frame boxes (M, 4), rows (M,))``:
+        the tokens of boxes ``rows`` (image-major) are pooled from their crops and embedded as the
+        boxes themselves (:mod:`model.focal`).  Crops and images are pooled in one call, so a batch
+        norm sees all of them."""
+        if focal is None:
+            return self.encode_boxes(self.fuse(levels), boxes)
+        crop_levels, crop_boxes, rows = focal
+        maps = self.fuse([torch.cat([a, b.to(a.dtype)]) for a, b in zip(levels, crop_levels)])
+        flat = torch.cat(boxes)
+        embed = list(boxes) + list(flat[rows.to(flat.device)].split(1))
+        tokens = self.encode_boxes(maps, list(boxes) + list(crop_boxes.to(flat).split(1)), None, embed)
+        return tokens[: len(flat)].index_copy(0, rows.to(tokens.device), tokens[len(flat) :])

@@ -90,3 +90,33 @@ def test_focal_answers_go_through_the_engine_and_masked_boxes_keep_their_mask():
         model.cfg.region.focal_below = 0.0
     assert [a.text for a in masked] == [a.text for a in masked_plain]
     assert len(answers) == 2 and all(0.0 <= a.score <= 1.0 for a in answers)
+
+
+def test_training_reads_small_boxes_from_the_same_crops_the_engine_pools():
+    from model.config import TrainConfig
+    from model.data.dataset import RecordDataset, collate_samples
+    from model.training import train
+
+    model = tiny_model(seed=6)
+    image, boxes = _scene()
+    record = {"image": image, "width": 1200, "height": 900, "boxes": [list(b) for b in boxes],
+              "conversations": [{"from": "human", "value": "What is <region1>?"},
+                                {"from": "gpt", "value": "a small red square"}]}  # fmt: skip
+    model.cfg.region.focal_below = 0.05
+    try:
+        sample = RecordDataset([record], model)[0]
+        assert sample.focal is not None and sample.focal.rows == [0]
+        batch = collate_samples(model, [sample])
+        model.eval()
+        with torch.inference_mode():
+            vision = model.encode_images(batch["pixels"])
+            trained_view = model.region_features(vision, batch["boxes"], batch["focal"])[0]
+        served = InferenceEngine(model, "focal").region_tokens([image], [boxes_tensor(boxes, 1200, 900)])[0]
+        assert torch.allclose(trained_view, served, atol=1e-5)
+        history = train(
+            model, [record] * 4, TrainConfig(steps=2, batch_size=2, log_every=1, region_aux_weight=0)
+        )
+        assert all(h["loss"] == h["loss"] for h in history)
+    finally:
+        model.cfg.region.focal_below = 0.0
+    assert RecordDataset([record], model)[0].focal is None  # off: no crops

@@ -49,6 +49,7 @@ __all__ = [
     "format_stress",
     "photo_cases",
     "run_stress",
+    "score_cases",
 ]
 
 CONDITIONS = (
@@ -274,7 +275,9 @@ def _unambiguous(a: SceneObject, b: SceneObject, w: int, h: int) -> bool:
     return all(abs(abs(d) - POSITION_MARGIN) > RELATION_CLEARANCE for d in (ax - bx, ay - by))
 
 
-def _score(engine: InferenceEngine, cases: Sequence[StressCase], batch: int = 8) -> dict:
+def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int = 8) -> dict:
+    """Caption exact match, mean score and ``_pairs`` (score, right) of ``cases``' regions, plus
+    the relation accuracy of the cases that score relations."""
     captions: list[tuple[float, bool]] = []
     relations = [0, 0]
     for start in range(0, len(cases), batch):
@@ -312,10 +315,10 @@ def run_stress(engine: InferenceEngine, count: int = 60, seed: int = 0) -> dict:
     table = {}
     mix: list[tuple[float, bool]] = []
     for name, cases in conditions(count, seed).items():
-        figures = _score(engine, cases)
+        figures = score_cases(engine, cases)
         mix += figures.pop("_pairs")
         table[name] = figures
-    photos = _score(engine, photo_cases(seed=seed))
+    photos = score_cases(engine, photo_cases(seed=seed))
     photos.pop("_pairs")
     scores, right = [s for s, _ in mix], [ok for _, ok in mix]
     return {

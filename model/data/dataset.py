@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from model.focal import FocalCrops, focal_crops
 from model.geometry import boxes_tensor
 from model.mllm import RegionMLLM
 from model.prompt import EncodedPrompt
@@ -39,6 +40,7 @@ class Sample:
     boxes: torch.Tensor
     prompts: list[EncodedPrompt]
     box_labels: list[dict[str, str]] | None = None  # per box attributes (synthetic records only)
+    focal: FocalCrops | None = None  # crops around its small boxes (model.focal)
 
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
@@ -119,7 +121,8 @@ class RecordDataset(Dataset):
         w, h = rec.get("width") or image.width, rec.get("height") or image.height
         boxes = boxes_tensor(rec["boxes"], w, h)
         prompts = [encode(group, num_boxes=len(boxes)) for group in groups]
-        return Sample(self.model.processor(image), boxes, prompts, rec.get("box_labels"))
+        focal = focal_crops(image, boxes, self.model.cfg.region, self.model.processor.batch)
+        return Sample(self.model.processor(image), boxes, prompts, rec.get("box_labels"), focal)
 
 
 def collate_samples(model: RegionMLLM, samples: Sequence[Sample]) -> dict:
@@ -131,4 +134,6 @@ def collate_samples(model: RegionMLLM, samples: Sequence[Sample]) -> dict:
     batch["boxes"] = [s.boxes for s in samples]
     batch["region_orders"] = [p.region_order for p in prompts]
     batch["row_image"] = [i for i, s in enumerate(samples) for _ in s.prompts]
+    if any(s.focal is not None for s in samples):
+        batch["focal"] = [s.focal for s in samples]
     return batch

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from model.geometry import focal_crop, normalized_to_pixels
+from model.focal import focal_crops, small_boxes
 from model.inference.cache import ImageState, SizedLRU
 from model.inference.decode import (
     STOP_STRING,
@@ -265,38 +265,26 @@ class InferenceEngine:
         feats: list[torch.Tensor],
     ) -> None:
         """Replace in ``feats`` (per image ``(N_i, D)``) the tokens of the used boxes smaller than
-        ``region.focal_below`` of their image by a focal encode: a crop around each
-        (:func:`model.geometry.focal_crop`), encoded like an image, pooled in the crop's frame and
-        embedded as the original box.  Boxes with a mask keep their masked token."""
+        ``region.focal_below`` of their image by their focal crops' (:mod:`model.focal`; pooled in
+        the crop, embedded as the box).  Boxes with a mask keep their masked token."""
         m = self.model
         cfg = m.cfg.region
-        if cfg.focal_below <= 0:
-            return
-        crops: list[Image.Image] = []
-        inside: list[torch.Tensor] = []
-        where: list[tuple[int, int]] = []
+        jobs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # image, box, crop pixels, crop box
         for i, (b, u) in enumerate(zip(boxes, used)):
-            b = b.reshape(-1, 4).float()
-            side = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
-            small = [k for k in sorted(u) if side[k] < cfg.focal_below]
-            if masks is not None and masks[i] is not None:
-                small = [k for k in small if masks[i][k] is None]  # type: ignore[index]
-            if not small:
+            rows = [k for k in u if masks is None or masks[i] is None or masks[i][k] is None]  # type: ignore[index]
+            if not small_boxes(b, cfg, rows):
                 continue
-            image = pixels(images[i])
-            w, h = image.size
-            for k in small:
-                crop, box = focal_crop(normalized_to_pixels(b[k].tolist(), w, h), w, h, cfg.focal_fill)
-                crops.append(image.crop(crop))
-                inside.append(torch.tensor([box]))
-                where.append((i, k))
-        for start in range(0, len(crops), self.max_batch):
-            part = slice(start, start + self.max_batch)
-            batch = m.processor.batch(crops[part]).to(m.device)
+            crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, rows)
+            assert crops is not None
+            jobs += [(i, k, crops.pixels[j], crops.boxes[j]) for j, k in enumerate(crops.rows)]
+        for start in range(0, len(jobs), self.max_batch):
+            part = jobs[start : start + self.max_batch]
+            batch = torch.stack([p for _, _, p, _ in part]).to(m.device)
             maps = m.region_encoder.fuse(m.cast_levels(m.encode_images(batch)))
-            embed = [boxes[i].reshape(-1, 4)[k : k + 1].float() for i, k in where[part]]
-            tokens = m.region_encoder.encode_boxes(maps, [x.to(m.device) for x in inside[part]], None, embed)
-            for (i, k), token in zip(where[part], tokens):
+            inside = [box[None].to(m.device) for _, _, _, box in part]
+            embed = [boxes[i].reshape(-1, 4)[k : k + 1].float().to(m.device) for i, k, _, _ in part]
+            tokens = m.region_encoder.encode_boxes(maps, inside, None, embed)
+            for (i, k, _, _), token in zip(part, tokens):
                 feats[i][k] = token.to(feats[i].dtype)
 
     def _decode(
