@@ -50,6 +50,7 @@ from backend.settings import Settings, get_settings
 from backend.store import open_store
 
 __all__ = [
+    "FORK_GUARD",
     "PreannotateWorker",
     "TrainingWorker",
     "healthy",
@@ -88,6 +89,13 @@ def prepare(settings: Settings) -> dict:
     return {"current": current, "staging_removed": removed, "outbox": flushed}
 
 
+# Work horses are forked from a process whose poll thread (:func:`poll_once`) works in SQLite and
+# Redis.  A fork while that thread holds a lock (SQLite's own mutexes, an open connection) hands the
+# horse that lock held forever: the retried job's horse waited on a futex and never trained.  So the
+# poll and the fork never overlap.
+FORK_GUARD = threading.Lock()
+
+
 class TrainingWorker(Worker):
     """RQ's forking worker with the fine-tuning jobs' liveness rules (see the module doc).
 
@@ -96,7 +104,8 @@ class TrainingWorker(Worker):
     * a Redis error while watching the work horse is logged, not fatal (RQ would end its work loop
       and leave the horse unwatched);
     * the work horse watches this worker (:func:`backend.lease.watch_parent`);
-    * :attr:`stop_requested` tells a requested stop (SIGTERM/SIGINT) from a loop that ended on an error.
+    * :attr:`stop_requested` tells a requested stop (SIGTERM/SIGINT) from a loop that ended on an error;
+    * a work horse is never forked while the poll thread is inside :func:`poll_once` (:data:`FORK_GUARD`).
     """
 
     stop_requested = False
@@ -113,7 +122,13 @@ class TrainingWorker(Worker):
         except (RedisError, OSError) as exc:
             log.warning("job %s: heartbeat not sent, Redis unreachable: %s", job.id, exc)
 
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        with FORK_GUARD:
+            super().fork_work_horse(job, queue)
+
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        if FORK_GUARD.locked():  # the horse's copy, held by its parent's fork: no thread here holds it
+            FORK_GUARD.release()
         watch_parent(os.getppid())
         super().main_work_horse(job, queue)
 
@@ -180,12 +195,14 @@ def run_preannotate_worker(settings: Settings, burst: bool = False) -> None:
 
 
 def poll_once(settings: Settings) -> None:
-    """One round of the worker's poll: fail (or retry) dead jobs, then flush the outbox."""
-    try:
-        fail_dead_jobs(training_queue(settings, redis_connection(settings, fast=True)))
-    except (RedisError, OSError) as exc:
-        log.warning("dead-job check skipped, Redis unreachable: %s", exc)
-    flush_outbox(settings, open_store(settings.data_dir))
+    """One round of the worker's poll: fail (or retry) dead jobs, then flush the outbox (never while
+    a work horse is being forked, :data:`FORK_GUARD`)."""
+    with FORK_GUARD:
+        try:
+            fail_dead_jobs(training_queue(settings, redis_connection(settings, fast=True)))
+        except (RedisError, OSError) as exc:
+            log.warning("dead-job check skipped, Redis unreachable: %s", exc)
+        flush_outbox(settings, open_store(settings.data_dir))
 
 
 def _poll(settings: Settings, stop: threading.Event) -> None:

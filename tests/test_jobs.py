@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from rq import Queue, SimpleWorker
@@ -163,3 +164,41 @@ def test_webhook_to_served_version_end_to_end(tmp_path: Path, tiny_checkpoint: P
     assert holder.wait_for_version("1.1.0", timeout=60)
     setup = client.post("/setup", json={"project": "1.0", "schema": SCENE_LABEL_CONFIG})
     assert setup.get_json()["model_version"] == "1.1.0"
+
+
+def test_a_work_horse_is_never_forked_while_the_poll_thread_works(monkeypatch):
+    """A horse forked while the worker's poll thread is inside SQLite inherited its lock held and
+    hung on a futex (test_job_crashes' orphan test, once in CI).  The poll and the fork exclude
+    each other; the horse's inherited copy of the guard is released."""
+    import backend.worker as w
+
+    inside, release, order, held = threading.Event(), threading.Event(), [], []
+
+    def slow_flush(settings, store):
+        held.append(w.FORK_GUARD.locked())
+        inside.set()
+        release.wait(30)
+        order.append("poll done")
+
+    monkeypatch.setattr(w, "fail_dead_jobs", lambda queue: None)
+    monkeypatch.setattr(w, "training_queue", lambda settings, connection: None)
+    monkeypatch.setattr(w, "redis_connection", lambda settings, fast=False: None)
+    monkeypatch.setattr(w, "open_store", lambda data_dir: None)
+    monkeypatch.setattr(w, "flush_outbox", slow_flush)
+    monkeypatch.setattr(w.Worker, "fork_work_horse", lambda self, job, queue: order.append("fork"))
+    poll = threading.Thread(target=w.poll_once, args=(SimpleNamespace(data_dir="unused"),))
+    poll.start()
+    assert inside.wait(30)
+    worker = w.TrainingWorker.__new__(w.TrainingWorker)  # no Redis needed: the fork itself is patched
+    forker = threading.Thread(target=worker.fork_work_horse, args=(None, None))
+    forker.start()
+    release.set()
+    poll.join(30)
+    forker.join(30)
+    assert held == [True] and order == ["poll done", "fork"] and not w.FORK_GUARD.locked()
+
+    w.FORK_GUARD.acquire()  # what the horse finds: its parent's fork held the guard
+    monkeypatch.setattr(w, "watch_parent", lambda pid: None)
+    monkeypatch.setattr(w.Worker, "main_work_horse", lambda self, job, queue: order.append("horse"))
+    worker.main_work_horse(None, None)
+    assert order[-1] == "horse" and not w.FORK_GUARD.locked()
