@@ -126,6 +126,11 @@ def partial_folder(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".partial")
 
 
+def _recipe_record(recipe: BuildRecipe, seed: int, scale: float) -> dict:
+    """The recipe as a build's metadata records it (and as a resumed build must match it)."""
+    return json.loads(json.dumps({"seed": seed, "scale": scale, **asdict(recipe)}))
+
+
 def _build_meta(recipe: BuildRecipe, seed: int, scale: float, figures: dict, complete: bool) -> dict:
     return {
         "version": DEFAULT_VERSION,
@@ -133,7 +138,7 @@ def _build_meta(recipe: BuildRecipe, seed: int, scale: float, figures: dict, com
         "stage": 2,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": "toyworld.build_default",
-        "recipe": {"seed": seed, "scale": scale, **asdict(recipe)},
+        "recipe": _recipe_record(recipe, seed, scale),
         "held_out_colors": list(HELD_OUT_COLORS),
         "build": {"complete": complete},
         "figures": figures,
@@ -145,7 +150,7 @@ def _resumable(folder: Path, recipe: BuildRecipe, seed: int, scale: float) -> bo
     if not (folder / "version.json").is_file():
         return False
     meta = read_metadata(folder)
-    same = meta.get("recipe") == json.loads(json.dumps({"seed": seed, "scale": scale, **asdict(recipe)}))
+    same = meta.get("recipe") == _recipe_record(recipe, seed, scale)
     return same and meta.get("build", {}).get("complete") is False
 
 

@@ -314,19 +314,6 @@ def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str
     }
 
 
-class WorldRecords(SyntheticRecords):
-    """Lazy, indexable wider-world record set: record ``i`` is drawn on access."""
-
-    def __init__(self, seed: int, count: int, spec: WorldSpec | None = None, num_turns: int = 3) -> None:
-        super().__init__(seed, count, num_turns=num_turns)
-        self.world = spec or WorldSpec()
-
-    def _record(self, rng: random.Random, index: int) -> dict:
-        scene = make_world_scene(rng, self.world)
-        regions, turns = world_turns(scene, rng, self.world, self.num_turns)
-        return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
-
-
 class MixedRecords(SyntheticRecords):
     """The original generator's records with the wider world's interleaved: a ``share`` of the
     indices, spread evenly, draw a world scene (``world-…`` ids), the others a grid scene."""
@@ -356,6 +343,13 @@ class MixedRecords(SyntheticRecords):
         scene = make_world_scene(rng, self.world)
         regions, turns = world_turns(scene, rng, self.world, self.num_turns)
         return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
+
+
+class WorldRecords(MixedRecords):
+    """Lazy, indexable wider-world record set: record ``i`` is drawn on access (a share of 1)."""
+
+    def __init__(self, seed: int, count: int, spec: WorldSpec | None = None, num_turns: int = 3) -> None:
+        super().__init__(seed, count, 1.0, world=spec, num_turns=num_turns)
 
 
 def world_clip_pair(rng: random.Random, spec: WorldSpec | None = None) -> tuple[Image.Image, str]:

@@ -272,11 +272,10 @@ class InferenceEngine:
         jobs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # image, box, crop pixels, crop box
         for i, (b, u) in enumerate(zip(boxes, used)):
             rows = [k for k in u if masks is None or masks[i] is None or masks[i][k] is None]  # type: ignore[index]
-            if not small_boxes(b, cfg, rows):
-                continue
-            crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, rows)
-            assert crops is not None
-            jobs += [(i, k, crops.pixels[j], crops.boxes[j]) for j, k in enumerate(crops.rows)]
+            small = small_boxes(b, cfg, rows)
+            if small:  # decode the image only then
+                crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, small)
+                jobs += [(i, k, crops.pixels[j], crops.boxes[j]) for j, k in enumerate(small)]  # type: ignore[union-attr]
         for start in range(0, len(jobs), self.max_batch):
             part = jobs[start : start + self.max_batch]
             batch = torch.stack([p for _, _, p, _ in part]).to(m.device)
