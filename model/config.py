@@ -194,6 +194,9 @@ class TrainConfig:
     # Update the running statistics of the region encoder's batch norm (False: keep the parent's,
     # as fine-tuning on a few corrections should).
     update_norm_stats: bool = True
+    # Read small boxes from focal crops in training too (model.focal; needs ``region.focal_below``).
+    # False: every box is pooled from its image in training; crops are used at inference only.
+    focal_crops: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,9 +5,10 @@ for its colour or shape to survive.  A box whose larger side is below ``focal_be
 (normalised frame) is cut out with its surroundings (:func:`model.geometry.focal_crop`: a square in
 which the box fills ``focal_fill`` of the side), and that crop is encoded like an image.  The box's
 token is pooled from the crop's maps and embedded as the original box, so it says what the object is
-(from the crop) and where it is (from the box).  Training (:class:`model.data.dataset.RecordDataset`)
-and the inference engine build the crops here, the region encoder pools them
-(:meth:`model.region_encoder.RegionEncoder.forward`).
+(from the crop) and where it is (from the box); the crop's CoordConv channels hold the image's
+coordinates of its pixels, so its features place the box where it is, not at the crop's centre.
+Training (:class:`model.data.dataset.RecordDataset`) and the inference engine build the crops here,
+the region encoder pools them (:meth:`model.region_encoder.RegionEncoder.forward`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from model.config import RegionEncoderConfig
-from model.geometry import focal_crop, normalized_to_pixels
+from model.geometry import focal_crop, normalized_to_pixels, pixels_to_normalized
 
 __all__ = ["FocalCrops", "focal_crops", "small_boxes"]
 
@@ -27,11 +28,13 @@ __all__ = ["FocalCrops", "focal_crops", "small_boxes"]
 @dataclass
 class FocalCrops:
     """The focal crops of one image: ``rows`` (its box indices), ``pixels`` ``(M, 3, S, S)``, the
-    boxes in their crops' normalised frames ``(M, 4)``."""
+    boxes in their crops' normalised frames ``(M, 4)``, the crops' extents in the image's
+    normalised frame ``(M, 4)`` (their CoordConv coordinates are the image's)."""
 
     rows: list[int]
     pixels: torch.Tensor
     boxes: torch.Tensor
+    frames: torch.Tensor
 
 
 def small_boxes(
@@ -58,9 +61,15 @@ def focal_crops(
     if not small:
         return None
     w, h = image.size
-    crops, inside = [], []
+    crops, inside, frames = [], [], []
     for k in small:
         crop, box = focal_crop(normalized_to_pixels(boxes[k].tolist(), w, h), w, h, cfg.focal_fill)
         crops.append(image.crop(crop))
         inside.append(box)
-    return FocalCrops(small, process(crops), torch.tensor(inside, dtype=torch.float32))
+        frames.append(pixels_to_normalized(crop, w, h))
+    return FocalCrops(
+        small,
+        process(crops),
+        torch.tensor(inside, dtype=torch.float32),
+        torch.tensor(frames, dtype=torch.float32),
+    )

@@ -144,7 +144,12 @@ class RegionMLLM(nn.Module):
             kept = [(start, f) for start, f in zip(starts, focal) if f is not None]
             rows = torch.tensor([start + r for start, f in kept for r in f.rows], device=self.device)
             levels = self.cast_levels(self.encode_images(torch.cat([f.pixels for _, f in kept])))
-            crops = (levels, torch.cat([f.boxes for _, f in kept]).to(self.device), rows)
+            crops = (
+                levels,
+                torch.cat([f.boxes for _, f in kept]).to(self.device),
+                rows,
+                torch.cat([f.frames for _, f in kept]).to(self.device),
+            )
         feats = self.region_encoder(self.cast_levels(vision), boxes, crops)
         return list(feats.split([len(b) for b in boxes]))
 

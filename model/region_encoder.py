@@ -74,13 +74,24 @@ def masks_roi_weights(
     return torch.stack(grids)
 
 
-def _coord_channels(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, C + 2, H, W)`` with x, y in [-1, 1] appended (CoordConv)."""
+def _coord_channels(x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C + 2, H, W)`` with x, y in [-1, 1] of the image appended (CoordConv).
+
+    ``frames``: ``(B, 4)`` normalised ``xyxy`` of the part of its image each map shows (a focal
+    crop's extent), so a crop's coordinates are those of the same pixels in the whole image; None:
+    every map shows its whole image."""
     b, _, h, w = x.shape
     ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
     xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    coords = torch.stack([xx, yy]).expand(b, 2, h, w)
+    if frames is None:
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        coords = torch.stack([xx, yy]).expand(b, 2, h, w)
+    else:
+        f = frames.to(x.device, x.dtype)
+        # [-1, 1] across the map -> [x0, x1] (and [y0, y1]) of the image, in [-1, 1] again.
+        xs = (f[:, 0:1] + (f[:, 2:3] - f[:, 0:1]) * (xs + 1) / 2) * 2 - 1  # (B, W)
+        ys = (f[:, 1:2] + (f[:, 3:4] - f[:, 1:2]) * (ys + 1) / 2) * 2 - 1  # (B, H)
+        coords = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], dim=1)
     return torch.cat([x, coords], dim=1)
 
 
@@ -119,8 +130,9 @@ class MultiLevelFuse(nn.Module):
             out.append(torch.cat([target[:, : self.remain], from_top, from_down], dim=1))
         return out
 
-    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``levels``: list of ``(B, C, g, g)`` -> list of ``(B, F, s_l, s_l)``, ``s_l = level_sizes[l]``."""
+    def forward(self, levels: list[torch.Tensor], frames: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``levels``: list of ``(B, C, g, g)`` -> list of ``(B, F, s_l, s_l)``, ``s_l = level_sizes[l]``;
+        ``frames``: see :func:`_coord_channels`."""
         if len(levels) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(levels)}")
         feats = []
@@ -128,7 +140,7 @@ class MultiLevelFuse(nn.Module):
             size = self.level_sizes[lvl]
             if x.shape[-1] != size:
                 x = F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
-            feats.append(self.input_conv[lvl](_coord_channels(x)))
+            feats.append(self.input_conv[lvl](_coord_channels(x, frames)))
         for conv in self.fuse_convs:
             feats = [conv(x) for x in self._shuffle(feats)]
         return feats
@@ -316,10 +328,12 @@ class RegionEncoder(nn.Module):
             # to discover a direction shared by tokens whose content is all about their box.
             nn.init.normal_(self.out_norm.bias, std=1.0)
 
-    def fuse(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+    def fuse(self, levels: list[torch.Tensor], frames: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Box-independent part, cacheable per image: ``(B, C, g, g)`` levels -> region maps, the
-        fused pyramid with same-size levels stacked (:meth:`RegionFeatureExtractor.group_levels`)."""
-        return self.roi_align.group_levels(self.mlvl_fuse(levels))
+        fused pyramid with same-size levels stacked (:meth:`RegionFeatureExtractor.group_levels`).
+        ``frames``: ``(B, 4)`` the normalised part of its image each map shows (focal crops;
+        None: whole images)."""
+        return self.roi_align.group_levels(self.mlvl_fuse(levels, frames))
 
     def mask_weights(self, boxes: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
         """Normalised boxes ``(N, 4)`` of one image + per box ``None`` or an ``(H, W)`` mask of the
@@ -352,18 +366,21 @@ class RegionEncoder(nn.Module):
         self,
         levels: list[torch.Tensor],
         boxes: list[torch.Tensor],
-        focal: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
+        focal: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``levels``: list of ``(B, C, g, g)``; ``boxes``: B x ``(N_i, 4)`` -> ``(sum N_i, out_dim)``.
 
-        ``focal``: ``(crop levels (M, C, g, g) per level, crop-frame boxes (M, 4), rows (M,))``:
-        the tokens of boxes ``rows`` (image-major) are pooled from their crops and embedded as the
-        boxes themselves (:mod:`model.focal`).  Crops and images are pooled in one call, so a batch
-        norm sees all of them."""
+        ``focal``: ``(crop levels (M, C, g, g) per level, crop-frame boxes (M, 4), rows (M,), crop
+        extents (M, 4) in their images' normalised frames)``: the tokens of boxes ``rows``
+        (image-major) are pooled from their crops and embedded as the boxes themselves
+        (:mod:`model.focal`).  Crops and images are pooled in one call, so a batch norm sees all of
+        them."""
         if focal is None:
             return self.encode_boxes(self.fuse(levels), boxes)
-        crop_levels, crop_boxes, rows = focal
-        maps = self.fuse([torch.cat([a, b.to(a.dtype)]) for a, b in zip(levels, crop_levels)])
+        crop_levels, crop_boxes, rows, crop_frames = focal
+        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(boxes), 4)
+        frames = torch.cat([whole.to(crop_frames), crop_frames])
+        maps = self.fuse([torch.cat([a, b.to(a.dtype)]) for a, b in zip(levels, crop_levels)], frames)
         flat = torch.cat(boxes)
         embed = list(boxes) + list(flat[rows.to(flat.device)].split(1))
         tokens = self.encode_boxes(maps, list(boxes) + list(crop_boxes.to(flat).split(1)), None, embed)

@@ -59,9 +59,10 @@ def test_a_small_box_is_pooled_from_its_crop_and_embedded_as_itself():
         # The file path (an encoded image, decoded for the crop) gives the same tokens.
         from_file = engine.region_tokens([EncodedImage(png_bytes(image))], [norm])[0]
         crop, inside = focal_crop(boxes[0], *image.size, fill=model.cfg.region.focal_fill)
+        frame = torch.tensor([[crop[0] / 1200, crop[1] / 900, crop[2] / 1200, crop[3] / 900]])
         with torch.inference_mode():
             pixels = model.processor.batch([image.crop(crop)])
-            maps = model.region_encoder.fuse(model.cast_levels(model.encode_images(pixels)))
+            maps = model.region_encoder.fuse(model.cast_levels(model.encode_images(pixels)), frame)
             expected = model.region_encoder.encode_boxes(maps, [torch.tensor([inside])], None, [norm[:1]])[0]
             shifted = model.region_encoder.encode_boxes(maps, [torch.tensor([inside])])[0]
     finally:
@@ -71,6 +72,19 @@ def test_a_small_box_is_pooled_from_its_crop_and_embedded_as_itself():
     assert not torch.allclose(expected, shifted, atol=1e-3)  # the box embedding is the original box's
     assert torch.allclose(focal[1], plain[1], atol=1e-6)  # a large box: unchanged
     assert torch.allclose(from_file, focal, atol=1e-5)
+
+
+def test_a_crop_carries_the_coordinates_of_its_pixels_in_the_whole_image():
+    from model.region_encoder import _coord_channels
+
+    maps = torch.zeros(2, 1, 5, 9)
+    whole = _coord_channels(maps)
+    assert torch.equal(_coord_channels(maps, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)), whole)
+    # The right half of the top 40 %: x from 0 to 1, y from -1 to -0.2, per map.
+    framed = _coord_channels(maps, torch.tensor([[0.5, 0.0, 1.0, 0.4], [0.0, 0.0, 1.0, 1.0]]))
+    assert torch.allclose(framed[0, 1, 0], torch.linspace(0, 1, 9))
+    assert torch.allclose(framed[0, 2, :, 0], torch.linspace(-1, -0.2, 5))
+    assert torch.equal(framed[1], whole[1])
 
 
 def test_focal_answers_go_through_the_engine_and_masked_boxes_keep_their_mask():
@@ -117,6 +131,10 @@ def test_training_reads_small_boxes_from_the_same_crops_the_engine_pools():
             model, [record] * 4, TrainConfig(steps=2, batch_size=2, log_every=1, region_aux_weight=0)
         )
         assert all(h["loss"] == h["loss"] for h in history)
+        # A run may keep crops to inference only: its dataset pools every box from the image.
+        assert RecordDataset([record], model, focal=False)[0].focal is None
+        off = TrainConfig.from_dict({"steps": 1, "batch_size": 1, "focal_crops": False})
+        assert train(model, [record], off)[0]["loss"] > 0
     finally:
         model.cfg.region.focal_below = 0.0
     assert RecordDataset([record], model)[0].focal is None  # off: no crops

@@ -84,7 +84,8 @@ class RecordDataset(Dataset):
     ``max_turns`` caps the turns taken from a record (a random subset, fixed per index).  With
     ``separate_turns`` every turn becomes its own single-question prompt on the shared image (as the
     inference engine asks them) instead of one multi-turn conversation: a later question can then
-    never be answered by copying an earlier answer about the same region.
+    never be answered by copying an earlier answer about the same region.  ``focal`` False pools
+    every box from its image even when the model config asks for focal crops (crops at inference only).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class RecordDataset(Dataset):
         max_turns: int | None = None,
         text_only: bool = False,
         separate_turns: bool = False,
+        focal: bool = True,
     ) -> None:
         self.records = records  # any Sequence: synthetic sets render lazily
         self.model = model
@@ -102,6 +104,7 @@ class RecordDataset(Dataset):
         self.max_turns = max_turns
         self.text_only = text_only  # LM pre-training: prompts only, the image is never decoded
         self.separate_turns = separate_turns
+        self.focal = focal  # focal crops around small boxes (model.focal), as the model config asks
 
     def __len__(self) -> int:
         return len(self.records)
@@ -121,7 +124,8 @@ class RecordDataset(Dataset):
         w, h = rec.get("width") or image.width, rec.get("height") or image.height
         boxes = boxes_tensor(rec["boxes"], w, h)
         prompts = [encode(group, num_boxes=len(boxes)) for group in groups]
-        focal = focal_crops(image, boxes, self.model.cfg.region, self.model.processor.batch)
+        region, process = self.model.cfg.region, self.model.processor.batch
+        focal = focal_crops(image, boxes, region, process) if self.focal else None
         return Sample(self.model.processor(image), boxes, prompts, rec.get("box_labels"), focal)
 
 

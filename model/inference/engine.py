@@ -269,21 +269,25 @@ class InferenceEngine:
         the crop, embedded as the box).  Boxes with a mask keep their masked token."""
         m = self.model
         cfg = m.cfg.region
-        jobs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # image, box, crop pixels, crop box
+        # image, box, crop pixels, box in the crop, crop in the image
+        jobs: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, (b, u) in enumerate(zip(boxes, used)):
             rows = [k for k in u if masks is None or masks[i] is None or masks[i][k] is None]  # type: ignore[index]
             small = small_boxes(b, cfg, rows)
             if small:  # decode the image only then
                 crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, small)
-                jobs += [(i, k, crops.pixels[j], crops.boxes[j]) for j, k in enumerate(small)]  # type: ignore[union-attr]
+                if crops is not None:  # never None here: some box is small
+                    parts = zip(small, crops.pixels, crops.boxes, crops.frames)
+                    jobs += [(i, k, p, box, f) for k, p, box, f in parts]
         for start in range(0, len(jobs), self.max_batch):
             part = jobs[start : start + self.max_batch]
-            batch = torch.stack([p for _, _, p, _ in part]).to(m.device)
-            maps = m.region_encoder.fuse(m.cast_levels(m.encode_images(batch)))
-            inside = [box[None].to(m.device) for _, _, _, box in part]
-            embed = [boxes[i].reshape(-1, 4)[k : k + 1].float().to(m.device) for i, k, _, _ in part]
+            batch = torch.stack([p for _, _, p, _, _ in part]).to(m.device)
+            frames = torch.stack([f for *_, f in part])
+            maps = m.region_encoder.fuse(m.cast_levels(m.encode_images(batch)), frames)
+            inside = [box[None].to(m.device) for _, _, _, box, _ in part]
+            embed = [boxes[i].reshape(-1, 4)[k : k + 1].float().to(m.device) for i, k, *_ in part]
             tokens = m.region_encoder.encode_boxes(maps, inside, None, embed)
-            for (i, k, _, _), token in zip(part, tokens):
+            for (i, k, *_), token in zip(part, tokens):
                 feats[i][k] = token.to(feats[i].dtype)
 
     def _decode(

@@ -114,6 +114,7 @@ def train(
         max_turns=opts.max_turns,
         text_only=text_only,
         separate_turns=opts.separate_turns,
+        focal=cfg.focal_crops,
     )
     # Text-only pre-training runs the LM alone, so only the LM is wrapped for gradient sync.
     trained: nn.Module = model.lm if text_only else model
