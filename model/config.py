@@ -102,8 +102,8 @@ class RegionEncoderConfig:
     # pixels only, which a model never trained with masks reads as a token far from its training
     # data; a floor keeps the box's context and still favours the painted part (docs/label-studio.md).
     mask_floor: float = 0.6
-    # Focal encode (inference): a box whose larger side is below ``focal_below`` of its image (in
-    # the normalised frame, so of the model input too) is a few input pixels wide; its visual part
+    # Focal encode: a box whose larger side is below ``focal_below`` of its image's larger side (in
+    # pixels, model.focal.small_boxes) is a few model-input pixels wide; its visual part
     # is pooled instead from a square crop around it, re-encoded, in which the box fills
     # ``focal_fill`` of the side; its box embedding stays the original box's.  0: off (GPT4RoI).
     focal_below: float = 0.0

@@ -74,6 +74,24 @@ def test_a_small_box_is_pooled_from_its_crop_and_embedded_as_itself():
     assert torch.allclose(from_file, focal, atol=1e-5)
 
 
+def test_small_is_measured_in_pixels_against_the_image_s_longer_side():
+    from model.config import RegionEncoderConfig
+    from model.focal import small_boxes
+
+    cfg = RegionEncoderConfig(focal_below=0.06)
+
+    def small(box: tuple[float, float, float, float], w: int, h: int) -> bool:
+        return small_boxes(boxes_tensor([box], w, h), (w, h), cfg) == [0]
+
+    assert small((100, 100, 150, 150), 1000, 1000) and not small((100, 100, 170, 150), 1000, 1000)
+    # A 10-px circle on a 3,000 x 40 strip is 25 % of the height but a speck in the model input.
+    assert small((1500, 15, 1510, 25), 3000, 40)
+    assert small((700, 100, 730, 130), 1500, 300)  # 2 % of the width, 10 % of the height
+    assert not small((700, 20, 720, 280), 1500, 300)  # a pole: a crop cannot enlarge it
+    off = RegionEncoderConfig()
+    assert small_boxes(boxes_tensor([(1500, 15, 1510, 25)], 3000, 40), (3000, 40), off) == []
+
+
 def test_a_crop_carries_the_coordinates_of_its_pixels_in_the_whole_image():
     from model.region_encoder import _coord_channels
 

@@ -273,7 +273,7 @@ class InferenceEngine:
         jobs: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, (b, u) in enumerate(zip(boxes, used)):
             rows = [k for k in u if masks is None or masks[i] is None or masks[i][k] is None]  # type: ignore[index]
-            small = small_boxes(b, cfg, rows)
+            small = small_boxes(b, images[i].size, cfg, rows)
             if small:  # decode the image only then
                 crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, small)
                 if crops is not None:  # never None here: some box is small
