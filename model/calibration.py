@@ -3,9 +3,11 @@
 A raw answer score is the mean probability of its tokens; a model that reads the wrong thing is
 often still sure of its words.  A checkpoint folder may hold ``calibration.safetensors``:
 
-* ``mean`` ``(D,)`` and ``precision`` ``(D, D)``: statistics of region tokens on the model's
-  training distribution; a region token's Mahalanobis distance from them is the
-  out-of-distribution signal (a box on a photo, on a background never seen, on nothing);
+* ``mean`` ``(C, D)`` and ``precision`` ``(D, D)``: statistics of region tokens on the model's
+  training distribution, one mean per kind of region (what its caption says; ``C`` = 1: one mean
+  for all) and the covariance around them; a region token's Mahalanobis distance from the nearest
+  mean is the out-of-distribution signal (a box on a photo, on a background never seen): a token
+  between the kinds the model knows is far from each of them though inside their overall spread;
 * ``weights`` ``(F,)`` and ``bias`` ``()``: a logistic (Platt) map from an answer's features
   (:func:`answer_features`: its raw score and its regions' distance) to the probability that the
   answer is right, fitted on held-out data.
@@ -17,6 +19,7 @@ Without the file the engine returns the raw score, as before.  The fitting data 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +54,19 @@ def answer_features(score: float, region_distance: float) -> list[float]:
 class ScoreCalibration:
     """Region-token statistics and the logistic map of one model (see the module docstring)."""
 
-    mean: torch.Tensor  # (D,)
+    mean: torch.Tensor  # (C, D): one row per kind of region ((D,) read as one kind)
     precision: torch.Tensor  # (D, D)
     weights: torch.Tensor  # (F,)
     bias: torch.Tensor  # ()
 
+    def __post_init__(self) -> None:
+        self.mean = self.mean.reshape(-1, self.precision.shape[0])
+
     def distance(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Region tokens ``(N, D)`` -> Mahalanobis distances ``(N,)`` from the training statistics."""
-        x = tokens.detach().float().cpu() - self.mean
-        return torch.einsum("nd,de,ne->n", x, self.precision, x).clamp_min(0.0).sqrt()
+        """Region tokens ``(N, D)`` -> Mahalanobis distances ``(N,)`` from the nearest of the
+        training statistics' means."""
+        x = tokens.detach().float().cpu()[:, None, :] - self.mean[None]  # (N, C, D)
+        return torch.einsum("ncd,de,nce->nc", x, self.precision, x).amin(1).clamp_min(0.0).sqrt()
 
     def score(self, score: float, region_distance: float) -> float:
         """The calibrated probability that an answer of raw ``score`` about regions at most
@@ -84,16 +91,37 @@ class ScoreCalibration:
         return cls(t["mean"], t["precision"], t["weights"], t["bias"])
 
 
-def fit_region_statistics(tokens: torch.Tensor, shrinkage: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region tokens ``(N, D)`` of the training distribution -> ``mean (D,)`` and the precision
+def fit_region_statistics(
+    tokens: torch.Tensor,
+    shrinkage: float = 0.1,
+    labels: Sequence[str] | None = None,
+    min_count: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region tokens ``(N, D)`` of the training distribution -> means ``(C, D)`` and the precision
     ``(D, D)`` of their covariance shrunk towards its mean variance (``shrinkage`` in [0, 1]: a few
-    thousand tokens do not pin down a full D x D covariance)."""
+    thousand tokens do not pin down a full D x D covariance).
+
+    ``labels``: per token its kind (e.g. its caption): one mean per kind with at least
+    ``min_count`` tokens and the pooled covariance around them (class-conditional Mahalanobis);
+    tokens of rarer kinds are left out.  None: one mean (``C`` = 1)."""
     x = tokens.detach().double()
-    mean = x.mean(0)
-    cov = torch.cov((x - mean).T)
-    target = torch.eye(len(mean), dtype=x.dtype) * cov.diagonal().mean()
+    if labels is None:
+        groups = [x]
+    else:
+        if len(labels) != len(x):
+            raise ValueError(f"{len(labels)} labels for {len(x)} tokens")
+        kinds: dict[str, list[int]] = {}
+        for k, label in enumerate(labels):
+            kinds.setdefault(label, []).append(k)
+        groups = [x[rows] for rows in kinds.values() if len(rows) >= min_count]
+        if not groups:
+            raise ValueError(f"no kind of region has {min_count} tokens")
+    means = torch.stack([g.mean(0) for g in groups])
+    centred = torch.cat([g - m for g, m in zip(groups, means)])
+    cov = centred.T @ centred / max(1, len(centred) - len(groups))
+    target = torch.eye(x.shape[1], dtype=x.dtype) * cov.diagonal().mean()
     shrunk = (1.0 - shrinkage) * cov + shrinkage * target
-    return mean.float(), torch.linalg.inv(shrunk).float()
+    return means.float(), torch.linalg.inv(shrunk).float()
 
 
 def fit_platt(

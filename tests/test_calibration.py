@@ -33,11 +33,30 @@ def test_region_statistics_measure_how_far_a_token_is():
     mean, precision = fit_region_statistics(tokens, shrinkage=0.02)
     cal = ScoreCalibration(mean, precision, torch.zeros(4), torch.zeros(()))
     assert torch.allclose(mean, tokens.mean(0), atol=1e-5)
-    assert float(cal.distance(mean[None])[0]) == pytest.approx(0.0, abs=1e-3)
+    assert mean.shape == (1, 8)  # one kind of region
+    assert float(cal.distance(mean)[0]) == pytest.approx(0.0, abs=1e-3)
     typical = cal.distance(tokens[:200]).mean()
     far = cal.distance(tokens[:200] + 10.0).mean()
     assert 2.0 < typical < 4.0 and far > 3 * typical  # about sqrt(D) for the data itself
     assert torch.linalg.eigvalsh(precision.double()).min() > 0  # shrinkage keeps it invertible
+
+
+def test_kinds_of_regions_get_their_own_means_and_a_token_between_them_is_far():
+    g = torch.Generator().manual_seed(3)
+    centres = torch.tensor([[-6.0, 0, 0, 0], [6.0, 0, 0, 0], [0.0, 6, 0, 0]])
+    labels = [k % 3 for k in range(900)] + [5]  # kind 5: one token, too few for a mean of its own
+    tokens = torch.cat([centres[[k % 3 for k in range(900)]], torch.zeros(1, 4)]) + torch.randn(
+        901, 4, generator=g
+    )
+    means, precision = fit_region_statistics(tokens, 0.02, [str(k) for k in labels])
+    assert means.shape == (3, 4) and torch.allclose(means, centres, atol=0.2)
+    by_kind = ScoreCalibration(means, precision, torch.zeros(4), torch.zeros(()))
+    one = ScoreCalibration(*fit_region_statistics(tokens, 0.02), torch.zeros(4), torch.zeros(()))
+    between = torch.zeros(1, 4)  # inside the overall spread, far from every kind
+    assert by_kind.distance(tokens[:300]).mean() < 2.5 < 5 < float(by_kind.distance(between)[0])
+    assert float(one.distance(between)[0]) < 1.5
+    with pytest.raises(ValueError, match="labels"):
+        fit_region_statistics(tokens, 0.02, ["a"])
 
 
 def test_platt_fit_separates_and_scores_are_probabilities():
@@ -82,6 +101,22 @@ def test_engine_applies_the_calibration_to_each_answer():
     assert [a.raw_score for a in got] == [a.score for a in raw]
     assert got[0].score == pytest.approx(cal.score(raw[0].score, far[0]))
     assert got[1].score == pytest.approx(cal.score(raw[1].score, max(far)))  # both regions: the farther
+
+
+def test_the_fit_reads_the_training_mix_one_mean_per_caption():
+    from toyworld.calibrate import fit_calibration, training_cases
+
+    cases = training_cases(20, world_share=0.5)
+    assert sum(len(c.boxes) == len(c.captions) > 0 for c in cases) == len(cases) >= 18
+    assert any(c.image.size != cases[1].image.size for c in cases)  # world canvases among the scenes
+    assert training_cases(20, 0.5)[3].captions == cases[3].captions  # one seed, the same scenes
+    engine = InferenceEngine(tiny_model(seed=3).eval(), "t", max_new_tokens=5)
+    cal, figures = fit_calibration(engine, scenes=20, fit_images=1, world_share=0.5, min_count=2)
+    kinds = {c for case in cases for c in case.captions}
+    assert 1 < figures["statistics_means"] == len(cal.mean) <= len(kinds)
+    assert figures["fit_answers"] > 0 and len(cal.weights) == 4
+    one, _ = fit_calibration(engine, scenes=20, fit_images=1, one_mean=True)
+    assert one.mean.shape == (1, engine.model.lm.config.hidden_size)
 
 
 def test_checkpoints_carry_their_calibration(tiny_checkpoint, tmp_path):

@@ -1,9 +1,11 @@
 """Fit a model's answer-score calibration on the toy world and store it in its folder.
 
-    python -m toyworld.calibrate --model model/default [--scenes 300] [--fit-images 40]
+    python -m toyworld.calibrate --model model/default [--scenes 600] [--fit-images 40] [--world-share 0]
 
-1. Region-token statistics (:func:`model.inference.calibration.fit_region_statistics`) from
-   ``--scenes`` generator scenes (the training distribution; seeds no evaluation uses).
+1. Region-token statistics (:func:`model.calibration.fit_region_statistics`) from ``--scenes``
+   scenes of the model's training distribution (seeds no evaluation uses): generator scenes and a
+   ``--world-share`` of wider-world scenes (jittered boxes, empty ones), one mean per caption
+   (``--one-mean``: a single mean, as the first calibrations).
 2. A logistic map from each caption's features (mean token probability, the region's Mahalanobis
    distance) to "the caption is right", fitted on the stress conditions at ``--fit-seed`` (1): a
    split held out from the evaluation's seed 0 (``python -m toyworld.evaluate --suite stress``).
@@ -31,8 +33,10 @@ from model.calibration import (
 from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
+from model.tasks import NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions
+from toyworld.world import make_world_scene, world_turns
 
 __all__ = ["fit_calibration", "main"]
 
@@ -45,23 +49,50 @@ def _tokens(engine: InferenceEngine, cases: Sequence[StressCase]) -> list[torch.
     )
 
 
+def training_cases(count: int, world_share: float, seed: int = STATISTICS_SEED) -> list[StressCase]:
+    """``count`` scenes like the training records' (a ``world_share`` of them, spread evenly, from
+    the wider world with its jittered and empty boxes), each box with its caption."""
+    rng = random.Random(seed)
+    cases = []
+    for k in range(count):
+        if int((k + 1) * world_share) > int(k * world_share):
+            scene = make_world_scene(rng)
+            regions, _ = world_turns(scene, rng, num_turns=0)
+            if not regions:
+                continue
+            captions = [NO_OBJECT if r.obj is None else scene.objects[r.obj].caption for r in regions]
+            cases.append(StressCase(scene.image, [r.box for r in regions], captions))
+        else:
+            scene = make_scene(rng, SceneSpec())
+            cases.append(
+                StressCase(scene.image, [o.box for o in scene.objects], [o.caption for o in scene.objects])
+            )
+    return cases
+
+
 def fit_calibration(
     engine: InferenceEngine,
-    scenes: int = 300,
+    scenes: int = 600,
     fit_images: int = 40,
     fit_seed: int = 1,
     shrinkage: float = 0.02,
+    world_share: float = 0.0,
+    one_mean: bool = False,
+    min_count: int = 5,
 ) -> tuple[ScoreCalibration, dict]:
-    """The calibration of ``engine``'s model (fitted on its raw scores) and fit figures."""
+    """The calibration of ``engine``'s model (fitted on its raw scores) and fit figures.
+
+    ``world_share``: of the statistics' scenes from the wider world (the model's training share);
+    ``one_mean``: one mean for all region tokens instead of one per caption (captions with fewer
+    than ``min_count`` regions get none)."""
     saved, engine.calibration = engine.calibration, None  # fit on raw scores
     try:
-        rng = random.Random(STATISTICS_SEED)
-        generator = [make_scene(rng, SceneSpec()) for _ in range(scenes)]
-        cases = [StressCase(s.image, [o.box for o in s.objects], []) for s in generator]
+        cases = training_cases(scenes, world_share)
         tokens = torch.cat(
             [t for start in range(0, len(cases), 16) for t in _tokens(engine, cases[start : start + 16])]
         )
-        mean, precision = fit_region_statistics(tokens, shrinkage)
+        labels = None if one_mean else [c for case in cases for c in case.captions]
+        mean, precision = fit_region_statistics(tokens, shrinkage, labels, min_count)
         stats_only = ScoreCalibration(mean, precision, torch.zeros(0), torch.zeros(()))
         features, right = [], []
         for group in conditions(fit_images, fit_seed).values():
@@ -82,6 +113,7 @@ def fit_calibration(
         engine.calibration = saved
     figures = {
         "statistics_tokens": len(tokens),
+        "statistics_means": len(mean),
         "fit_answers": len(right),
         "fit_right": sum(right),
         "weights": [round(w, 4) for w in weights.tolist()],
@@ -95,14 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="checkpoint folder (written to)")
-    ap.add_argument("--scenes", type=int, default=300, help="generator scenes for the region statistics")
+    ap.add_argument("--scenes", type=int, default=600, help="generator scenes for the region statistics")
     ap.add_argument("--fit-images", type=int, default=40, help="images per stress condition for the fit")
     ap.add_argument("--fit-seed", type=int, default=1)
     ap.add_argument("--shrinkage", type=float, default=0.02)
+    ap.add_argument(
+        "--world-share", type=float, default=0.0, help="of the statistics' scenes (the training mix)"
+    )
+    ap.add_argument("--one-mean", action="store_true", help="one mean for all region tokens")
     args = ap.parse_args(argv)
     engine = InferenceEngine(load_model(args.model), version=read_metadata(args.model).get("version", "?"))
     calibration, figures = fit_calibration(
-        engine, args.scenes, args.fit_images, args.fit_seed, args.shrinkage
+        engine, args.scenes, args.fit_images, args.fit_seed, args.shrinkage, args.world_share, args.one_mean
     )
     path = calibration.save(args.model)
     write_manifest(args.model)
