@@ -106,7 +106,8 @@ def fit_calibration(
                 for case, report, dist in zip(chunk, reports, distances):
                     for truth, region, d in zip(case.captions, report.regions, dist.tolist()):
                         assert region.caption is not None
-                        features.append(answer_features(region.caption.score, d))
+                        caption = region.caption
+                        features.append(answer_features(caption.score, d, caption.min_prob))
                         right.append(region.caption.text.strip() == truth)
         weights, bias = fit_platt(torch.tensor(features), torch.tensor(right))
     finally:
