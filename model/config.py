@@ -191,6 +191,9 @@ class TrainConfig:
     # Weight of the per-box attribute loss on the region tokens (model.training.aux_heads; records with
     # ``box_labels`` only, i.e. the synthetic set).  0: the LM loss alone, as GPT4RoI.
     region_aux_weight: float = 0.0
+    # The same loss also asks each labelled box's column and row (thirds of the image): position
+    # put into the token as plainly as content (docs/default-model.md: an axis the LM never read).
+    region_aux_position: bool = False
     # Update the running statistics of the region encoder's batch norm (False: keep the parent's,
     # as fine-tuning on a few corrections should).
     update_norm_stats: bool = True

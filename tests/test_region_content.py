@@ -59,6 +59,23 @@ def test_attribute_heads_loss_uses_labelled_images_only_and_checks_counts():
         heads.loss(tokens, [[{"color": "red"}], None, [{"color": "red"}]], [2, 2, 1])
 
 
+def test_position_heads_ask_the_column_and_row_of_every_labelled_box():
+    from model.training.aux_heads import with_positions
+
+    boxes = [torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.5, 0.7, 0.9, 0.9]]), torch.tensor([[0.4, 0.4, 0.6, 0.6]])]
+    labels = with_positions([[{"color": "red"}, {}], None], boxes)
+    assert labels == [
+        [{"color": "red", "row": "top", "column": "left"}, {"row": "bottom", "column": "right"}],
+        None,
+    ]
+    heads = RegionAttributeHeads(16, position=True)
+    assert set(heads.vocab) == {"color", "shape", "size", "column", "row"}
+    assert heads.loss(torch.randn(3, 16), labels, [2, 1]) > 0
+    assert "column" not in RegionAttributeHeads(16).vocab  # off unless asked
+    cfg = TrainConfig(steps=2, batch_size=2, region_aux_weight=1.0, region_aux_position=True)
+    assert all(h["loss"] > 0 for h in train(tiny_model(), tiny_records(4), cfg, TrainOptions(show_bar=False)))
+
+
 def test_synthetic_records_carry_box_labels_matching_their_captions():
     rec = tiny_records(1)[0]
     assert len(rec["box_labels"]) == len(rec["boxes"])

@@ -17,19 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.tasks import attribute_vocabulary
+from model.tasks import POSITION_COLUMNS, POSITION_ROWS, attribute_vocabulary, position_text
 
-__all__ = ["BoxLabels", "RegionAttributeHeads"]
+__all__ = ["BoxLabels", "RegionAttributeHeads", "with_positions"]
 
 BoxLabels = Sequence[dict[str, str]] | None  # per box of one image: {"color": "red", ...}
 
 
 class RegionAttributeHeads(nn.Module):
-    """One linear classifier per attribute (colour, shape, size) over ``dim``-wide region tokens."""
+    """One linear classifier per attribute (colour, shape, size; with ``position`` also the
+    column and row of the image's thirds holding the box centre) over ``dim``-wide region tokens."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, position: bool = False) -> None:
         super().__init__()
         self.vocab = attribute_vocabulary()
+        if position:
+            self.vocab.update(column=POSITION_COLUMNS, row=POSITION_ROWS)
         self.heads = nn.ModuleDict({name: nn.Linear(dim, len(values)) for name, values in self.vocab.items()})
 
     def loss(
@@ -66,3 +69,16 @@ class RegionAttributeHeads(nn.Module):
             if rows[name]
         ]
         return torch.stack(losses).mean() if losses else None
+
+
+def with_positions(labels: Sequence[BoxLabels], boxes: Sequence[torch.Tensor]) -> list[BoxLabels]:
+    """``labels`` with every box's ``column`` and ``row`` added (the thirds of the image holding
+    its centre; ``boxes``: per image ``(N_i, 4)`` normalised), for images that have labels."""
+    out: list[BoxLabels] = []
+    for image_labels, b in zip(labels, boxes):
+        if image_labels is None:
+            out.append(None)
+            continue
+        places = [position_text(box, 1, 1).split() for box in b.reshape(-1, 4).tolist()]
+        out.append([{**lab, "row": row, "column": col} for lab, (row, col) in zip(image_labels, places)])
+    return out

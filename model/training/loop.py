@@ -26,7 +26,7 @@ from model.config import TrainConfig
 from model.data.dataset import RecordDataset, collate_samples
 from model.mllm import RegionMLLM
 from model.region_encoder import freeze_norm_statistics
-from model.training.aux_heads import RegionAttributeHeads
+from model.training.aux_heads import RegionAttributeHeads, with_positions
 from model.training.distributed import average_grads, gather_into, shard_copy, world
 
 __all__ = ["ProgressFn", "TrainOptions", "hide_image_tokens", "lm_only_loss", "train"]
@@ -157,7 +157,10 @@ def train(
         if aux is not None:
             tokens = captured.pop()
             captured.clear()
-            aux_loss = aux.loss(tokens, [s.box_labels for s in samples], [len(s.boxes) for s in samples])
+            labels = [s.box_labels for s in samples]
+            if cfg.region_aux_position:
+                labels = with_positions(labels, [s.boxes for s in samples])
+            aux_loss = aux.loss(tokens, labels, [len(s.boxes) for s in samples])
             if aux_loss is not None:
                 loss = loss + cfg.region_aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
@@ -215,4 +218,4 @@ def _aux_heads(model: RegionMLLM, cfg: TrainConfig, text_only: bool) -> RegionAt
     if text_only or cfg.region_aux_weight <= 0:
         return None
     dim = model.region_encoder.updims.out_features
-    return RegionAttributeHeads(dim).to(model.device)
+    return RegionAttributeHeads(dim, position=cfg.region_aux_position).to(model.device)
