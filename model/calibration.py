@@ -9,8 +9,8 @@ often still sure of its words.  A checkpoint folder may hold ``calibration.safet
   mean is the out-of-distribution signal (a box on a photo, on a background never seen): a token
   between the kinds the model knows is far from each of them though inside their overall spread;
 * ``weights`` ``(F,)`` and ``bias`` ``()``: a logistic (Platt) map from an answer's features
-  (:func:`answer_features`: its raw score, its least probable token and its regions' distance) to
-  the probability that the answer is right, fitted on held-out data.
+  (:func:`answer_features`: its raw score and its regions' distance) to the probability that the
+  answer is right, fitted on held-out data.
 
 Without the file the engine returns the raw score, as before.  The fitting data is the caller's
 (the toy world's is in ``toyworld/calibrate.py``); this module only fits and applies.
@@ -36,30 +36,18 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = "calibration.safetensors"
-FEATURES = (
-    "logit_score",
-    "log_distance",
-    "log_distance_squared",
-    "logit_score_x_log_distance",
-    "logit_min_prob",
-)
+FEATURES = ("logit_score", "log_distance", "log_distance_squared", "logit_score_x_log_distance")
 _EPS = 1e-6
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, _EPS), 1.0 - _EPS)
-    return math.log(p / (1.0 - p))
-
-
-def answer_features(score: float, region_distance: float, min_prob: float | None = None) -> list[float]:
+def answer_features(score: float, region_distance: float) -> list[float]:
     """An answer's raw score (the mean probability of its tokens) + the largest Mahalanobis
-    distance among the regions it is about + its least probable token's probability (None: the
-    score) -> the features :data:`FEATURES` the logistic map reads (the products let a far region
-    lower the trust in a sure answer; the least probable token catches the one unsure word of an
-    otherwise sure caption, which the mean dilutes)."""
-    logit = _logit(score)
+    distance among the regions it is about -> the features :data:`FEATURES` the logistic map
+    reads (the products let a far region lower the trust in a sure answer)."""
+    p = min(max(score, _EPS), 1.0 - _EPS)
+    logit = math.log(p / (1.0 - p))
     far = math.log1p(max(0.0, region_distance))
-    return [logit, far, far * far, logit * far, _logit(score if min_prob is None else min_prob)]
+    return [logit, far, far * far, logit * far]
 
 
 @dataclass
@@ -80,19 +68,17 @@ class ScoreCalibration:
         x = tokens.detach().float().cpu()[:, None, :] - self.mean[None]  # (N, C, D)
         return torch.einsum("ncd,de,nce->nc", x, self.precision, x).amin(1).clamp_min(0.0).sqrt()
 
-    def score(self, score: float, region_distance: float, min_prob: float | None = None) -> float:
-        """The calibrated probability that an answer of raw ``score`` (least probable token:
-        ``min_prob``) about regions at most ``region_distance`` away from the training statistics
-        is right.  A map fitted on fewer features (an older file) reads the first ones."""
-        features = answer_features(score, region_distance, min_prob)[: len(self.weights)]
-        f = torch.tensor(features, dtype=torch.float32)
+    def score(self, score: float, region_distance: float) -> float:
+        """The calibrated probability that an answer of raw ``score`` about regions at most
+        ``region_distance`` away from the training statistics is right."""
+        f = torch.tensor(answer_features(score, region_distance), dtype=torch.float32)
         return float(torch.sigmoid(f @ self.weights + self.bias))
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CALIBRATION_FILE
         tensors = {"mean": self.mean, "precision": self.precision, "weights": self.weights, "bias": self.bias}
         save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path),
-                  metadata={"features": ",".join(FEATURES[: len(self.weights)])})  # fmt: skip
+                  metadata={"features": ",".join(FEATURES)})  # fmt: skip
         return path
 
     @classmethod

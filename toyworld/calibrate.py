@@ -106,8 +106,7 @@ def fit_calibration(
                 for case, report, dist in zip(chunk, reports, distances):
                     for truth, region, d in zip(case.captions, report.regions, dist.tolist()):
                         assert region.caption is not None
-                        caption = region.caption
-                        features.append(answer_features(caption.score, d, caption.min_prob))
+                        features.append(answer_features(region.caption.score, d))
                         right.append(region.caption.text.strip() == truth)
         weights, bias = fit_platt(torch.tensor(features), torch.tensor(right))
     finally:

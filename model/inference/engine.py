@@ -49,13 +49,10 @@ class Answer:
     score: float
     num_tokens: int
     raw_score: float | None = None  # mean probability of the generated tokens (EOS included)
-    min_prob: float | None = None  # the least probable generated token's probability
 
     def __post_init__(self) -> None:
         if self.raw_score is None:
             self.raw_score = self.score
-        if self.min_prob is None:
-            self.min_prob = self.raw_score
 
 
 @dataclass
@@ -224,8 +221,7 @@ class InferenceEngine:
         out = []
         for ans, (i, _), (_, order) in zip(answers, queries, encoded):
             far = max((distances[i][k] for k in order), default=0.0)
-            score = self.calibration.score(ans.score, far, ans.min_prob)
-            out.append(Answer(ans.text, score, ans.num_tokens, ans.score, ans.min_prob))
+            out.append(Answer(ans.text, self.calibration.score(ans.score, far), ans.num_tokens, ans.score))
         return out
 
     def _region_features(
@@ -343,16 +339,7 @@ class InferenceEngine:
             self.stats.times,
         )
         self.stats.generated_tokens += sum(len(g.probs) for g in rows)
-        return [
-            Answer(
-                self.text(g.tokens),
-                sum(g.probs) / max(1, len(g.probs)),
-                len(g.tokens),
-                None,
-                min(g.probs, default=1.0),
-            )
-            for g in rows
-        ]
+        return [Answer(self.text(g.tokens), sum(g.probs) / max(1, len(g.probs)), len(g.tokens)) for g in rows]
 
     def _token_keys(
         self,
