@@ -65,8 +65,11 @@ class ScoreCalibration:
     def distance(self, tokens: torch.Tensor) -> torch.Tensor:
         """Region tokens ``(N, D)`` -> Mahalanobis distances ``(N,)`` from the nearest of the
         training statistics' means."""
-        x = tokens.detach().float().cpu()[:, None, :] - self.mean[None]  # (N, C, D)
-        return torch.einsum("ncd,de,nce->nc", x, self.precision, x).amin(1).clamp_min(0.0).sqrt()
+        x = tokens.detach().float().cpu()
+        xp, mp = x @ self.precision, self.mean @ self.precision  # (N, D), (C, D)
+        # (x - m) P (x - m) expanded, so no (N, C, D) tensor is formed (P is symmetric).
+        d2 = (xp * x).sum(1, keepdim=True) - 2 * xp @ self.mean.T + (mp * self.mean).sum(1)  # (N, C)
+        return d2.amin(1).clamp_min(0.0).sqrt()
 
     def score(self, score: float, region_distance: float) -> float:
         """The calibrated probability that an answer of raw ``score`` about regions at most

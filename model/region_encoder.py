@@ -87,12 +87,14 @@ def _coord_channels(x: torch.Tensor, frames: torch.Tensor | None = None) -> torc
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack([xx, yy]).expand(b, 2, h, w)
     else:
-        f = frames.to(x.device, x.dtype)
+        # In float32, then cast: a whole-image frame gives the None path's values in bf16 too.
+        f = frames.to(x.device, torch.float32)
+        xs, ys = xs.float(), ys.float()
         # [-1, 1] across the map -> [x0, x1] (and [y0, y1]) of the image, in [-1, 1] again.
         xs = (f[:, 0:1] + (f[:, 2:3] - f[:, 0:1]) * (xs + 1) / 2) * 2 - 1  # (B, W)
         ys = (f[:, 1:2] + (f[:, 3:4] - f[:, 1:2]) * (ys + 1) / 2) * 2 - 1  # (B, H)
         coords = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], dim=1)
-    return torch.cat([x, coords], dim=1)
+    return torch.cat([x, coords.to(x.dtype)], dim=1)
 
 
 class MultiLevelFuse(nn.Module):

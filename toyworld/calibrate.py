@@ -1,11 +1,11 @@
 """Fit a model's answer-score calibration on the toy world and store it in its folder.
 
-    python -m toyworld.calibrate --model model/default [--scenes 600] [--fit-images 40] [--world-share 0]
+    python -m toyworld.calibrate --model model/default [--scenes 600] [--fit-images 40] [--world-share S]
 
 1. Region-token statistics (:func:`model.calibration.fit_region_statistics`) from ``--scenes``
    scenes of the model's training distribution (seeds no evaluation uses): generator scenes and a
-   ``--world-share`` of wider-world scenes (jittered boxes, empty ones), one mean per caption
-   (``--one-mean``: a single mean, as the first calibrations).
+   ``--world-share`` of wider-world scenes (jittered boxes, empty ones; default: the share of the
+   build's recipe), one mean per caption (``--one-mean``: a single mean, as the first calibrations).
 2. A logistic map from each caption's features (mean token probability, the region's Mahalanobis
    distance) to "the caption is right", fitted on the stress conditions at ``--fit-seed`` (1): a
    split held out from the evaluation's seed 0 (``python -m toyworld.evaluate --suite stress``).
@@ -36,9 +36,9 @@ from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions
-from toyworld.world import make_world_scene, world_turns
+from toyworld.world import make_world_scene, world_index, world_turns
 
-__all__ = ["fit_calibration", "main"]
+__all__ = ["fit_calibration", "main", "training_cases"]
 
 STATISTICS_SEED = 5_551_000  # generator scenes for the region statistics, apart from every other seed
 
@@ -52,10 +52,12 @@ def _tokens(engine: InferenceEngine, cases: Sequence[StressCase]) -> list[torch.
 def training_cases(count: int, world_share: float, seed: int = STATISTICS_SEED) -> list[StressCase]:
     """``count`` scenes like the training records' (a ``world_share`` of them, spread evenly, from
     the wider world with its jittered and empty boxes), each box with its caption."""
+    if not 0.0 <= world_share <= 1.0:
+        raise ValueError(f"world share must be in [0, 1], got {world_share}")
     rng = random.Random(seed)
     cases = []
     for k in range(count):
-        if int((k + 1) * world_share) > int(k * world_share):
+        if world_index(k, world_share):
             scene = make_world_scene(rng)
             regions, _ = world_turns(scene, rng, num_turns=0)
             if not regions:
@@ -127,18 +129,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="checkpoint folder (written to)")
-    ap.add_argument("--scenes", type=int, default=600, help="generator scenes for the region statistics")
+    ap.add_argument("--scenes", type=int, default=600, help="scenes for the region statistics")
     ap.add_argument("--fit-images", type=int, default=40, help="images per stress condition for the fit")
     ap.add_argument("--fit-seed", type=int, default=1)
     ap.add_argument("--shrinkage", type=float, default=0.02)
     ap.add_argument(
-        "--world-share", type=float, default=0.0, help="of the statistics' scenes (the training mix)"
+        "--world-share",
+        type=float,
+        default=None,
+        help="of the statistics' scenes from the wider world (default: the build recipe's, else 0)",
     )
     ap.add_argument("--one-mean", action="store_true", help="one mean for all region tokens")
     args = ap.parse_args(argv)
-    engine = InferenceEngine(load_model(args.model), version=read_metadata(args.model).get("version", "?"))
+    meta = read_metadata(args.model)
+    share = (
+        args.world_share if args.world_share is not None else meta.get("recipe", {}).get("world_share", 0.0)
+    )
+    engine = InferenceEngine(load_model(args.model), version=meta.get("version", "?"))
     calibration, figures = fit_calibration(
-        engine, args.scenes, args.fit_images, args.fit_seed, args.shrinkage, args.world_share, args.one_mean
+        engine, args.scenes, args.fit_images, args.fit_seed, args.shrinkage, share, args.one_mean
     )
     path = calibration.save(args.model)
     write_manifest(args.model)

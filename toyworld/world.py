@@ -59,6 +59,7 @@ __all__ = [
     "WorldRecords",
     "make_world_scene",
     "world_clip_pair",
+    "world_index",
     "world_record",
     "world_turns",
 ]
@@ -301,7 +302,7 @@ def world_turns(
 def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str) -> dict:
     """A wider-world scene as a region-text record (:func:`toyworld.scenes.scene_record` with the
     regions' boxes; an empty region's ``box_labels`` entry is ``{}``, so no attribute head learns
-    from it)."""
+    from it; position heads still do, its box has a place)."""
     labels = [
         {} if r.obj is None else {k: getattr(scene.objects[r.obj], k) for k in ("color", "shape", "size")}
         for r in regions
@@ -312,6 +313,12 @@ def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str
         "box_labels": labels,
         "source": "synthetic-world",
     }
+
+
+def world_index(index: int, share: float) -> bool:
+    """Whether item ``index`` of a run is a wider-world one when a ``share`` of them are, spread
+    evenly (exactly ``share`` of a long run)."""
+    return int((index + 1) * share) > int(index * share)
 
 
 class MixedRecords(SyntheticRecords):
@@ -335,7 +342,7 @@ class MixedRecords(SyntheticRecords):
 
     def is_world(self, index: int) -> bool:
         """Whether record ``index`` is drawn from the wider world (exactly ``share`` of a long run)."""
-        return int((index + 1) * self.share) > int(index * self.share)
+        return world_index(index, self.share)
 
     def _record(self, rng: random.Random, index: int) -> dict:
         if not self.is_world(index):

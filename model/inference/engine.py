@@ -277,7 +277,7 @@ class InferenceEngine:
             if small:  # decode the image only then
                 crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, small)
                 if crops is not None:  # never None here: some box is small
-                    parts = zip(small, crops.pixels, crops.boxes, crops.frames)
+                    parts = zip(crops.rows, crops.pixels, crops.boxes, crops.frames)
                     jobs += [(i, k, p, box, f) for k, p, box, f in parts]
         for start in range(0, len(jobs), self.max_batch):
             part = jobs[start : start + self.max_batch]
