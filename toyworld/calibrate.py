@@ -35,7 +35,7 @@ from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
-from toyworld.stress import StressCase, conditions
+from toyworld.stress import StressCase, conditions, scene_case
 from toyworld.world import make_world_scene, world_index, world_turns
 
 __all__ = ["fit_calibration", "main", "training_cases"]
@@ -66,9 +66,7 @@ def training_cases(count: int, world_share: float, seed: int = STATISTICS_SEED) 
             cases.append(StressCase(scene.image, [r.box for r in regions], captions))
         else:
             scene = make_scene(rng, SceneSpec())
-            cases.append(
-                StressCase(scene.image, [o.box for o in scene.objects], [o.caption for o in scene.objects])
-            )
+            cases.append(scene_case(scene.objects, scene.image))
     return cases
 
 

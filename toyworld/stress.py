@@ -49,6 +49,7 @@ __all__ = [
     "format_stress",
     "photo_cases",
     "run_stress",
+    "scene_case",
     "score_cases",
 ]
 
@@ -117,13 +118,14 @@ def _class_side(rng: random.Random, spec: SceneSpec, short: int) -> Callable[[],
 
 
 # ---------------------------------------------------------------------- conditions
-def _scene_case(objects: list[SceneObject], image: Image.Image, relations: bool = False) -> StressCase:
+def scene_case(objects: list[SceneObject], image: Image.Image, relations: bool = False) -> StressCase:
+    """The case of ``objects`` drawn on ``image``: their boxes, each with its caption."""
     return StressCase(image, [o.box for o in objects], [o.caption for o in objects], relations, objects)
 
 
 def _generator(rng: random.Random, spec: SceneSpec) -> StressCase:
     scene = make_scene(rng, spec)
-    return _scene_case(scene.objects, scene.image, relations=True)
+    return scene_case(scene.objects, scene.image, relations=True)
 
 
 def _free(rng: random.Random, spec: SceneSpec, counts: tuple[int, int], relations: bool) -> StressCase:
@@ -132,7 +134,7 @@ def _free(rng: random.Random, spec: SceneSpec, counts: tuple[int, int], relation
         h = rng.randint(max(spec.min_side, int(w / 1.6)), min(spec.max_side, int(w * 1.6)))
         objects = _free_layout(rng, w, h, rng.randint(*counts), spec, _class_side(rng, spec, min(w, h)))
         if objects is not None:
-            return _scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects), relations)
+            return scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects), relations)
 
 
 def _jitter(rng: random.Random, spec: SceneSpec) -> StressCase:
@@ -155,7 +157,7 @@ def _background(kind: str) -> Callable[[random.Random, SceneSpec], StressCase]:
     def make(rng: random.Random, spec: SceneSpec) -> StressCase:
         scene = make_scene(rng, spec)
         background = canvas(rng, scene.width, scene.height, kind)
-        return _scene_case(scene.objects, draw_objects(background, scene.objects))
+        return scene_case(scene.objects, draw_objects(background, scene.objects))
 
     return make
 
@@ -176,7 +178,7 @@ def _small_in_large(rng: random.Random, spec: SceneSpec) -> StressCase:
             rng, w, h, rng.randint(3, 6), spec, lambda s=short: ("small", s * rng.uniform(0.015, 0.03))
         )
         if objects is not None:
-            return _scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects))
+            return scene_case(objects, draw_objects(canvas(rng, w, h, "grey"), objects))
 
 
 def _no_object(rng: random.Random, spec: SceneSpec) -> StressCase:
