@@ -203,8 +203,28 @@ def load_model(
     model = _load(folder, device, dtype)
     if verify:
         smoke_check(model)
-    model.score_calibration = ScoreCalibration.load(folder)  # None: the engine's scores stay raw
+    model.score_calibration = _calibration(folder, model)  # None: the engine's scores stay raw
     return model
+
+
+def _calibration(folder: Path, model: RegionMLLM) -> ScoreCalibration | None:
+    """The folder's score calibration, checked against the model it is to score."""
+    try:
+        calibration = ScoreCalibration.load(folder)
+    except (ValueError, KeyError, SafetensorError) as exc:  # a file this code cannot read, or damaged
+        raise CheckpointError(f"{folder}: unreadable score calibration: {exc}") from exc
+    if calibration is None:
+        return None
+    if calibration.mean.shape[1] != model.projector.out_features:
+        raise CheckpointError(
+            f"{folder}: the score calibration is for {calibration.mean.shape[1]}-wide region tokens"
+        )
+    probe = calibration.image_probe
+    width = 2 * model.vision.width * len(model.cfg.vision.region_layers)  # image_descriptors of its levels
+    if probe is not None and probe.weights.numel() != width:
+        raise CheckpointError(f"{folder}: the score calibration's image probe reads {probe.weights.numel()} "
+                              f"features, the model's image descriptors have {width}")  # fmt: skip
+    return calibration
 
 
 def _load(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -> RegionMLLM:

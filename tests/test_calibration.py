@@ -10,12 +10,23 @@ import torch
 
 from model.calibration import (
     CALIBRATION_FILE,
+    FEATURES,
+    REGION_FEATURES,
     ScoreCalibration,
     answer_features,
+    fit_image_probe,
     fit_platt,
     fit_region_statistics,
+    image_descriptors,
 )
-from model.checkpoint import DEFAULT_DIR, load_model, save_checkpoint, verify_checkpoint, write_manifest
+from model.checkpoint import (
+    DEFAULT_DIR,
+    CheckpointError,
+    load_model,
+    save_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from model.geometry import boxes_tensor
 from model.inference.engine import InferenceEngine
 from tests.model_helpers import tiny_model, tiny_records
@@ -85,6 +96,51 @@ def test_calibration_round_trips_through_its_folder(tmp_path):
         assert torch.equal(getattr(back, name), getattr(cal, name))
 
 
+def _with_images(cal: ScoreCalibration, familiar: torch.Tensor, unfamiliar: torch.Tensor) -> ScoreCalibration:
+    """``cal`` + an image probe of ``familiar`` against ``unfamiliar`` descriptors and weights that
+    distrust unfamiliar pictures."""
+    weights = torch.cat([cal.weights, torch.tensor([1.0, 0.2])])
+    return ScoreCalibration(cal.mean, cal.precision, weights, cal.bias, fit_image_probe(familiar, unfamiliar))
+
+
+def test_an_image_probe_tells_pictures_unlike_the_training_ones():
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.randn(60, 6, 8, 8, generator=g), torch.randn(60, 6, 4, 4, generator=g) + 1.0]
+    descriptors = image_descriptors(maps)
+    assert descriptors.shape == (60, 2 * (6 + 6))
+    assert torch.allclose(descriptors[:, :6], maps[0].mean((2, 3)))  # each channel's mean, then spread
+    assert torch.allclose(descriptors[:, 6:12], maps[0].std((2, 3)))
+    busy = image_descriptors([m * 3.0 + 0.5 for m in maps])  # the same kind of maps, busier
+    cal = _with_images(_calibration(4), descriptors[:40], busy[:20])  # unequal counts weigh the same
+    assert cal.reads_images and len(cal.weights) == len(FEATURES)
+    known, strange = cal.familiarity(descriptors[40:]), cal.familiarity(busy[20:])  # held out
+    assert float(known.min()) > -0.7 > -2.0 > float(strange.max())  # log-probabilities
+    assert float(strange.min()) >= -8.0 - 1e-3  # bounded
+    assert cal.score(0.99, 1.0, float(strange[0])) < 0.5 * cal.score(0.99, 1.0, float(known[0]))
+    raw = _calibration(4)  # region statistics only: the familiarity is not read
+    assert not raw.reads_images and torch.equal(raw.familiarity(busy), torch.zeros(60))
+    assert raw.score(0.9, 1.0, -8.0) == raw.score(0.9, 1.0)
+    with pytest.raises(ValueError, match="weights"):  # an image probe wants the image features
+        ScoreCalibration(cal.mean, cal.precision, torch.zeros(4), cal.bias, cal.image_probe)
+
+
+def test_calibration_with_an_image_probe_round_trips_and_older_files_still_load(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    cal = _with_images(
+        _calibration(6), torch.randn(80, 10, generator=g), 2 + torch.randn(30, 10, generator=g)
+    )
+    cal.save(tmp_path)
+    back = ScoreCalibration.load(tmp_path)
+    assert back is not None and back.reads_images and back.image_probe is not None
+    for name in ("mean", "precision", "weights", "bias"):
+        assert torch.equal(getattr(back, name), getattr(cal, name))
+    for key, tensor in cal.image_probe.tensors().items():
+        assert torch.equal(back.image_probe.tensors()[key], tensor)
+    _calibration(6).save(tmp_path)  # a file written before image probes existed
+    older = ScoreCalibration.load(tmp_path)
+    assert older is not None and not older.reads_images and len(older.weights) == len(REGION_FEATURES)
+
+
 def test_engine_applies_the_calibration_to_each_answer():
     m = tiny_model(seed=3).eval()
     rec = tiny_records(1, seed=6)[0]
@@ -101,6 +157,14 @@ def test_engine_applies_the_calibration_to_each_answer():
     assert [a.raw_score for a in got] == [a.score for a in raw]
     assert got[0].score == pytest.approx(cal.score(raw[0].score, far[0]))
     assert got[1].score == pytest.approx(cal.score(raw[1].score, max(far)))  # both regions: the farther
+    # with an image probe the image's familiarity is read too
+    others = [r["image"] for r in tiny_records(4, seed=7)]
+    descriptors = engine.image_descriptors(others)
+    m.score_calibration = _with_images(cal, descriptors[:2], descriptors[2:])
+    engine = InferenceEngine(m, "t", max_new_tokens=5)
+    got = engine.answer([rec["image"]], [boxes], queries)
+    known = float(m.score_calibration.familiarity(engine.image_descriptors([rec["image"]]))[0])
+    assert got[0].score == pytest.approx(m.score_calibration.score(raw[0].score, far[0], known))
 
 
 def test_the_fit_reads_the_training_mix_one_mean_per_caption():
@@ -114,9 +178,12 @@ def test_the_fit_reads_the_training_mix_one_mean_per_caption():
     cal, figures = fit_calibration(engine, scenes=20, fit_images=1, world_share=0.5, min_count=2)
     kinds = {c for case in cases for c in case.captions}
     assert 1 < figures["statistics_means"] == len(cal.mean) <= len(kinds)
-    assert figures["fit_answers"] > 0 and len(cal.weights) == 4
-    one, _ = fit_calibration(engine, scenes=20, fit_images=1, one_mean=True)
+    assert figures["fit_answers"] > 0 and cal.reads_images and len(cal.weights) == len(FEATURES)
+    assert cal.image_probe is not None
+    assert cal.image_probe.weights.shape == engine.image_descriptors([cases[0].image]).shape[1:]
+    one, _ = fit_calibration(engine, scenes=20, fit_images=1, one_mean=True, image_probe=False)
     assert one.mean.shape == (1, engine.model.lm.config.hidden_size)
+    assert not one.reads_images and len(one.weights) == len(REGION_FEATURES)
 
 
 def test_checkpoints_carry_their_calibration(tiny_checkpoint, tmp_path):
@@ -133,6 +200,29 @@ def test_checkpoints_carry_their_calibration(tiny_checkpoint, tmp_path):
     child = save_checkpoint(loaded, tmp_path / "child", metadata={"version": "1.1.0"})
     assert (child / CALIBRATION_FILE).is_file()
     assert torch.equal(load_model(child).score_calibration.weights, loaded.score_calibration.weights)
+
+
+def test_a_calibration_that_does_not_fit_its_model_is_refused(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "mismatched"
+    shutil.copytree(tiny_checkpoint, folder)
+    hidden = load_model(folder).lm.config.hidden_size
+    g = torch.Generator().manual_seed(6)
+    cases = {
+        "region tokens": _calibration(hidden + 1),
+        "image probe": _with_images(
+            _calibration(hidden), torch.randn(30, 10, generator=g), torch.randn(30, 10, generator=g) + 3
+        ),
+    }
+    for message, cal in cases.items():
+        cal.save(folder)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(folder)
+    (folder / CALIBRATION_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable score calibration"):
+        load_model(folder)
+    probe = cases["image probe"]
+    with pytest.raises(ValueError, match="familiarity"):  # a probe's score needs the image's familiarity
+        probe.score(0.9, 1.0)
 
 
 def test_shipped_default_scores_rank_wrong_answers_first_and_photos_low():

@@ -26,16 +26,19 @@ V = TypeVar("V")
 class ImageState:
     """Cached per-image work.  ``region_maps``: the fused pyramid, same-size levels stacked
     (``RegionEncoder.fuse``), ``(1, n * F, s, s)`` per level size; ``prefix_kv``: per LM layer
-    ``(keys, values)`` each ``(1, heads, P, head_dim)``; ``questions``: keys and values of the
-    question tokens asked on the image so far (a request computes only the ones it adds)."""
+    ``(keys, values)`` each ``(1, heads, P, head_dim)``; ``descriptor``: ``(1, E)`` what the
+    picture is like overall (:func:`model.calibration.image_descriptors`); ``questions``: keys and
+    values of the question tokens asked on the image so far (a request computes only the ones it
+    adds)."""
 
     region_maps: list[torch.Tensor]
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    descriptor: torch.Tensor
     questions: QuestionNodes = field(default_factory=lambda: QuestionNodes(0))
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for pair in self.prefix_kv for t in pair] + self.region_maps
+        tensors = [t for pair in self.prefix_kv for t in pair] + self.region_maps + [self.descriptor]
         return sum(t.numel() * t.element_size() for t in tensors) + self.questions.nbytes
 
 

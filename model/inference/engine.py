@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from model.calibration import image_descriptors
 from model.focal import focal_crops, small_boxes
 from model.inference.cache import ImageState, SizedLRU
 from model.inference.decode import (
@@ -71,6 +72,11 @@ def _keys_transposed(keys: torch.Tensor) -> torch.Tensor:
     return keys.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def _descriptors(states: Sequence[ImageState]) -> torch.Tensor:
+    """``(B, E)`` image descriptors of cached states."""
+    return torch.cat([s.descriptor for s in states])
+
+
 class InferenceEngine:
     """Thread-safe batched greedy inference over a :class:`RegionMLLM`."""
 
@@ -100,6 +106,7 @@ class InferenceEngine:
         m = self.model
         pixels = m.processor.batch(list(images)).to(m.device)
         vision = m.encode_images(pixels)
+        descriptors = image_descriptors(vision.levels)  # (B, E)
         maps = m.region_encoder.fuse(m.cast_levels(vision))
         prefix = torch.tensor([m.prompts.prefix_ids] * len(images), device=m.device)
         no_regions = [maps[0].new_zeros(0, m.projector.out_features)] * len(images)
@@ -115,6 +122,7 @@ class InferenceEngine:
             ImageState(
                 region_maps=[p[i : i + 1].clone() for p in maps],
                 prefix_kv=[(_keys_transposed(k[i : i + 1]), v[i : i + 1].clone()) for k, v in layers],
+                descriptor=descriptors[i : i + 1].clone(),
                 questions=QuestionNodes(nodes),
             )
             for i in range(len(images))
@@ -190,7 +198,7 @@ class InferenceEngine:
                 end = start + self.max_batch
                 answers += self._decode(states, feats, list(queries[start:end]), encoded[start:end])
             if self.calibration is not None:
-                answers = self._calibrated(answers, feats, queries, encoded)
+                answers = self._calibrated(answers, feats, queries, encoded, states)
             self.stats.questions += len(queries)
             for key, state in zip(keys, states):  # their stored question tokens grew
                 self._cache.put(key, state)
@@ -207,21 +215,32 @@ class InferenceEngine:
             self._focal_features(images, boxes, used, None, feats)
             return feats
 
+    @torch.inference_mode()
+    def image_descriptors(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """``(B, E)`` descriptors of whole images (:func:`model.calibration.image_descriptors` of
+        the vision tower's maps, cached with the image), what the calibration's image probe reads."""
+        with self._lock:
+            return _descriptors(self.image_states(images))
+
     def _calibrated(
         self,
         answers: list[Answer],
         feats: Sequence[torch.Tensor],
         queries: Sequence[tuple[int, str]],
         encoded: Sequence[tuple[list[int], list[int]]],
+        states: Sequence[ImageState],
     ) -> list[Answer]:
-        """``answers`` with calibrated scores: each reads its raw score and the largest distance of
-        the regions its question is about from the model's training statistics."""
-        assert self.calibration is not None
-        distances = [self.calibration.distance(f).tolist() for f in feats]
+        """``answers`` with calibrated scores: each reads its raw score, the largest distance of
+        the regions its question is about from the model's training statistics and (with an image
+        probe) its image's familiarity."""
+        cal = self.calibration
+        assert cal is not None
+        distances = [cal.distance(f).tolist() for f in feats]
+        known = cal.familiarity(_descriptors(states)).tolist() if cal.reads_images else [0.0] * len(states)
         out = []
         for ans, (i, _), (_, order) in zip(answers, queries, encoded):
             far = max((distances[i][k] for k in order), default=0.0)
-            out.append(Answer(ans.text, self.calibration.score(ans.score, far), ans.num_tokens, ans.score))
+            out.append(Answer(ans.text, cal.score(ans.score, far, known[i]), ans.num_tokens, ans.score))
         return out
 
     def _region_features(
