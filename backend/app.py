@@ -24,7 +24,6 @@ import base64
 import binascii
 import hmac
 import logging
-import re
 import time
 import uuid
 from typing import Any
@@ -50,6 +49,13 @@ from backend.settings import Settings, get_settings
 log = logging.getLogger("backend.app")
 MODEL_CLASS = "RegionCaptionBackend"
 OPEN_PATHS = {"/health", "/"}
+# Metric labels come from a fixed set: a client's made-up method or action must not add a series.
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+def bounded_label(value: str, known: set[str] | dict[str, Any]) -> str:
+    """``value`` when it is one of ``known``, else ``"OTHER"`` (a metric label of bounded range)."""
+    return value if value in known else "OTHER"
 
 
 def error_response(status: int, detail: str) -> tuple[Response, int]:
@@ -76,7 +82,8 @@ def project_of(payload: dict[str, Any]) -> int | str | None:
         return value
     if isinstance(value, str):
         head = value.split(".", 1)[0]
-        return int(head) if head.isdigit() and len(head) <= 18 else value[:40]
+        # isdigit() is also true of "²", which int() refuses: ASCII digits only
+        return int(head) if head.isascii() and head.isdigit() and len(head) <= 18 else value[:40]
     return None
 
 
@@ -92,24 +99,22 @@ def config_from(payload: dict[str, Any], key: str) -> LabelConfig:
         ) from None
 
 
-def _check_basic_auth(settings: Settings) -> Response | None:
+def _check_basic_auth(settings: Settings) -> None:
+    """Raises a 401 :class:`ClientError` unless the request carries the configured basic auth."""
     if not settings.basic_auth_user or request.path in OPEN_PATHS:
-        return None
+        return
     header = request.headers.get("Authorization", "")
     user = password = ""
     if header.startswith("Basic "):
         try:
             user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # non-ASCII base64 is a plain ValueError
             pass
     ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
     ok &= hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
-    if ok:
-        return None
-    resp, _ = error_response(401, "authentication required (HTTP basic auth)")
-    resp.status_code = 401
-    resp.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
-    return resp
+    if not ok:
+        reason = "no Authorization header" if not header else "wrong user or password"
+        raise ClientError(f"authentication required (HTTP basic auth): {reason}", 401, code="auth")
 
 
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> Flask:
@@ -129,21 +134,22 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     holder.start()
 
     @app.before_request
-    def _before() -> Response | None:
+    def _before() -> None:
         g.started = time.perf_counter()
-        return _check_basic_auth(settings)
+        _check_basic_auth(settings)
 
     @app.after_request
     def _after(resp: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.requests.labels(endpoint, request.method, str(resp.status_code)).inc()
+        method = bounded_label(request.method, METHODS)
+        metrics.requests.labels(endpoint, method, str(resp.status_code)).inc()
         metrics.latency.labels(endpoint).observe(elapsed)
         log.info(
             "request",
             extra={
-                "method": request.method,
-                "path": request.path,
+                "method": request.method[:20],
+                "path": request.path[:200],
                 "status": resp.status_code,
                 "ms": round(elapsed * 1000, 1),
             },
@@ -151,6 +157,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return resp
 
     # ------------------------------------------------------------------ errors
+    # Every refusal, whatever raised it (a view, the auth check, the model holder, werkzeug's
+    # routing or size limit), ends here: one WARNING line with the reason, one count, one body.
     @app.errorhandler(ClientError)
     def _refused(exc: ClientError):
         if isinstance(exc, ImageError) and not any(exc is e for e in g.get("counted", ())):
@@ -160,7 +168,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         log.warning(
             "refused",
             extra={
-                "path": request.path,
+                "path": request.path[:200],
+                "method": request.method[:20],
                 "status": exc.status,
                 "reason": exc.message,
                 "code": exc.code,
@@ -170,7 +179,10 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
                 "region": exc.region,
             },
         )
-        return error_response(exc.status, exc.message)
+        resp, status = error_response(exc.status, exc.message)
+        if status == 401:
+            resp.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+        return resp, status
 
     def _skipped(skip: Skip) -> None:
         """Log and count a box or task left out of a /predict answer."""
@@ -194,14 +206,18 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.errorhandler(ModelUnavailable)
     def _unavailable(exc: ModelUnavailable):
-        return error_response(503, str(exc))
+        return _refused(ClientError(str(exc), 503, code="model_unavailable"))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         detail = exc.description or exc.name
         if exc.code == 413:
             detail = f"request body is larger than the {settings.max_body_mb} MiB limit (MAX_BODY_MB)"
-        return error_response(exc.code or 500, detail)
+        elif exc.code == 404:
+            detail = f"no endpoint {request.path[:200]!r} on this ML backend"
+        elif exc.code == 405:
+            detail = f"{request.method[:20]} is not allowed on {request.path[:200]}"
+        return _refused(ClientError(detail, exc.code or 500, code="http"))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
@@ -282,7 +298,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         status, body = webhooks.handle_webhook(
             payload, settings, secret, basic_auth=bool(settings.basic_auth_user)
         )
-        label = re.sub(r"[^A-Z_]", "", action.upper())[:40] or "OTHER"
+        label = bounded_label(action, webhooks.HANDLERS)
         metrics.webhooks.labels(label, str(status)).inc()
         if status >= 400:  # logged by backend.webhooks with the project, task and annotation
             metrics.refusals.labels("/webhook", str(body.get("code") or "webhook")).inc()
@@ -299,9 +315,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         try:
             status = preannotate.start_run(settings, redis_connection(settings, fast=True), **body)
         except LabelStudioError as exc:
-            return error_response(502, str(exc))
+            raise ClientError(str(exc), 502, code="label_studio") from None
         except (RedisError, OSError) as exc:
-            return error_response(503, f"Redis unreachable: {exc}")
+            raise ClientError(f"Redis unreachable: {exc}", 503, code="redis") from None
         return jsonify(status), 202
 
     @app.get("/preannotate/<run>")
@@ -309,9 +325,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         try:
             return jsonify(preannotate.run_status(settings, redis_connection(settings, fast=True), run))
         except KeyError:
-            return error_response(404, f"no pre-annotation run {run!r}")
+            raise ClientError(f"no pre-annotation run {run[:80]!r}", 404, code="preannotate") from None
         except (RedisError, OSError) as exc:
-            return error_response(503, f"Redis unreachable: {exc}")
+            raise ClientError(f"Redis unreachable: {exc}", 503, code="redis") from None
 
     @app.get("/versions")
     def versions():

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin
+from urllib.parse import parse_qs, unquote_to_bytes, urljoin
 
 import requests
 import urllib3
@@ -236,7 +236,7 @@ class ImageFetcher:
                 return base64.b64decode(payload, validate=False)
             except (binascii.Error, ValueError) as exc:
                 raise ImageError(f"data URL is not valid base64: {exc}", 400) from None
-        return unquote(payload).encode("latin-1", errors="replace")
+        return unquote_to_bytes(payload)  # %89PNG is the byte 0x89, not a character
 
     def _local_file(self, query: str) -> bytes:
         """``?d=<path>`` under ``LOCAL_FILES_DOCUMENT_ROOT`` (control characters were refused)."""
@@ -383,7 +383,8 @@ class ImageFetcher:
             hint = " (check LABEL_STUDIO_API_KEY)" if resp.status in (401, 403) else ""
             raise ImageError(f"image URL {hop.url[:200]} answered HTTP {resp.status}{hint}", 422)
         length = resp.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
+        # isdigit() is also true of "²", which int() refuses: ASCII digits only
+        if length and length.isascii() and length.isdigit() and int(length) > self.max_bytes:
             raise ImageError(f"image is {length} bytes, over the {self.settings.max_image_mb} MiB limit", 413)
         slow = f"image download took longer than {self.settings.image_timeout} s"
         buf = bytearray()

@@ -50,6 +50,7 @@ from model.tasks import (
 RECT_TAGS = {t: t for t in REGION_TYPES}  # every image region tool; the result type is the tag
 ATTRIBUTE_NAMES = {"color": "color", "colour": "color", "shape": "shape", "size": "size"}
 MAX_CONFIG_CHARS = 1_000_000
+MAX_TAXONOMY_DEPTH = 32  # nested <Choice> levels of a Taxonomy
 
 
 class ConfigError(ClientError):
@@ -181,18 +182,26 @@ def _choice_value(node: ET.Element) -> str | None:
     return value
 
 
-def _taxonomy_paths(node: ET.Element, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every path (root first) of a Taxonomy's nested ``<Choice>`` tree."""
-    paths = []
-    for child in node:
-        if _strip_ns(child.tag) != "choice":
-            continue
-        value = _choice_value(child)
-        if value is None:
-            continue
-        path = prefix + (value,)
-        paths.append(path)
-        paths += _taxonomy_paths(child, path)
+def _taxonomy_paths(node: ET.Element) -> list[tuple[str, ...]]:
+    """Every path (root first, in the config's order) of a Taxonomy's nested ``<Choice>`` tree; a
+    tree deeper than MAX_TAXONOMY_DEPTH is a :class:`ConfigError` (walked without recursion)."""
+    paths: list[tuple[str, ...]] = []
+    stack: list[tuple[ET.Element, tuple[str, ...]]] = [(node, ())]
+    while stack:
+        element, path = stack.pop()
+        if path:
+            paths.append(path)
+        children = []
+        for child in element:
+            value = _choice_value(child) if _strip_ns(child.tag) == "choice" else None
+            if value is not None:
+                children.append((child, path + (value,)))
+        if children and len(path) >= MAX_TAXONOMY_DEPTH:
+            name = node.get("name", "")
+            raise ConfigError(
+                f'<{node.tag} name="{name}"> nests choices deeper than {MAX_TAXONOMY_DEPTH} levels'
+            )
+        stack.extend(reversed(children))  # popped in the config's order, each before its subtree
     return paths
 
 
@@ -203,8 +212,16 @@ def _name_attribute(name: str) -> str | None:
     return hits.pop() if len(hits) == 1 else None
 
 
-def _taxonomy_leaves(paths: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
-    return {p for p in paths if not any(len(q) > len(p) and q[: len(p)] == p for q in paths)}
+def _few(values: list, shown: int = 10) -> str:
+    """A warning's list of values, the first ``shown`` and how many more (a config may hold 40k)."""
+    more = f" and {len(values) - shown} more" if len(values) > shown else ""
+    return f"{values[:shown]}{more}"
+
+
+def _taxonomy_leaves(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The paths no other path continues, in their order (linear: a config may hold ~40k choices)."""
+    inner = {q[:i] for q in paths for i in range(1, len(q))}
+    return [p for p in paths if p not in inner]
 
 
 def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | None, list[str]]:
@@ -228,24 +245,25 @@ def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | 
         if matched:
             values[attr] = matched
     multiple = kind == "taxonomy" or node.get("choice", "single").lower() == "multiple"
-    unknown = sorted({v for v in leaves if attribute_of_value(v) is None}, key=leaves.index)
+    unknown = list(dict.fromkeys(v for v in leaves if attribute_of_value(v) is None))
     warnings: list[str] = []
     new_values: tuple[str, ...] = ()
     named = _name_attribute(name)
     if named is not None:
         foreign = [v for v in leaves if attribute_of_value(v) not in (None, named)]
         if foreign:
-            warnings.append(f"{tag}: {foreign} are not {named} values; they are never filled in")
+            warnings.append(f"{tag}: {_few(foreign)} are not {named} values; they are never filled in")
         mapping = dict(values.get(named, {}))
+        unknown_set = set(unknown)
         for label, out in entries:
-            if label in unknown and label.strip():
+            if label in unknown_set and label.strip():
                 mapping.setdefault(label.strip().lower(), out)
         new_values = tuple(dict.fromkeys(v.strip().lower() for v in unknown if v.strip()))
         if new_values:
             warnings.append(
-                f"{tag}: {unknown} are {named} values the model does not predict yet; corrections choosing "
-                "them are stored and teach them (new vocabulary), and they are filled in once the model "
-                "answers them"
+                f"{tag}: {_few(unknown)} are {named} values the model does not predict yet; "
+                "corrections choosing them are stored and teach them (new vocabulary), and they are "
+                "filled in once the model answers them"
             )
         values = {named: mapping}
     else:
@@ -254,14 +272,14 @@ def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | 
             best = max(values, key=lambda a: len(values[a]))
             dropped = [out for a, m in values.items() if a != best for out in m.values()]
             warnings.append(
-                f"{tag} is single-choice: it is filled with {best} only; {[_shown(v) for v in dropped]} "
-                "are never filled in"
+                f"{tag} is single-choice: it is filled with {best} only; "
+                f"{_few([_shown(v) for v in dropped])} are never filled in"
             )
             values = {best: values[best]}
         if unknown and values:
             warnings.append(
-                f"{tag}: {unknown} are not values the model knows, and the control is not named after an "
-                "attribute (color, colour, shape, size): they are never filled in nor learned from "
+                f"{tag}: {_few(unknown)} are not values the model knows, and the control is not named "
+                "after an attribute (color, colour, shape, size): they are never filled in nor learned from "
                 "corrections (name the control after its attribute to teach them)"
             )
     values = {a: v for a, v in values.items() if v}

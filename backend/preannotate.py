@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_FUNCTION = "backend.preannotate.run_chunk"
 LIST_PAGE = 500  # task ids read per Label Studio page while planning
+MAX_RUN_CHUNKS = 2000  # chunk jobs per run: more tasks make the chunks larger
 WRITE_TIMEOUT = 120.0  # seconds for one bulk write of predictions
 RESULT_TTL = 7 * 86_400  # runs, chunk results and meta are kept a week, as fine-tuning jobs' are
 TERMINAL = {
@@ -202,6 +203,12 @@ def start_run(
     ids = (
         list(dict.fromkeys(task_ids)) if task_ids is not None else list_task_ids(settings, project, selection)
     )
+    if len(ids) > chunk * MAX_RUN_CHUNKS:  # chunk 1 over a million ids: a million enqueues
+        wanted, chunk = chunk, -(-len(ids) // MAX_RUN_CHUNKS)
+        log.info(
+            "pre-annotation chunk raised",
+            extra={"project": project, "tasks": len(ids), "asked": wanted, "chunk": chunk},
+        )
     run = f"{project}-{uuid.uuid4().hex[:8]}"
     chunks = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
     job_ids = [f"preannotate-{run}-{k:05d}" for k in range(len(chunks))]
@@ -439,7 +446,8 @@ def run_status(settings: Settings, connection: Redis, run: str) -> dict[str, Any
     remaining = max(total - done - len(failed) - elsewhere, 0)
     return {
         "run": run, "project": int(raw["project"]), "selection": raw.get("selection"), "total": total,
-        "done": done, "predicted": predicted, "existing": existing, "failed": len(failed),
+        "chunk": int(raw.get("chunk", 0)), "done": done, "predicted": predicted, "existing": existing,
+        "failed": len(failed),
         "claimed_elsewhere": elsewhere,
         "failures": dict(sorted(failed.items())[:50]), "regions": regions,
         "tasks_per_s": round(tasks_per_s, 2),

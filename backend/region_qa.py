@@ -56,6 +56,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CANNOT_ANSWER = "cannot answer this"
+# Label Studio resends every earlier question with each new one: the newest MAX_QUESTIONS are
+# answered (one engine call holds the engine), questions longer than MAX_QUESTION_CHARS are not.
+MAX_QUESTIONS = 32
+MAX_QUESTION_CHARS = 1000
 KIND_REGIONS = {"caption": 1, "color": 1, "shape": 1, "size": 1, "position": 1, "relation": 2}
 
 _R = r"<region\d+>"
@@ -206,7 +210,8 @@ def canonical_question(kind: str, refs: Sequence[int] = (0, 1)) -> str:
 
 
 def context_questions(context: dict | None, config: LabelConfig) -> list[str]:
-    """Questions typed in the config's question TextArea, oldest first (``[]``: none)."""
+    """Questions typed in the config's question TextArea, oldest first, at most the newest
+    :data:`MAX_QUESTIONS` (``[]``: none)."""
     if not context or not config.question or not config.answer:
         return []
     found: list[str] = []
@@ -218,6 +223,15 @@ def context_questions(context: dict | None, config: LabelConfig) -> list[str]:
             text = [text]
         if isinstance(text, list):
             found += [t.strip() for t in text if isinstance(t, str) and t.strip()]
+    if len(found) > MAX_QUESTIONS:
+        log.warning(
+            "region questions dropped",
+            extra={
+                "reason": f"{len(found)} questions in the TextArea: the newest {MAX_QUESTIONS} are answered",
+                "code": "too_many_questions",
+            },
+        )
+        found = found[-MAX_QUESTIONS:]
     return found
 
 
@@ -235,6 +249,11 @@ def plan_turns(questions: Sequence[str], regions: Sequence[Region]) -> list[Turn
     """Each question's references, kind and canonical question (or the reason it is not asked)."""
     turns: list[Turn] = []
     for question in questions:
+        if len(question) > MAX_QUESTION_CHARS:
+            turns.append(
+                Turn(question[:80], [], reason=f"the question is longer than {MAX_QUESTION_CHARS} characters")
+            )
+            continue
         try:
             text, refs = resolve_references(question, regions)
         except ValueError as exc:

@@ -4,7 +4,8 @@
   ``Content-Length`` (a chunked body one byte over the limit is a 413, not silently cut);
 * nesting: the depth of arrays/objects is measured on the raw bytes (strings blanked) before
   ``json.loads``, whose C scanner recurses once per level (100,000 levels: ``RecursionError``);
-* numbers: ``NaN``, ``Infinity`` and literals beyond a float's range (``1e400``) are refused;
+* numbers: ``NaN``, ``Infinity`` and literals beyond a float's range (``1e400``, and integers of
+  more than 308 digits, which ``float()`` of a coordinate would overflow) are refused;
 * text: a lone UTF-16 surrogate (``"\\ud800"``) is refused; UTF-8 encoders (SQLite, logs) cannot
   write it.
 
@@ -29,6 +30,7 @@ READ_CHUNK = 64 * 1024
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+MAX_INT_DIGITS = 308  # every integer of up to 308 digits converts to a finite float
 
 
 class BodyError(ClientError):
@@ -73,6 +75,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _float_sized_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BodyError(
+            f"JSON integer of {len(text.lstrip('-'))} digits is beyond a float's range "
+            f"(at most {MAX_INT_DIGITS} digits)"
+        )
+    return int(text)
+
+
 def _constant(name: str) -> Any:
     raise BodyError(f"JSON number {name} is not finite; send a finite number")
 
@@ -95,7 +106,9 @@ def parse_json_object(raw: bytes, max_depth: int, setting: str = "MAX_JSON_DEPTH
     if depth > max_depth:
         raise BodyError(f"JSON body is nested deeper than {max_depth} levels ({setting}); got {depth}")
     try:
-        payload = json.loads(raw, parse_float=_finite_float, parse_constant=_constant)
+        payload = json.loads(
+            raw, parse_float=_finite_float, parse_int=_float_sized_int, parse_constant=_constant
+        )
     except (ValueError, UnicodeDecodeError) as exc:
         raise BodyError(f"malformed JSON body: {exc}") from None
     if not isinstance(payload, dict):

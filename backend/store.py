@@ -100,6 +100,11 @@ class StoreError(ClientError):
     """Input the store cannot record (bad timestamp, ids; 409: an id owned by another project)."""
 
 
+def _blind(row: sqlite3.Row) -> bool:
+    """A tombstone written by a delete of an id that was never stored (no version, no image)."""
+    return bool(row["deleted"]) and row["updated_us"] == 0 and row["image"] == ""
+
+
 def _not_owner(annotation_id: int, owner: int, project_id: int, what: str) -> StoreError:
     return StoreError(f"annotation {annotation_id} belongs to project {owner}, not {project_id}; {what}", 409)
 
@@ -241,9 +246,12 @@ class CorrectionStore:
         updated_us = parse_timestamp(updated_at)
         with self.transaction() as con:
             row = con.execute(
-                "SELECT updated_us, deleted, project_id FROM annotations WHERE annotation_id = ?",
+                "SELECT updated_us, deleted, project_id, image, received_at FROM annotations"
+                " WHERE annotation_id = ?",
                 (annotation_id,),
             ).fetchone()
+            if row is not None and _blind(row) and updated_us > row["received_at"] * 1e6:
+                row = None  # edited after a delete of an id never seen: that delete was not of it
             if row is not None and row["project_id"] != project_id:
                 raise _not_owner(annotation_id, row["project_id"], project_id, "nothing was stored")
             if row is not None and row["deleted"]:
@@ -256,7 +264,8 @@ class CorrectionStore:
                 con.execute(
                     "INSERT INTO annotations (annotation_id, project_id, task_id, updated_us, updated_at,"
                     " image, width, height, deleted, seq, received_at) VALUES (?,?,?,?,?,?,?,?,0,?,?)"
-                    " ON CONFLICT (annotation_id) DO UPDATE SET task_id=excluded.task_id,"
+                    " ON CONFLICT (annotation_id) DO UPDATE SET task_id=excluded.task_id, deleted=0,"
+                    " project_id=excluded.project_id,"
                     " updated_us=excluded.updated_us, updated_at=excluded.updated_at, image=excluded.image,"
                     " width=excluded.width,"
                     " height=excluded.height, seq=excluded.seq, received_at=excluded.received_at",
@@ -280,13 +289,19 @@ class CorrectionStore:
     def delete_annotations(self, project_id: int, annotation_ids: Sequence[int]) -> int:
         """Remove annotations (tombstones keep late deliveries out); returns how many had data.
 
-        All or nothing: an id stored under another project refuses the whole delete (409)."""
+        All or nothing: an id stored under another project refuses the whole delete (409).  The
+        tombstone of an id never stored is *blind*: it keeps out only versions Label Studio saved
+        before the delete arrived (a late delivery), not an annotation edited after it, so a
+        delete naming ids Label Studio has not made yet cannot block them."""
         removed = 0
         with self.transaction() as con:
             for aid in annotation_ids:
                 row = con.execute(
-                    "SELECT deleted, project_id FROM annotations WHERE annotation_id = ?", (aid,)
+                    "SELECT updated_us, deleted, project_id, image FROM annotations WHERE annotation_id = ?",
+                    (aid,),
                 ).fetchone()
+                if row is not None and _blind(row):
+                    row = None  # another delete of an id never seen: the newer one counts
                 if row is not None and row["project_id"] != project_id:
                     raise _not_owner(aid, row["project_id"], project_id, "nothing was deleted")
                 if row is not None and row["deleted"]:
@@ -297,6 +312,7 @@ class CorrectionStore:
                     "INSERT INTO annotations (annotation_id, project_id, updated_us, updated_at, image,"
                     " width, height, deleted, seq, received_at) VALUES (?, ?, 0, '', '', 0, 0, 1, ?, ?)"
                     " ON CONFLICT (annotation_id) DO UPDATE SET deleted = 1, seq = excluded.seq,"
+                    " project_id = excluded.project_id,"
                     " received_at = excluded.received_at",
                     (aid, project_id, self._next_seq(con), time.time()),
                 )

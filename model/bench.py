@@ -1,6 +1,6 @@
 """Inference benchmark: batched engine vs the naive per-box loop, measured side by side.
 
-    python -m model.bench [--model model/default] [--repeats 3] [--json out.json]
+    python -m model.bench [--model model/default] [--repeats 3] [--json out.json] [--dtype bf16]
 
 Prints medians of interleaved repeats (each repeat runs every compared variant once, so a slow
 spell on a shared machine slows all of them alike instead of flipping one row):
@@ -12,9 +12,9 @@ spell on a shared machine slows all of them alike instead of flipping one row):
   for the backend's whole request about a new box (caption, attributes, relations) on the scene
   and on the 1280x960 file;
 * decode throughput at batch 1 and 16: tokens/s of the one-token decode steps (and of the whole
-  request, question forward included), the share of the machine's float32 matmul FLOP/s it
-  reaches (2 x LM parameters FLOPs per token; the peak measured between the repeats) and, at
-  batch 1, of the memory-bandwidth bound (every step reads all LM weights once);
+  request, question forward included), the share of the machine's matmul FLOP/s in the weights'
+  dtype (``--dtype``) it reaches (2 x LM parameters FLOPs per token; the peak measured between
+  the repeats) and, at batch 1, of the memory-bandwidth bound (every step reads all LM weights);
 * peak resident memory.
 """
 
@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from model.checkpoint import DEFAULT_DIR
+from model.device import DTYPES
 from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
@@ -62,9 +63,9 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured float32 matmul FLOP/s of this machine (all torch threads)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops(size: int = 1024, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul FLOP/s of this machine in ``dtype`` (all torch threads)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -167,23 +168,25 @@ def run(
     lean: bool = True,
     max_new: int = 16,
     image_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Every figure of the module docstring for the checkpoint ``model_dir``; with ``config``, for a
     model of that config with random weights (and ``model_dir``'s tokenizer) instead: the same
     engine on a model of realistic proportions, where the image encode and the prefix cost what
     they cost in practice.  ``lean=False`` runs every LM forward through the library (no
-    :class:`model.inference.kv_decode.LlamaSteps`), for comparison."""
+    :class:`model.inference.kv_decode.LlamaSteps`), for comparison.  ``dtype``: the weights' (the
+    matmul peak is measured in it too)."""
     from model.checkpoint import build_model, load_model, read_metadata
 
     if config is None:
-        model = load_model(model_dir)
+        model = load_model(model_dir, dtype=dtype)
         version = read_metadata(model_dir).get("version", "?")
     else:
         from model.config import load_model_config
         from model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(Path(model_dir) / "tokenizer")
-        model = build_model(load_model_config(config), tokenizer).eval()
+        model = build_model(load_model_config(config), tokenizer).eval().to(dtype)
         version = f"{config} (random weights)"
     rng = random.Random(0)
     image = decode_rgb(Path(image_path or Path(model_dir) / SAMPLE_IMAGE).read_bytes())
@@ -193,6 +196,7 @@ def run(
         "model": version,
         "lean": lean,
         "max_new_tokens": max_new,
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
     variants: dict[str, Callable[[], None]] = {}
@@ -263,7 +267,7 @@ def run(
         b: {"step_tps": [], "request_tps": [], "step_s": []} for b in batches
     }
     for _ in range(repeats):
-        peaks.append(matmul_flops(seconds=0.5))
+        peaks.append(matmul_flops(seconds=0.5, dtype=dtype))
         bandwidths.append(memory_bandwidth())
         for b in batches:
             eng = engines[b]
@@ -295,6 +299,12 @@ def run(
             row["bandwidth_bound_tokens_per_s"] = bandwidth / weight_bytes
             row["bandwidth_fraction"] = tps * weight_bytes / bandwidth
         results["decode"].append(row)
+    # The whole new-box request's floor: its longest answer takes max_new - 1 one-token steps after
+    # the question forward, one after the other, and every step reads all LM weights at least once.
+    full = results["interactive_full_photo"]
+    floor = (max_new - 1) * weight_bytes / bandwidth
+    full["warm_floor_s"] = floor
+    full["ratio_floor"] = floor / (floor + max(full["cold_s"] - full["warm_s"], 0.0))
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -305,7 +315,8 @@ def format_results(r: dict) -> str:
     lines = [
         f"model: {r.get('model', '?')}; LM forward: {'lean' if r.get('lean', True) else 'library'}; "
         f"max new tokens: {r.get('max_new_tokens', 16)}",
-        f"torch threads: {r['threads']}; measured matmul: {r['matmul_gflops']:.1f} GFLOP/s",
+        f"torch threads: {r['threads']}; weights: {r.get('dtype', 'float32')}; "
+        f"measured matmul: {r['matmul_gflops']:.1f} GFLOP/s",
         "",
     ]
     lines.append(f"{'boxes':>6s} {'engine ms':>10s} {'naive ms':>10s} {'speedup':>8s}")
@@ -335,6 +346,12 @@ def format_results(r: dict) -> str:
                 f"warm {full['warm_s'] * 1e3:.1f} ms, cold {full['cold_s'] * 1e3:.1f} ms, "
                 f"ratio {full['ratio']:.2f}"
             )
+            if "warm_floor_s" in full:
+                lines.append(
+                    f"    (floor of warm: {r.get('max_new_tokens', 16) - 1} decode steps, each reading the "
+                    f"LM weights once, {full['warm_floor_s'] * 1e3:.1f} ms; ratio floor with this cold-only "
+                    f"work {full['ratio_floor']:.2f})"
+                )
             if "question_positions" in full:
                 n = full["question_positions"]
                 lines.append(f"    (question positions computed: warm {n['warm']:.0f}, cold {n['cold']:.0f})")
@@ -377,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="answer length cap (random weights never emit EOS: every answer runs to the cap)",
     )
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="weights' dtype (the matmul peak is measured in it too)",
+    )
     args = ap.parse_args(argv)
     with torch.inference_mode():
         results = run(
@@ -387,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             lean=not args.no_lean,
             max_new=args.max_new_tokens,
             image_path=args.image,
+            dtype=DTYPES[args.dtype],
         )
     print(format_results(results))
     if args.json:

@@ -268,9 +268,14 @@ def rle_decode(rle: Sequence[int], image_w: int, image_h: int) -> torch.Tensor:
             counts += [1] * count
         pos = stop
         i += count
-    dtype = np.uint32 if word > 16 else np.uint16 if word > 8 else np.uint8
-    flat = np.repeat(np.array(values, dtype=np.int64), counts).astype(dtype)
-    return torch.from_numpy(flat.reshape(image_h, image_w, 4)[:, :, 3] != 0)
+    # Only alpha (flat index 4j + 3 of pixel j) is kept: a run over flat [s, e) holds the alpha of
+    # pixels [ceil((s - 3) / 4), ceil((e - 3) / 4)), so the mask is one bool per pixel, repeated
+    # per run (never the w * h * 4 values: 42 kB of RLE may describe 40 M pixels).
+    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+    first_pixel = -((3 - ends) // 4)  # ceil((e - 3) / 4) of every run's end
+    per_run = np.diff(first_pixel, prepend=0)
+    alpha = np.repeat(np.asarray(values, dtype=np.int64) != 0, per_run)
+    return torch.from_numpy(alpha.reshape(image_h, image_w))
 
 
 def mask_to_pixels(mask: torch.Tensor) -> Box:

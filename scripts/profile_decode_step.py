@@ -1,6 +1,7 @@
 """Where a decode step's time goes: torch.profiler over the engine's one-token LM forwards.
 
     PYTHONPATH=. .venv/bin/python scripts/profile_decode_step.py [--config roi-base] [--batch 16]
+        [--dtype fp32|bf16] [--layout mm|packed|linear]
 
 Builds the model of ``--config`` with random weights (the default's tokenizer), warms the image
 cache, then profiles ``--runs`` requests of ``--batch`` captions of ``--max-new-tokens`` tokens.
@@ -25,8 +26,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from model import bench
 from model.checkpoint import DEFAULT_DIR, build_model
 from model.config import load_model_config
+from model.device import DTYPES
 from model.geometry import boxes_tensor
 from model.inference import engine as engine_module
+from model.inference import kv_decode
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import decode_rgb
 from model.tasks import CAPTION_QUESTION
@@ -64,6 +67,11 @@ def _descendants(event: object) -> list:
     return out
 
 
+def eng_layout(model: torch.nn.Module) -> str:
+    """The weight layout the lean decode steps picked for ``model``'s LM."""
+    return kv_decode.lean_weights(model.lm).layout
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="roi-base")
@@ -72,11 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the weights' dtype")
+    ap.add_argument(
+        "--layout", default=None, choices=["mm", "packed", "linear"], help="force a weight layout"
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(Path(args.model) / "tokenizer")
-    model = build_model(load_model_config(args.config), tokenizer).eval()
+    model = build_model(load_model_config(args.config), tokenizer).eval().to(DTYPES[args.dtype])
+    kv_decode.LAYOUT = args.layout
     image = decode_rgb((Path(args.model) / bench.SAMPLE_IMAGE).read_bytes())
     rng = random.Random(0)
     boxes = boxes_tensor(
@@ -111,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     step_ms = sorted(walls)[len(walls) // 2] * 1e3 if walls else float("nan")
     mm_ms = sum(v for k, v in self_us.items() if k in MATMULS) / n / 1e3
     print(
-        f"{args.config}, batch {args.batch}, {len(steps)} decode steps profiled; "
+        f"{args.config} ({args.dtype}, {eng_layout(model)} weights), batch {args.batch}, "
+        f"{len(steps)} decode steps profiled; "
         f"median step wall (unprofiled timer around the profiled call) {step_ms:.1f} ms; "
         f"ops' self CPU {total / 1e3:.1f} ms a step, of which matmuls {mm_ms:.1f} ms"
     )

@@ -453,3 +453,75 @@ def test_new_version_is_swapped_in_without_dropping_requests(env, tiny_checkpoin
     assert client.post("/setup", json=SETUP_PAYLOAD).get_json()["model_version"] == "1.1.0"
     assert client.get("/versions").get_json() == {"versions": ["1.0.0", "1.1.0"], "current": "1.1.0"}
     assert loader.calls == ["1.0.0", "1.1.0"]
+
+
+def test_refusals_outside_the_views_are_logged_and_counted_too(
+    tmp_path, tiny_checkpoint, json_log, monkeypatch
+):
+    """Label Studio shows none of these bodies: a wrong password, an unknown route or method and a
+    model that is not there leave their reason in one WARNING line each, and a count."""
+    from backend.serving import ModelUnavailable
+
+    settings = make_settings(tmp_path, tiny_checkpoint, basic_auth_user="ls", basic_auth_pass="pw")
+    holder = ModelHolder(settings)
+    client = create_app(settings, holder).test_client()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    wrong = client.post("/setup", json=SETUP_PAYLOAD, headers={"Authorization": "Basic \xe9"})
+    missing = client.post("/train", json={}, headers=auth)
+    method = client.get("/predict", headers=auth)
+
+    def gone():
+        raise ModelUnavailable("no model could be loaded: test")
+
+    monkeypatch.setattr(holder, "get", gone)
+    down = client.post(
+        "/predict", json=predict_payload([ls_task(1, [rect("a", (1, 1, 9, 9))])]), headers=auth
+    )
+    responses = [wrong, missing, method, down]
+    assert [r.status_code for r in responses] == [401, 404, 405, 503]
+    assert wrong.headers["WWW-Authenticate"].startswith("Basic")
+    refused = [json.loads(r) for r in json_log if json.loads(r)["message"] == "refused"]
+    assert [(r["level"], r["path"], r["status"]) for r in refused] == [
+        ("WARNING", "/setup", 401),
+        ("WARNING", "/train", 404),
+        ("WARNING", "/predict", 405),
+        ("WARNING", "/predict", 503),
+    ]
+    assert [r["reason"] for r in refused] == [detail(r) for r in responses]
+    text = client.get("/metrics", headers=auth).text
+    for code in ("auth", "http", "model_unavailable"):
+        assert f'reason="{code}"' in text
+
+
+def test_made_up_methods_and_actions_add_no_metric_series(env):
+    client, *_ = env
+    for k in range(20):
+        client.open("/predict", method=f"FOO{k}")
+        client.post("/webhook", json={"action": f"MADE_UP_{k}"})
+    text = client.get("/metrics").text
+    assert "FOO" not in text and "MADE_UP" not in text
+    assert 'method="OTHER"' in text and 'action="OTHER"' in text
+
+
+def test_odd_digits_and_huge_integers_are_refused_not_500(env):
+    client, *_ = env
+    # "²".isdigit() is True, int("²") raises: the project id is kept as text
+    assert client.post("/setup", json={**SETUP_PAYLOAD, "project": "²"}).status_code == 200
+    task = ls_task(1, [rect("a", (1, 1, 9, 9))])
+    raw = json.dumps(predict_payload([task]))
+    huge = raw.replace('"x": ', '"x": 1' + "0" * 400 + ', "_x": ', 1)
+    resp = client.post("/predict", data=huge, content_type="application/json")
+    assert resp.status_code == 400 and "308 digits" in detail(resp)
+    webhook = '{"action": "ANNOTATION_CREATED", "annotation": {"id": 1' + "0" * 400 + "}}"
+    resp = client.post("/webhook", data=webhook, content_type="application/json")
+    assert resp.status_code == 400 and "308 digits" in detail(resp)
+
+
+def test_a_deep_taxonomy_is_a_400_naming_the_limit(env):
+    client, *_ = env
+    deep = '<Choice value="a">' * 1200 + "</Choice>" * 1200
+    xml = ATTR_XML.replace(
+        "</View>", f'<Taxonomy name="colour" toName="image" perRegion="true">{deep}</Taxonomy></View>'
+    )
+    resp = client.post("/setup", json={**SETUP_PAYLOAD, "schema": xml})
+    assert resp.status_code == 400 and "deeper than 32 levels" in detail(resp)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from model import bench
 from model.bench import format_results, interleaved_medians, run
 from model.checkpoint import DEFAULT_DIR
 
@@ -27,6 +30,24 @@ def test_bench_reports_every_figure_for_a_config_with_random_weights():
     assert "interactive new box" in text and "from a 1280x960 JPEG file" in text and "peak RSS" in text
     assert "(1280x960 JPEG): warm" in text and "bandwidth bound" in text
     assert "question positions computed" in text  # the lean steps ask through the question tree
+    photo = results["interactive_full_photo"]
+    assert photo["warm_floor_s"] > 0 and 0 < photo["ratio_floor"] <= 1 and "floor of warm" in text
+    assert results["dtype"] == "float32" and "weights: float32" in text
+
+
+def test_bench_measures_bf16_weights_against_a_bf16_peak(monkeypatch):
+    peak_dtypes = []
+    measure = bench.matmul_flops
+
+    def recorded(*args, **kwargs):
+        peak_dtypes.append(kwargs.get("dtype"))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "matmul_flops", recorded)
+    results = run(str(DEFAULT_DIR), repeats=1, ks=(1,), config="roi-test", dtype=torch.bfloat16)
+    assert results["dtype"] == "bfloat16" and results["matmul_gflops"] > 0
+    assert peak_dtypes == [torch.bfloat16]
+    assert all(row["tokens_per_s"] > 0 for row in results["decode"])
 
 
 def test_interleaved_medians_time_every_variant_each_repeat():

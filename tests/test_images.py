@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import pytest
 from PIL import Image
@@ -67,6 +68,13 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/big-nolength.bin":
             self.close_connection = True
             self._send(BIG_BYTES, "image/png", length=False)
+        elif path == "/odd-length.png":  # "²".isdigit() is True, int("²") raises
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "\xb2")
+            self.end_headers()
+            self.wfile.write(SMALL_PNG)
         elif path == "/slow.png":
             time.sleep(1.5)
             self._send(SMALL_PNG)
@@ -225,9 +233,15 @@ def test_cache_is_bounded():
     assert len(f.cache) == 2 and f.cache.get("k4") is not None and f.cache.get("k0") is None
 
 
+def test_a_hostile_content_length_is_read_past_not_a_crash(server):
+    assert fetcher(allow_private_urls=True).fetch(f"{server}/odd-length.png").size == (40, 30)
+
+
 def test_data_urls():
     url = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
     assert fetcher().fetch(url).size == (40, 30)
+    # percent-encoded (not base64): %89 is the byte 0x89 of the PNG signature
+    assert fetcher().fetch("data:image/png," + quote_from_bytes(SMALL_PNG)).size == (40, 30)
     with pytest.raises(ImageError) as info:
         fetcher().fetch("data:text/plain;base64," + base64.b64encode(b"hello").decode())
     assert info.value.status == 415

@@ -234,3 +234,36 @@ def test_packed_layout_takes_one_row_through_the_layers_own_weights(monkeypatch)
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+BF16_PACKABLE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_bf16_weights_are_packed_where_the_cpu_has_bf16_instructions(monkeypatch):
+    """A mid-sized bf16 LM decodes on oneDNN-packed copies on CPUs with bf16 instructions (its
+    packed step is the fastest measured there), on transposed copies elsewhere."""
+    lm = _llama().to(torch.bfloat16)
+    monkeypatch.setattr(kv_decode, "MM_COPY_BYTES", 0)
+    assert LeanLlamaWeights(lm).layout == ("packed" if BF16_PACKABLE else "mm")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS if BF16_PACKABLE else ["mm", "linear"])
+@torch.inference_mode()
+def test_bf16_lean_steps_follow_the_library_forward(layout, monkeypatch):
+    """In bfloat16 the lean steps (every layout) stay within bf16 rounding of the library's own
+    bf16 forward over a prefix, a masked gap and decode steps, and pick the same tokens."""
+    monkeypatch.setattr(kv_decode, "LAYOUT", layout)
+    lm = _llama(2, seed=11).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    kv = prefill(lm, torch.randn(2, 7, 64, generator=g).bfloat16(), lean=False)
+    suffix = torch.randn(2, 3, 64, generator=g).bfloat16()
+    positions = torch.tensor([[7, 8, 9], [0, 7, 8]])
+    key_mask = torch.ones(2, 10, dtype=torch.long)
+    key_mask[1, 7] = 0
+    lean = _run(LlamaSteps(lm, kv, 8), suffix, positions, key_mask, lm)
+    ref = _run(HFSteps(lm, kv), suffix, positions, key_mask, lm)
+    for a, b in zip(lean, ref):
+        assert a.dtype == b.dtype == torch.bfloat16
+        scale = b.float().abs().max()
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * float(scale))
+        assert (a.float().argmax(-1) == b.float().argmax(-1)).all()

@@ -206,6 +206,14 @@ def test_tasks_and_view_selection_and_claims(setup, tiny_registry):
     assert [len(fake.predictions(t)) for t in range(1, 8)] == [0, 1, 0, 0, 0, 0, 0]
 
 
+def test_a_run_is_at_most_max_run_chunks_jobs(setup, monkeypatch):
+    _, settings = setup([boxes_task(1)])
+    monkeypatch.setattr(preannotate, "MAX_RUN_CHUNKS", 3)
+    status = start_run(settings, redis_connection(settings), 7, Selection(), chunk=1, task_ids=range(1, 11))
+    assert (status["chunk"], status["total"], status["jobs"]) == (4, 10, {"queued": 3})
+    assert preannotate_queue(settings, redis_connection(settings)).count == 3
+
+
 def test_tasks_created_webhook_is_off_by_default(setup):
     fake, settings = setup([boxes_task(1), boxes_task(2)])
     payload = {"action": "TASKS_CREATED", "project": {"id": 7}, "tasks": [{"id": 1}, {"id": 2}]}

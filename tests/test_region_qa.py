@@ -166,6 +166,20 @@ def test_context_questions_reads_every_turn_newest_last():
     assert context_questions(context, QA) == ["What is box 1?", "How big is it?"]
 
 
+def test_a_flood_of_questions_is_cut_to_the_newest_and_logged(caplog):
+    """Label Studio resends every earlier question; a body may hold 400k of them: the newest
+    MAX_QUESTIONS are answered, the rest dropped with a WARNING, a huge one is not asked."""
+    from backend.region_qa import MAX_QUESTION_CHARS, MAX_QUESTIONS
+
+    texts = [f"What colour is box {k % 2 + 1}?" for k in range(5000)] + ["What is box 2?"]
+    with caplog.at_level("WARNING", logger="backend.region_qa"):
+        asked = context_questions({"result": [question_item(*texts)]}, QA)
+    assert len(asked) == MAX_QUESTIONS and asked[-1] == "What is box 2?"
+    assert any(r.getMessage() == "region questions dropped" for r in caplog.records)
+    (turn,) = plan_turns(["What is box 1? " + "x" * MAX_QUESTION_CHARS], REGIONS)
+    assert turn.asked is None and "longer than" in (turn.reason or "")
+
+
 class RecordingEngine(InferenceEngine):
     """A real engine that keeps the questions it was asked."""
 

@@ -460,3 +460,22 @@ def test_engine_pools_a_region_by_its_mask_and_a_full_mask_changes_nothing():
     assert engine.answer([image], [boxes], queries, [[half, None]]) == fresh
     with pytest.raises(ValueError, match="mask lists"):
         engine.answer([image], [boxes], queries, [None, None])
+
+
+def test_rle_decode_keeps_one_byte_per_pixel_whatever_the_rle_claims():
+    """A few kB of RLE may describe a 40 M-pixel image: the decoder holds the alpha channel only,
+    never the w x h x 4 values (a 42 kB RLE cost 1.4 GB when it did)."""
+    import tracemalloc
+
+    w, h = 2000, 1500
+    mask = rects_mask(h, w, [(100, 120, 50, 90)])
+    rle = rle_encode(mask)
+    assert len(rle) < 20_000
+    tracemalloc.start()
+    try:
+        decoded = rle_decode(rle, w, h)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(decoded.numpy(), mask)
+    assert peak < 2 * w * h, f"decoding peaked at {peak / (w * h):.1f} bytes per pixel"

@@ -216,3 +216,29 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_write(tmp_path: Path):
         (region,) = got[aid].regions
         assert region.caption == f"a small pink circle {aid}"
         assert region.box == (1.0, 2.0, 30.0 + aid % 50, 40.0)
+
+
+def test_a_delete_of_ids_never_seen_cannot_block_annotations_made_after_it(tmp_path: Path):
+    """A sender may name ids Label Studio has not made yet (ids are sequential; with WEBHOOK_VERIFY
+    Label Studio answers 404 for them as for deleted ones): the blind tombstone keeps out late
+    deliveries of versions saved before the delete, never an annotation edited after it."""
+    import time as _time
+    from datetime import datetime, timezone
+
+    store = CorrectionStore(tmp_path)
+    assert store.delete_annotations(1, [777]) == 0
+    assert store.delete_annotations(2, [778]) == 0  # under another project
+    store.delete_annotations(2, [779])
+    store.delete_annotations(1, [779])  # a second blind delete of the id: no 409, the newer counts
+    later = datetime.fromtimestamp(_time.time() + 1, timezone.utc).isoformat()
+    assert store.apply_annotation(1, 777, later, "a.png", 100, 80, _regions(0)).status == "created"
+    assert store.apply_annotation(1, 778, later, "b.png", 100, 80, _regions(0)).status == "created"
+    assert {a.annotation_id: a.project_id for a in store.annotations()} == {777: 1, 778: 1}
+    # the late delivery of a version saved before its delete still stays out
+    assert store.apply_annotation(1, 779, timestamp(60), "c.png", 100, 80, _regions(0)).status == "deleted"
+    # and a real annotation's tombstone is not blind: nothing brings it back
+    assert store.delete_annotations(1, [777]) == 1
+    even_later = datetime.fromtimestamp(_time.time() + 5, timezone.utc).isoformat()
+    assert store.apply_annotation(1, 777, even_later, "a.png", 100, 80, _regions(1)).status == "deleted"
+    with pytest.raises(StoreError, match="belongs to project 1"):
+        store.delete_annotations(2, [777])

@@ -111,7 +111,8 @@ def lean_llama_supported(lm: PreTrainedModel) -> bool:
 # large LM the copies would cost gigabytes.  No copy at all above COPY_LIMIT_BYTES.
 COPY_LIMIT_BYTES = 1024 * 2**20
 # Up to MM_COPY_BYTES of weights, transposed copies for ``torch.mm``; above, oneDNN-packed copies
-# where oneDNN runs (CPU, float32: the case measured), else transposed copies up to MM_LIMIT_BYTES.
+# where oneDNN runs (CPU float32, or bfloat16 on CPUs with bf16 instructions: the cases measured),
+# else transposed copies up to MM_LIMIT_BYTES.
 MM_COPY_BYTES = 64 * 2**20
 MM_LIMIT_BYTES = 256 * 2**20
 # None: the layout the sizes above pick; "mm", "packed" or "linear" forces one (benchmarks, tests).
@@ -129,9 +130,13 @@ def _pick_layout(copy_bytes: int, packable: bool) -> str:
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-    )
+    """oneDNN packs CPU float32 weights, and bfloat16 ones where the CPU has bf16 instructions
+    (AVX-512 BF16, AMX); there its packed bf16 step beats MKL's (docs/benchmarks.md)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class _Matmul:
