@@ -1,9 +1,9 @@
 """Failure records of fine-tuning jobs: a Redis list per project that outlives the jobs.
 
-RQ keeps one job per id and every run of a project reuses ``finetune-<project>``, so a failed job's
-own record (its hash, its FailedJobRegistry entry) goes when the next run is enqueued.  Every failed
-attempt is therefore also pushed to ``<KEY_PREFIX>:failures:<project>`` (newest first, the last
-:data:`HISTORY_LENGTH` kept, no expiry), from whichever place sees it:
+RQ keeps one job per id and every run of a project reuses ``<KEY_PREFIX>-finetune-<project>``, so a
+failed job's own record (its hash, its FailedJobRegistry entry) goes when the next run is
+enqueued.  Every failed attempt is therefore also pushed to ``<KEY_PREFIX>:failures:<project>``
+(newest first, the last :data:`HISTORY_LENGTH` kept, no expiry), from whichever place sees it:
 
 * the job's ``on_failure`` callback (:func:`record_failure`): an exception in the work horse
   (timeout, lost lease, bad data...) and a job RQ finds abandoned (worker and horse dead);

@@ -1,6 +1,6 @@
 """Fine-tuning jobs on RQ: one pending job per project, durable requests, progress, schedules.
 
-* Every project has one deterministic job id, ``finetune-<project>``.  :func:`request_training`
+* Every project has one deterministic job id, ``<KEY_PREFIX>-finetune-<project>``.  :func:`request_training`
   (under a short Redis lock) leaves a queued job alone, so a burst of webhooks collapses into one
   job; a finished or failed job of that id is replaced by a fresh one; a *running* job is not
   disturbed: the request stays in the store's outbox, and the running job picks it up as a
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,8 +62,10 @@ ROUND_FIELDS = (*PROGRESS_FIELDS, "decision", "accepted", "reasons", "version", 
 ROUND_START = "load"  # the first phase of every round (see the module doc)
 
 
-def job_id(project_id: int) -> str:
-    return f"finetune-{project_id}"
+def job_id(project_id: int, settings: Settings) -> str:
+    """``<KEY_PREFIX>-finetune-<project>``: RQ's job keys are global to a Redis database, so two
+    deployments sharing one (each with its own KEY_PREFIX and QUEUE_NAME) never share a job id."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', settings.key_prefix)}-finetune-{project_id}"
 
 
 _clients: dict[tuple[str, bool], Redis] = {}
@@ -123,7 +126,7 @@ class Outcome:
 
 def request_training(project_id: int, settings: Settings, connection: Redis, reason: str = "") -> Outcome:
     """Make sure a fine-tuning job for the project will run (see module doc).  Raises RedisError."""
-    jid = job_id(project_id)
+    jid = job_id(project_id, settings)
     queue = training_queue(settings, connection)
     lock = connection.lock(f"{settings.key_prefix}:lock:{jid}", timeout=10, blocking_timeout=5)
     if not lock.acquire():
@@ -240,7 +243,7 @@ def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[s
     fail_dead_jobs(training_queue(settings, connection))
     failures = failure_history(project_id, settings, connection)
     try:
-        job = Job.fetch(job_id(project_id), connection=connection)
+        job = Job.fetch(job_id(project_id, settings), connection=connection)
     except Exception:  # NoSuchJobError, or a job hash an older version wrote
         return {"id": None, "status": None, "meta": {}, "failures": failures} if failures else None
     status = job.get_status().value

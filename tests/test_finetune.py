@@ -87,7 +87,7 @@ def test_job_writes_gated_immutable_version(tmp_path: Path, tiny_checkpoint: Pat
     assert body["result"]["jobs"] == {1: "enqueued"}
     queue = Queue(settings.queue_name, connection=redis_db)
     SimpleWorker([queue], connection=redis_db).work(burst=True)
-    job = queue.fetch_job(job_id(1))
+    job = queue.fetch_job(job_id(1, settings))
     assert job.get_status().value == "finished", job.latest_result()
     assert (
         job.meta["phase"] == "done" and job.meta["steps"] == 8 and "loss" in job.meta and "eta_s" in job.meta
@@ -164,7 +164,7 @@ def test_killed_worker_leaves_no_version_and_job_reruns(
         stderr=subprocess.DEVNULL,
     )
     queue = Queue(settings.queue_name, connection=redis_db)
-    job = queue.fetch_job(job_id(1))
+    job = queue.fetch_job(job_id(1, settings))
     # Wait for the state (50 steps trained), not for a time: on a busy machine that takes minutes.
     patience = 1800
     deadline = time.monotonic() + patience

@@ -265,7 +265,7 @@ def _start_long_run(
     """A worker running a long job of ``project``, waited for until its training loop reported."""
     _request(settings, project)
     proc = workers.start(settings, name, TRAIN_STEPS=steps)
-    job = Job.fetch(job_id(project), connection=redis.conn)
+    job = Job.fetch(job_id(project, settings), connection=redis.conn)
     _wait_for(lambda: _training_step(job), "training under way", STARTUP, (proc,), workers.logs)
     return proc, job
 
@@ -333,7 +333,7 @@ def test_second_run_never_trains_while_another_run_holds_the_lease(
     try:
         _request(settings, project)
         proc = workers.start(settings, "a")
-        job = Job.fetch(job_id(project), connection=test_redis.conn)
+        job = Job.fetch(job_id(project, settings), connection=test_redis.conn)
         _wait_for(lambda: _status(job) == "failed", "run refused", STARTUP, (proc,), workers.logs)
         assert other.held()
     finally:
@@ -519,6 +519,8 @@ def test_worker_drains_the_outbox_when_redis_returns(
     drain_bound = 10 * settings.outbox_poll_seconds + SLACK
     _wait_for(lambda: not store.pending_requests(), "outbox drained", drain_bound, (proc,), workers.logs)
     drained_seconds = time.monotonic() - back
-    assert Job.fetch(job_id(10), connection=test_redis.conn).get_meta(refresh=False)["project"] == 10
+    assert (
+        Job.fetch(job_id(10, settings), connection=test_redis.conn).get_meta(refresh=False)["project"] == 10
+    )
     assert proc.poll() is None
     print(f"outbox drained {drained_seconds:.1f} s after Redis came back")

@@ -82,7 +82,7 @@ def test_gate_decision_and_reasons_in_meta_status_and_log(
     caplog.set_level(logging.INFO, logger="backend")
     queue = Queue(settings.queue_name, connection=redis_db)
     SimpleWorker([queue], connection=redis_db).work(burst=True)
-    job = queue.fetch_job(job_id(1))
+    job = queue.fetch_job(job_id(1, settings))
     assert job.get_status() == JobStatus.FINISHED, job.exc_info
     (round_,) = job.return_value()["rounds"]
     reasons = round_["gate"]["reasons"]

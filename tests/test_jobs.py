@@ -40,7 +40,19 @@ def test_concurrent_burst_collapses_into_one_job(tmp_path: Path, redis_db):
     for t in threads:
         t.join()
     assert sorted(set(outcomes)) == ["enqueued", "queued"] and outcomes.count("enqueued") == 1
-    assert Queue(settings.queue_name, connection=redis_db).job_ids == [job_id(3)]
+    assert Queue(settings.queue_name, connection=redis_db).job_ids == [job_id(3, settings)]
+
+
+def test_two_deployments_sharing_a_redis_db_each_get_their_job(tmp_path: Path, redis_db):
+    """RQ's job keys are global to the database: with the same id, the second deployment's request
+    was answered "queued" and no job reached its queue (its outbox row then resolved: lost)."""
+    a = job_settings(tmp_path / "a")
+    b = job_settings(tmp_path / "b")
+    assert request_training(1, a, redis_db).state == "enqueued"
+    assert request_training(1, b, redis_db).state == "enqueued"
+    for s in (a, b):
+        assert Queue(s.queue_name, connection=redis_db).job_ids == [job_id(1, s)]
+    assert job_id(1, a) != job_id(1, b)
 
 
 def test_webhook_burst_enqueues_one_job_per_project(tmp_path: Path, redis_db):
@@ -52,7 +64,7 @@ def test_webhook_burst_enqueues_one_job_per_project(tmp_path: Path, redis_db):
         states += list(body["result"]["jobs"].values())
     assert states.count("enqueued") == 2 and set(states) == {"enqueued", "queued"}
     queue = Queue(settings.queue_name, connection=redis_db)
-    assert sorted(queue.job_ids) == [job_id(1), job_id(2)]
+    assert sorted(queue.job_ids) == [job_id(1, settings), job_id(2, settings)]
 
 
 def test_redis_down_keeps_corrections_and_enqueues_once_back(tmp_path: Path, redis_db):
@@ -72,9 +84,9 @@ def test_redis_down_keeps_corrections_and_enqueues_once_back(tmp_path: Path, red
     # Redis is back: the next webhook (of any project) hands the stored request over.
     code, body = handle_webhook(_correction(99, project=2), up)
     assert code == 201 and body["result"]["jobs"] == {1: "enqueued"}
-    assert queue.job_ids == [job_id(1)] and store.pending_requests() == []
+    assert queue.job_ids == [job_id(1, up)] and store.pending_requests() == []
     assert flush_outbox(up, store, redis_db) == {}  # nothing left: enqueued exactly once
-    assert queue.job_ids == [job_id(1)]
+    assert queue.job_ids == [job_id(1, up)]
 
 
 def test_flush_enqueues_after_outage_without_new_webhooks(tmp_path: Path, redis_db):
@@ -83,7 +95,7 @@ def test_flush_enqueues_after_outage_without_new_webhooks(tmp_path: Path, redis_
     up = replace(down, redis_url=TEST_REDIS_URL)
     assert flush_outbox(up) == {5: "enqueued"}  # what the worker does at start and periodically
     assert flush_outbox(up) == {}
-    assert Queue(up.queue_name, connection=redis_db).job_ids == [job_id(5)]
+    assert Queue(up.queue_name, connection=redis_db).job_ids == [job_id(5, up)]
 
 
 def test_request_while_running_waits_for_a_follow_up(tmp_path: Path, redis_db):
@@ -91,7 +103,7 @@ def test_request_while_running_waits_for_a_follow_up(tmp_path: Path, redis_db):
     store = open_store(settings.data_dir)
     assert request_training(4, settings, redis_db).state == "enqueued"
     queue = Queue(settings.queue_name, connection=redis_db)
-    job = queue.fetch_job(job_id(4))
+    job = queue.fetch_job(job_id(4, settings))
     queue.remove(job)
     job.set_status(JobStatus.STARTED)  # as a worker does when it takes the job
     store.request_training(4, "START_TRAINING")
@@ -100,8 +112,8 @@ def test_request_while_running_waits_for_a_follow_up(tmp_path: Path, redis_db):
     assert queue.count == 0
     job.set_status(JobStatus.FINISHED)  # the job ended before taking the follow-up
     assert flush_outbox(settings, store, redis_db) == {4: "enqueued"}
-    assert queue.job_ids == [job_id(4)] and store.pending_requests() == []
-    assert queue.fetch_job(job_id(4)).get_status() == JobStatus.QUEUED
+    assert queue.job_ids == [job_id(4, settings)] and store.pending_requests() == []
+    assert queue.fetch_job(job_id(4, settings)).get_status() == JobStatus.QUEUED
 
 
 def test_scheduled_retrain_uses_rq_cron(tmp_path: Path, redis_db, use_settings):
@@ -121,7 +133,7 @@ def test_scheduled_retrain_uses_rq_cron(tmp_path: Path, redis_db, use_settings):
     assert entry.interval == 3600 and entry.func_name == "backend.jobs.scheduled_retrain"
     assert len(cron.enqueue_jobs()) == 1 and len(cron.enqueue_jobs()) == 0  # not due again for an hour
     SimpleWorker([queue], connection=redis_db).work(burst=True, max_jobs=1)  # runs scheduled_retrain
-    assert queue.job_ids == [job_id(6)]
+    assert queue.job_ids == [job_id(6, settings)]
     assert open_store(settings.data_dir).pending_requests() == []
 
 
@@ -155,9 +167,9 @@ def test_webhook_to_served_version_end_to_end(tmp_path: Path, tiny_checkpoint: P
         answers.append(resp.get_json()["result"]["jobs"])
     assert {"1": "enqueued"} in answers  # JSON object keys are strings
     queue = Queue(settings.queue_name, connection=redis_db)
-    assert queue.job_ids == [job_id(1)]
+    assert queue.job_ids == [job_id(1, settings)]
     SimpleWorker([queue], connection=redis_db).work(burst=True)
-    job = queue.fetch_job(job_id(1))
+    job = queue.fetch_job(job_id(1, settings))
     assert job.get_status() == JobStatus.FINISHED
     (round_,) = job.return_value()["rounds"]
     assert round_["decision"] == "promoted" and round_["version"] == "1.1.0"

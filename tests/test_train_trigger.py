@@ -196,7 +196,9 @@ def test_manual_trigger_ignores_the_threshold_and_honours_start_training(tmp_pat
     assert body["new_corrections"] == 2 and not body["training_requested"] and body["jobs"] == {}
     assert queue.count == 0 and open_store(settings.data_dir).pending_requests() == []
     code, body = handle_webhook(start_training_payload(1), settings)
-    assert code == 201 and body["result"]["jobs"] == {1: "enqueued"} and queue.job_ids == [job_id(1)]
+    assert (
+        code == 201 and body["result"]["jobs"] == {1: "enqueued"} and queue.job_ids == [job_id(1, settings)]
+    )
 
 
 def test_threshold_only_refuses_start_training_with_the_reason(tmp_path: Path, redis_db, caplog):

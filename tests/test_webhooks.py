@@ -163,13 +163,13 @@ def test_threshold_and_start_training_enqueue_one_job(tmp_path: Path, redis_db):
     assert queue.count == 0
     body = handle_webhook(_pink(3, project_id=7), settings)[1]["result"]
     assert body["training_requested"] and body["jobs"] == {7: "enqueued"}
-    assert queue.job_ids == [job_id(7)]
+    assert queue.job_ids == [job_id(7, settings)]
     body = handle_webhook(_pink(4, project_id=7), settings)[1]["result"]
-    assert body["jobs"] == {7: "queued"} and queue.job_ids == [job_id(7)]  # collapsed
+    assert body["jobs"] == {7: "queued"} and queue.job_ids == [job_id(7, settings)]  # collapsed
     code, body = handle_webhook(start_training_payload(8), settings)
     assert code == 201 and body["result"]["jobs"] == {8: "enqueued"}
-    assert sorted(queue.job_ids) == sorted([job_id(7), job_id(8)])
-    job = queue.fetch_job(job_id(7))
+    assert sorted(queue.job_ids) == sorted([job_id(7, settings), job_id(8, settings)])
+    job = queue.fetch_job(job_id(7, settings))
     assert job.kwargs["project_id"] == 7 and job.retries_left == settings.job_retries
     assert job.timeout == settings.job_timeout and job.meta["phase"] == "queued"
     assert open_store(settings.data_dir).pending_requests() == []

@@ -97,7 +97,7 @@ def run_worker(settings: Settings, project_id: int, log: Callable[[str], Any] = 
     from backend.jobs import job_id, redis_connection
 
     queue = Queue(settings.queue_name, connection=redis_connection(settings))
-    key = job_id(project_id)
+    key = job_id(project_id, settings)
     if key not in queue.job_ids:
         raise RuntimeError(f"no fine-tuning job {key} was enqueued")
     command = [sys.executable, "-m", "backend.worker", "--burst"]
