@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.errors import ClientError
+from backend.label_config import task_field
 from backend.region_shapes import REGION_TYPES, ShapeError, region_geometry, region_pixel_box, shape_of
 from model.geometry import BoxError, check_pixel_box
 from model.tasks import (
@@ -151,6 +152,7 @@ def parse_result(
     max_text_chars: int | None = None,
     open_controls: Mapping[str, str] | None = None,
     new_relations: Collection[str] = (),
+    aliases: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ParsedAnnotation:
     """Turn an annotation ``result`` list into regions.
 
@@ -159,7 +161,8 @@ def parse_result(
     ``max_text_chars``: a region id or caption longer than this refuses the whole annotation (422);
     ``open_controls``: Choices/Taxonomy name -> attribute whose every value is an answer to it (new
     words included); ``new_relations``: relation labels (:func:`model.tasks.relation_key` form)
-    kept besides the model's.
+    kept besides the model's; ``aliases``: Choices/Taxonomy name -> {alias: value} (Label Studio
+    stores a ``<Choice alias>``; the value is the word the model learns).
     """
     if not isinstance(result, list):
         raise CorrectionError(f"annotation 'result' must be a list, got {type(result).__name__}")
@@ -223,7 +226,8 @@ def parse_result(
                 skipped.append(f"{kind} {rid!r} does not belong to a usable region")
                 continue
             teaches = (open_controls or {}).get(str(item.get("from_name")))
-            for word in _attribute_words(item):
+            alias_of = (aliases or {}).get(str(item.get("from_name")), {})
+            for word in (alias_of.get(w, w) for w in _attribute_words(item)):
                 attr = attribute_of_value(word)
                 if attr is None and teaches is not None and word.strip():
                     attr = teaches  # a new value of the control's attribute: new vocabulary
@@ -282,8 +286,9 @@ def image_reference(data: Any, image_var: str | None = None) -> str:
     if not isinstance(data, Mapping):
         raise CorrectionError("task 'data' must be an object")
     for key in (image_var, "image"):
-        if key and isinstance(data.get(key), str) and data[key].strip():
-            return data[key].strip()
+        value = task_field(data, key) if key else None
+        if isinstance(value, str) and value.strip():
+            return value.strip()
     strings = [v for v in data.values() if isinstance(v, str) and v.strip()]
     if len(strings) == 1:
         return strings[0].strip()

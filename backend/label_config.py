@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
 
 from backend.errors import ClientError
 from backend.region_shapes import REGION_TYPES
@@ -48,9 +50,22 @@ from model.tasks import (
 )
 
 RECT_TAGS = {t: t for t in REGION_TYPES}  # every image region tool; the result type is the tag
-ATTRIBUTE_NAMES = {"color": "color", "colour": "color", "shape": "shape", "size": "size"}
+ATTRIBUTE_NAMES = {
+    **{w: "color" for w in ("color", "colour", "colors", "colours")},
+    **{w: "shape" for w in ("shape", "shapes")},
+    **{w: "size" for w in ("size", "sizes")},
+}
 MAX_CONFIG_CHARS = 1_000_000
 MAX_TAXONOMY_DEPTH = 32  # nested <Choice> levels of a Taxonomy
+MAX_WARNINGS = 50  # a config of 5,000 controls would otherwise log 5,000 lines per /setup
+# Label Studio's editor reads attribute names case-insensitively (toname, perregion...): so do we.
+_ATTRIBUTES = {
+    a.lower(): a
+    for a in ("toName", "perRegion", "smart", "smartOnly", "choice", "whenLabelValue", "whenTagName",
+              "visibleWhen", "whenChoiceValue", "valueList", "valueType", "alias", "value", "name")
+}  # fmt: skip
+# Controls pointing at the image that this backend never fills (named in a warning when present).
+_UNFILLED = {"labels", "rating", "number", "datetime", "vectorlabels", "bitmasklabels", "vector", "bitmask"}
 
 
 class ConfigError(ClientError):
@@ -81,6 +96,8 @@ class AttributeControl:
     multiple: bool
     open: bool = False  # named after its one attribute: every value it declares is an answer to teach
     new_values: tuple[str, ...] = ()  # lowercased values beyond the model's vocabulary (open controls)
+    # <Choice value="Red" alias="r">: Label Studio stores (and expects) "r"; alias -> value
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -126,6 +143,11 @@ class LabelConfig:
         return bool(self.relation_labels) or self.relation_text is not None
 
     @property
+    def choice_aliases(self) -> dict[str, dict[str, str]]:
+        """Control name -> {alias: value} of its choices with an ``alias`` (corrections hold aliases)."""
+        return {c.name: c.aliases for c in self.attributes if c.aliases}
+
+    @property
     def open_controls(self) -> dict[str, str]:
         """Control name -> attribute, for controls whose every value is an answer to that attribute
         (corrections choosing a value the model does not know teach it)."""
@@ -136,10 +158,11 @@ class LabelConfig:
         the model predicts now (``known``) and those it learns from corrections (``new``)."""
         attributes = {}
         for c in self.attributes:
+            new = set(c.new_values)  # a tuple of 40k values would make this quadratic
             attributes[c.name] = {
                 attr: {
-                    "known": sorted(_shown(v) for k, v in mapping.items() if k not in c.new_values),
-                    "new": sorted(_shown(v) for k, v in mapping.items() if k in c.new_values),
+                    "known": sorted(_shown(v) for k, v in mapping.items() if k not in new),
+                    "new": sorted(_shown(v) for k, v in mapping.items() if k in new),
                 }
                 for attr, mapping in c.values.items()
             }
@@ -163,6 +186,25 @@ class LabelConfig:
         }
 
 
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def task_field(data: Mapping[str, Any], var: str) -> Any:
+    """``task.data``'s value for ``<Image value="$var">``: the key ``var`` itself, else ``var`` as a
+    path (``meta.url``, ``images[0].url``), as Label Studio resolves it; None when absent."""
+    if var in data:
+        return data[var]
+    current: Any = data
+    for key, index in _PATH_PART.findall(var):
+        if key and isinstance(current, Mapping):
+            current = current.get(key)
+        elif index and isinstance(current, list) and int(index) < len(current):
+            current = current[int(index)]
+        else:
+            return None
+    return current
+
+
 def _shown(value: str | tuple[str, ...]) -> str:
     return " / ".join(value) if isinstance(value, tuple) else value
 
@@ -176,24 +218,32 @@ def _strip_ns(tag: str) -> str:
 
 
 def _choice_value(node: ET.Element) -> str | None:
+    """A Choice/Label's visible value (``value``, else ``alias``): what is matched to the vocabulary."""
     value = node.get("value")
     if value is None:
         value = node.get("alias")
     return value
 
 
-def _taxonomy_paths(node: ET.Element) -> list[tuple[str, ...]]:
-    """Every path (root first, in the config's order) of a Taxonomy's nested ``<Choice>`` tree; a
-    tree deeper than MAX_TAXONOMY_DEPTH is a :class:`ConfigError` (walked without recursion)."""
-    paths: list[tuple[str, ...]] = []
+def _choice_stored(node: ET.Element) -> str | None:
+    """What Label Studio stores for a Choice in results: ``alias`` when given, else ``value``."""
+    alias = node.get("alias")
+    return alias if alias else node.get("value")
+
+
+def _taxonomy_paths(node: ET.Element) -> list[tuple[tuple[str, ...], ET.Element]]:
+    """Every path (root first, in the config's order) of a Taxonomy's nested ``<Choice>`` tree, as
+    Label Studio stores it (aliases), with the path's last ``<Choice>``; a tree deeper than
+    MAX_TAXONOMY_DEPTH is a :class:`ConfigError` (walked without recursion)."""
+    paths: list[tuple[tuple[str, ...], ET.Element]] = []
     stack: list[tuple[ET.Element, tuple[str, ...]]] = [(node, ())]
     while stack:
         element, path = stack.pop()
         if path:
-            paths.append(path)
+            paths.append((path, element))
         children = []
         for child in element:
-            value = _choice_value(child) if _strip_ns(child.tag) == "choice" else None
+            value = _choice_stored(child) if _strip_ns(child.tag) == "choice" else None
             if value is not None:
                 children.append((child, path + (value,)))
         if children and len(path) >= MAX_TAXONOMY_DEPTH:
@@ -206,8 +256,9 @@ def _taxonomy_paths(node: ET.Element) -> list[tuple[str, ...]]:
 
 
 def _name_attribute(name: str) -> str | None:
-    """Attribute named by a control name such as ``color`` or ``obj_colour``."""
-    words = re.split(r"[^a-z]+", name.lower())
+    """Attribute named by a control name such as ``color``, ``obj_colour``, ``objColor`` or
+    ``colors`` (None when it names none, or two)."""
+    words = re.split(r"[^a-z]+", re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower())
     hits = {ATTRIBUTE_NAMES[w] for w in words if w in ATTRIBUTE_NAMES}
     return hits.pop() if len(hits) == 1 else None
 
@@ -230,15 +281,22 @@ def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | 
     name = node.get("name", "")
     tag = f'<{node.tag} name="{name}">'
     vocab = attribute_vocabulary()
+    # (visible value, what Label Studio stores: alias, or the alias path of a Taxonomy)
+    entries: list[tuple[str, str | tuple[str, ...]]]
+    aliases: dict[str, str] = {}
     if kind == "choices":
-        entries: list[tuple[str, str | tuple[str, ...]]] = [
-            (v, v) for v in (_choice_value(c) for c in node.iter() if _strip_ns(c.tag) == "choice") if v
-        ]
+        choices = [c for c in node.iter() if _strip_ns(c.tag) == "choice"]
+        entries = [(v, s) for v, s in ((_choice_value(c), _choice_stored(c)) for c in choices) if v and s]
         leaves = [label for label, _ in entries]
     else:
         paths = _taxonomy_paths(node)
-        entries = [(path[-1], path) for path in paths]
-        leaves = [path[-1] for path in _taxonomy_leaves(paths)]
+        visible = {path: _choice_value(element) or path[-1] for path, element in paths}
+        entries = [(visible[path], path) for path, _ in paths]
+        leaves = [visible[path] for path in _taxonomy_leaves([p for p, _ in paths])]
+    for label, out in entries:
+        stored = out[-1] if isinstance(out, tuple) else out
+        if stored != label:
+            aliases.setdefault(stored, label)
     values: dict[str, dict[str, str | tuple[str, ...]]] = {}
     for attr, words in vocab.items():
         matched = {label.strip().lower(): out for label, out in entries if label.strip().lower() in words}
@@ -285,7 +343,9 @@ def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | 
     values = {a: v for a, v in values.items() if v}
     if not values:
         return None, warnings
-    control = AttributeControl(name, kind, values, multiple, open=named is not None, new_values=new_values)
+    control = AttributeControl(
+        name, kind, values, multiple, open=named is not None, new_values=new_values, aliases=aliases
+    )
     return control, warnings
 
 
@@ -308,7 +368,12 @@ def parse_label_config(xml: str) -> LabelConfig:
     except ET.ParseError as exc:
         raise ConfigError(f"label config is not valid XML: {exc}") from None
     nodes = list(root.iter())
+    for n in nodes:
+        _canonical_attributes(n)
     tags = [(_strip_ns(n.tag), n) for n in nodes]
+    templated = any("{{" in (n.get("name") or "") + (n.get("value") or "") for _, n in tags)
+    if templated or any(t == "repeater" for t, _ in tags):
+        raise ConfigError("Repeater configs (<Repeater>, {{idx}} names) are not supported; use one <Image>")
     images = {n.get("name"): n for t, n in tags if t == "image" and n.get("name")}
     if not images:
         raise ConfigError(
@@ -320,9 +385,15 @@ def parse_label_config(xml: str) -> LabelConfig:
             "label config has no region control to draw with (<RectangleLabels>, <PolygonLabels>, "
             "<EllipseLabels>, <KeyPointLabels>, <BrushLabels>, or their label-less forms)"
         )
-    image_name = next((n.get("toName") for _, n in rect_nodes if n.get("toName") in images), None)
-    if image_name is None:
+    drawn = list(dict.fromkeys(n.get("toName") for _, n in rect_nodes if n.get("toName") in images))
+    if not drawn:
         raise ConfigError(f"no region control points at an Image (toName must be one of {sorted(images)})")
+    # the first image drawn on that also has something to fill in (else the first drawn on)
+    image_name = next((i for i in drawn if _fillable(tags, i)), drawn[0])
+    if images[image_name].get("valueList") is not None and images[image_name].get("value") is None:
+        raise ConfigError(
+            f'<Image name="{image_name}"> is multi-page (valueList): not supported; use value="$field"'
+        )
     value = images[image_name].get("value", "")
     if not value.startswith("$") or len(value) < 2:
         raise ConfigError(f'<Image name="{image_name}"> needs value="$field", got {value!r}')
@@ -331,7 +402,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         others = sorted(n for n in images if n != image_name)
         warnings.append(
             f"label config has {len(images)} <Image> tags: boxes are described on {image_name!r} only (the "
-            f"image the region controls point at); nothing is filled in for {others}"
+            f"image the region and filled controls point at); nothing is filled in for {_few(others)}"
         )
     for _, n in rect_nodes:
         if n.get("toName") != image_name:
@@ -358,12 +429,23 @@ def parse_label_config(xml: str) -> LabelConfig:
     question = None
     answer = None
     attributes: list[AttributeControl] = []
+    parents = {child: parent for parent in nodes for child in parent}
     for t, n in tags:
         tag = f'<{n.tag} name="{n.get("name")}">'
+        shown_on = _conditional(n, parents) if t in ("textarea", "choices", "taxonomy") else ""
+        if shown_on and targets_image(n):
+            warnings.append(
+                f"{tag} is shown only on some regions ({shown_on}); the backend fills it on every region"
+            )
         if t == "textarea" and targets_image(n):
             if _bool(n, "perRegion"):
                 if caption is not None:
                     warnings.append(f"{tag} is left empty: captions go to the first per-region TextArea")
+                elif re.search("transcri|ocr|text", (n.get("name") or "").lower()):
+                    warnings.append(
+                        f"{tag} receives region descriptions (captions), not transcriptions of the text "
+                        "in the region"
+                    )
                 caption = caption or n.get("name")
             elif "relation" in (n.get("name") or "").lower():
                 relation_text = relation_text or n.get("name")
@@ -371,6 +453,13 @@ def parse_label_config(xml: str) -> LabelConfig:
                 question = question or n.get("name")
             elif "answer" in (n.get("name") or "").lower():
                 answer = answer or n.get("name")
+            else:
+                warnings.append(
+                    f'{tag} is not per-region (perRegion="true" makes it the caption) and not named '
+                    "question/answer/relations: left empty"
+                )
+        elif t in _UNFILLED and targets_image(n):
+            warnings.append(f"{tag} is not a control this backend fills: left empty")
         elif t in ("choices", "taxonomy"):
             if not targets_image(n):
                 warnings.append(f"{tag} does not point at the image {image_name!r}: left empty")
@@ -406,12 +495,12 @@ def parse_label_config(xml: str) -> LabelConfig:
             warnings.append(
                 f"<Relations> declares no label the model predicts ({', '.join(RELATION_LABELS)}; "
                 "underscores or hyphens allowed): no relations will be returned"
-                + (f"; {new} are stored from corrections and trained on" if new else "")
+                + (f"; {_few(new)} are stored from corrections and trained on" if new else "")
             )
         elif new:
             warnings.append(
-                f"<Relations>: {new} are not relations the model predicts yet; corrections using them are "
-                "stored and teach them (new vocabulary), and they are returned once the model says them"
+                f"<Relations>: {_few(new)} are not relations the model predicts yet; corrections using them "
+                "are stored and teach them (new vocabulary), and they are returned once the model says them"
             )
     config = LabelConfig(
         image_name=image_name,
@@ -426,7 +515,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         question=question if answer else None,
         answer=answer if question else None,
         control_names=frozenset(n.get("name") for _, n in tags if n.get("name") and n.get("toName")),
-        warnings=tuple(warnings),
+        warnings=_capped(warnings),
     )
     if (question is None) != (answer is None):
         config = replace(
@@ -438,8 +527,43 @@ def parse_label_config(xml: str) -> LabelConfig:
             ),
         )
     if caption is None and not attributes and not config.wants_relations and config.answer is None:
+        found = " Found: " + " ".join(f"{w.rstrip('.')}." for w in config.warnings) if config.warnings else ""
         raise ConfigError(
             'nothing for the backend to fill in: add a per-region <TextArea perRegion="true"> for captions, '
-            "per-region <Choices> for colour/shape/size, <Relations>, or question and answer TextAreas"
+            "per-region <Choices> for colour/shape/size, <Relations>, or question and answer TextAreas."
+            + found
         )
     return config
+
+
+def _canonical_attributes(node: ET.Element) -> None:
+    """Attribute names as Label Studio's editor reads them (``toname`` is ``toName``)."""
+    for key in [k for k in node.attrib if k.lower() in _ATTRIBUTES and k != _ATTRIBUTES[k.lower()]]:
+        node.attrib.setdefault(_ATTRIBUTES[key.lower()], node.attrib.pop(key))
+
+
+def _fillable(tags: list[tuple[str, ET.Element]], image: str) -> bool:
+    """Whether a caption/attribute/question control points at ``image``."""
+    for t, n in tags:
+        if t in ("textarea", "choices", "taxonomy") and image in (n.get("toName") or "").split(","):
+            return True
+    return False
+
+
+def _conditional(node: ET.Element, parents: dict[ET.Element, ET.Element]) -> str:
+    """How Label Studio limits the regions ``node`` shows on (``whenLabelValue``, ``whenTagName``,
+    ``whenChoiceValue`` on it or an enclosing ``<View>``); "" when it shows on every region
+    (``visibleWhen="region-selected"`` alone limits nothing)."""
+    found, current = [], node
+    while current is not None:
+        for attr in ("whenLabelValue", "whenTagName", "whenChoiceValue"):
+            if current.get(attr):
+                found.append(f'{attr}="{current.get(attr)}"')
+        current = parents.get(current)
+    return ", ".join(found)
+
+
+def _capped(warnings: list[str]) -> tuple[str, ...]:
+    if len(warnings) <= MAX_WARNINGS:
+        return tuple(warnings)
+    return (*warnings[:MAX_WARNINGS], f"... and {len(warnings) - MAX_WARNINGS} more warnings")

@@ -51,7 +51,7 @@ import torch
 from backend import region_qa
 from backend.errors import ClientError
 from backend.images import ImageError, ImageFetcher
-from backend.label_config import LabelConfig
+from backend.label_config import LabelConfig, task_field
 from backend.region_shapes import ShapeError, region_geometry, shape_of
 from backend.results import Region, TaskPlan, region_masks, region_results, relation_results
 from backend.settings import Settings
@@ -312,7 +312,7 @@ def plan_task(
     data = task.get("data")
     if not isinstance(data, dict):
         raise _fault(f"task {task_id} has no data object", "bad_task", task_id)
-    ref = data.get(config.image_var)
+    ref = task_field(data, config.image_var)
     if ref is not None and not isinstance(ref, str):
         raise _fault(f"task {task_id}: data.{config.image_var} must be a URL string", "no_image", task_id)
     if not ref:

@@ -171,6 +171,7 @@ def _on_annotation(payload: Mapping[str, Any], settings: Settings) -> dict[str, 
         max_text_chars=settings.max_text_chars,
         open_controls=cfg.open_controls if cfg else None,  # new choice values are new vocabulary
         new_relations=tuple(cfg.new_relation_labels) if cfg else (),
+        aliases=cfg.choice_aliases if cfg else None,
     )
     if annotation.get("was_cancelled"):
         parsed.regions = []  # a skipped task corrects nothing; drop what an earlier version said

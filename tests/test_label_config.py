@@ -318,3 +318,116 @@ def test_new_vocabulary_is_filled_in_once_the_model_answers_it():
         ("a", "b", ["left_of", "touches"]),
         ("b", "a", ["right_of"]),
     ]
+
+
+# ------------------------------------------------------------ configs real teams write (2026-12-03)
+def test_choice_aliases_are_what_predictions_carry_and_corrections_translate_back():
+    """Label Studio stores ``alias ?? value`` and selects a prediction's choice by it."""
+    from backend.corrections import parse_result
+
+    c = parse_label_config(
+        cfg(
+            '<Choices name="color" toName="img" perRegion="true">'
+            '<Choice value="Red" alias="r"/><Choice value="Crimson" alias="cr"/></Choices>'
+        )
+    )
+    (control,) = c.attributes
+    assert control.values["color"]["red"] == "r"  # the model's "red" is answered as the alias
+    assert c.choice_aliases == {"color": {"r": "Red", "cr": "Crimson"}}
+    assert c.summary()["attributes"]["color"]["color"] == {"known": ["r"], "new": ["cr"]}
+    rect = {"id": "a", "type": "rectanglelabels", "from_name": "box", "to_name": "img",
+            "original_width": 100, "original_height": 80,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["A"]}}  # fmt: skip
+    chosen = {
+        "id": "a",
+        "type": "choices",
+        "from_name": "color",
+        "to_name": "img",
+        "value": {"choices": ["cr"]},
+    }
+    parsed = parse_result([rect, chosen], open_controls=c.open_controls, aliases=c.choice_aliases)
+    assert parsed.regions[0].attributes == {"color": "crimson"}  # the value is learnt, not "cr"
+
+
+def test_the_served_image_is_the_one_with_something_to_fill():
+    c = parse_label_config(
+        '<View><Image name="ref" value="$reference"/><Image name="image" value="$image"/>'
+        '<Rectangle name="refbox" toName="ref"/>'
+        '<RectangleLabels name="bbox" toName="image"><Label value="A"/></RectangleLabels>'
+        '<TextArea name="caption" toName="image" perRegion="true"/></View>'
+    )
+    assert (c.image_name, c.caption, [r.name for r in c.rects]) == ("image", "caption", ["bbox"])
+    assert any("'refbox'" in w or "refbox" in w for w in c.warnings)
+
+
+def test_nested_image_fields_resolve_and_templates_are_refused_by_name():
+    from backend.label_config import task_field
+
+    c = parse_label_config(
+        cfg('<TextArea name="c" toName="img" perRegion="true"/>').replace("$picture", "$meta.url")
+    )
+    assert c.image_var == "meta.url"
+    assert task_field({"meta": {"url": "http://x/a.png"}}, c.image_var) == "http://x/a.png"
+    assert task_field({"images": [{"url": "u"}]}, "images[0].url") == "u"
+    assert task_field({"a.b": 1}, "a.b") == 1 and task_field({"images": []}, "images[2].url") is None
+    with pytest.raises(ConfigError, match="Repeater"):
+        parse_label_config(
+            '<View><Repeater on="$images" indexFlag="{{idx}}">'
+            '<Image name="image_{{idx}}" value="$images[{{idx}}].url"/>'
+            '<RectangleLabels name="b_{{idx}}" toName="image_{{idx}}"><Label value="A"/></RectangleLabels>'
+            '<TextArea name="c_{{idx}}" toName="image_{{idx}}" perRegion="true"/></Repeater></View>'
+        )
+    with pytest.raises(ConfigError, match="multi-page"):
+        parse_label_config(
+            cfg('<TextArea name="c" toName="img" perRegion="true"/>').replace(
+                'value="$picture"', 'valueList="$pages"'
+            )
+        )
+
+
+def test_lowercase_attributes_camel_case_names_and_near_misses():
+    c = parse_label_config(cfg('<TextArea name="caption" toname="img" perregion="true"/>'))
+    assert c.caption == "caption"  # Label Studio's editor reads attribute names in any case
+    c = parse_label_config(
+        cfg('<Choices name="objColor" toName="img" perRegion="true"><Choice value="Teal"/></Choices>')
+    )
+    assert c.open_controls == {"objColor": "color"}
+    with pytest.raises(ConfigError) as info:
+        parse_label_config(cfg('<TextArea name="caption" toName="img"/>'))
+    assert 'Found: <TextArea name="caption"> is not per-region' in info.value.message
+    with pytest.raises(ConfigError) as info:
+        parse_label_config(cfg('<Relations><Relation value="touches"/></Relations>'))
+    assert "declares no label the model predicts" in info.value.message
+
+
+def test_unfilled_and_conditional_controls_are_named_in_warnings():
+    c = parse_label_config(
+        cfg(
+            '<Labels name="kind" toName="img"><Label value="Text"/></Labels>'
+            '<TextArea name="transcription" toName="img" perRegion="true"/>'
+            '<View visibleWhen="region-selected"><Choices name="color" toName="img" perRegion="true" '
+            'whenLabelValue="A"><Choice value="red"/></Choices></View>'
+            '<Rating name="quality" toName="img" perRegion="true"/>'
+        )
+    )
+    text = " | ".join(c.warnings)
+    assert '<Labels name="kind"> is not a control this backend fills' in text
+    assert '<Rating name="quality"> is not a control this backend fills' in text
+    assert "not transcriptions" in text
+    assert 'whenLabelValue="A"' in text and "visibleWhen" not in text
+
+
+def test_huge_configs_warn_in_bounded_lines():
+    """20,000 open values and 500 controls: every value is served, the warnings stay readable (the
+    summary /setup answers is linear now; it was quadratic: 12.7 s at 40,000 values)."""
+    values = "".join(f'<Choice value="Pantone {k}"/>' for k in range(20_000))
+    many = "".join(
+        f'<Choices name="c{k}" toName="img" perRegion="true"><Choice value="x"/></Choices>'
+        for k in range(500)
+    )
+    c = parse_label_config(
+        cfg(f'<Choices name="color" toName="img" perRegion="true">{values}</Choices>{many}')
+    )
+    assert len(c.summary()["attributes"]["color"]["color"]["new"]) == 20_000
+    assert len(c.warnings) == 51 and c.warnings[-1] == "... and 451 more warnings"  # 1 + 500 in all
+    assert max(len(w) for w in c.warnings) < 1000
