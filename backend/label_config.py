@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -120,11 +120,20 @@ class LabelConfig:
     question: str | None = None  # non-per-region TextArea the annotator types region questions in
     answer: str | None = None  # non-per-region TextArea receiving their answers
     control_names: frozenset[str] = frozenset()
+    # control -> (region labels, region tools) it shows on (whenLabelValue / whenTagName); absent: all
+    shown_on: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     @property
     def rect_names(self) -> frozenset[str]:
         return frozenset(r.name for r in self.rects)
+
+    def shows(self, control: str, labels: Sequence[str], tool: str) -> bool:
+        """Whether Label Studio shows ``control`` on a region with ``labels`` drawn with ``tool``."""
+        wanted_labels, wanted_tools = self.shown_on.get(control, ((), ()))
+        if wanted_labels and not set(wanted_labels) & set(labels):
+            return False
+        return not wanted_tools or tool in wanted_tools
 
     def rect(self, name: str) -> RectControl:
         for r in self.rects:
@@ -430,13 +439,16 @@ def parse_label_config(xml: str) -> LabelConfig:
     answer = None
     attributes: list[AttributeControl] = []
     parents = {child: parent for parent in nodes for child in parent}
+    shown_on: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     for t, n in tags:
         tag = f'<{n.tag} name="{n.get("name")}">'
-        shown_on = _conditional(n, parents) if t in ("textarea", "choices", "taxonomy") else ""
-        if shown_on and targets_image(n):
-            warnings.append(
-                f"{tag} is shown only on some regions ({shown_on}); the backend fills it on every region"
-            )
+        limits = _shown_on(n, parents) if t in ("textarea", "choices", "taxonomy") else ("", (), ())
+        if limits[0] and targets_image(n):
+            if limits[1] or limits[2]:
+                shown_on[n.get("name", "")] = (limits[1], limits[2])
+                warnings.append(f"{tag} is shown only on some regions ({limits[0]}): it is filled only there")
+            else:
+                warnings.append(f"{tag} is shown only when {limits[0]}: the backend fills it on every region")
         if t == "textarea" and targets_image(n):
             if _bool(n, "perRegion"):
                 if caption is not None:
@@ -515,6 +527,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         question=question if answer else None,
         answer=answer if question else None,
         control_names=frozenset(n.get("name") for _, n in tags if n.get("name") and n.get("toName")),
+        shown_on=shown_on,
         warnings=_capped(warnings),
     )
     if (question is None) != (answer is None):
@@ -550,17 +563,24 @@ def _fillable(tags: list[tuple[str, ET.Element]], image: str) -> bool:
     return False
 
 
-def _conditional(node: ET.Element, parents: dict[ET.Element, ET.Element]) -> str:
-    """How Label Studio limits the regions ``node`` shows on (``whenLabelValue``, ``whenTagName``,
-    ``whenChoiceValue`` on it or an enclosing ``<View>``); "" when it shows on every region
-    (``visibleWhen="region-selected"`` alone limits nothing)."""
-    found, current = [], node
+def _shown_on(node: ET.Element, parents: dict[ET.Element, ET.Element]) -> tuple[str, tuple, tuple]:
+    """How Label Studio limits where ``node`` shows, on it or an enclosing ``<View>``: (the limits
+    as written, "" for none; region label values of ``whenLabelValue``; region tool names of
+    ``whenTagName``).  ``visibleWhen="region-selected"`` alone limits nothing; ``whenChoiceValue``
+    depends on another control's answer, which the backend does not know ahead."""
+    found: list[str] = []
+    labels: list[str] = []
+    tools: list[str] = []
+    current: ET.Element | None = node
     while current is not None:
-        for attr in ("whenLabelValue", "whenTagName", "whenChoiceValue"):
-            if current.get(attr):
-                found.append(f'{attr}="{current.get(attr)}"')
+        for attr, into in (("whenLabelValue", labels), ("whenTagName", tools), ("whenChoiceValue", None)):
+            value = current.get(attr)
+            if value:
+                found.append(f'{attr}="{value}"')
+                if into is not None:
+                    into += [v.strip() for v in value.split(",") if v.strip()]
         current = parents.get(current)
-    return ", ".join(found)
+    return ", ".join(found), tuple(labels), tuple(tools)
 
 
 def _capped(warnings: list[str]) -> tuple[str, ...]:

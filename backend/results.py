@@ -132,12 +132,16 @@ def region_results(region: Region, report: RegionReport, config: LabelConfig, w:
     if score is not None:
         rect["score"] = score
     out = [rect]
-    if config.caption and report.caption is not None:
+
+    def shown(control: str) -> bool:
+        return config.shows(control, region.labels, region.from_name)
+
+    if config.caption and report.caption is not None and shown(config.caption):
         item = _base(region, config.caption, "textarea", config.image_name, w, h)
         item["value"] = {**geo, "text": [report.caption.text]}
         item["score"] = round(report.caption.score, 4)
         out.append(item)
-    for control in config.attributes:
+    for control in (c for c in config.attributes if shown(c.name)):
         picked = _control_value(control, report)
         if picked is None:
             continue

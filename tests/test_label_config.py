@@ -414,7 +414,8 @@ def test_unfilled_and_conditional_controls_are_named_in_warnings():
     assert '<Labels name="kind"> is not a control this backend fills' in text
     assert '<Rating name="quality"> is not a control this backend fills' in text
     assert "not transcriptions" in text
-    assert 'whenLabelValue="A"' in text and "visibleWhen" not in text
+    assert 'whenLabelValue="A"' in text and "filled only there" in text and "visibleWhen" not in text
+    assert c.shows("color", ["A"], "box") and not c.shows("color", ["B"], "box")
 
 
 def test_huge_configs_warn_in_bounded_lines():

@@ -690,3 +690,26 @@ def test_app_webhook_refusal_names_project_task_and_is_counted(app_client, json_
     assert (line["level"], line["project"], line["task"], line["annotation"]) == ("WARNING", 3, 9, 5)
     assert line["reason"] == resp.get_json()["detail"] and "MAX_TEXT_CHARS" in line["reason"]
     assert metric_value(app_client, "roi_refusals_total", endpoint="/webhook", reason="correction") == 1
+
+
+def test_controls_shown_only_for_some_labels_are_filled_only_there(two_scenes):
+    """``whenLabelValue="Car"``: Label Studio shows the colour only on Car boxes; a value on a Person
+    box would be submitted without the annotator ever seeing it."""
+    scenes, _, fetcher = two_scenes
+    sc = scenes[0]
+    xml = (CONFIGS / "caption_attributes.xml").read_text()
+    xml = xml.replace(
+        '<Choices name="color" toName="image"', '<Choices name="color" toName="image" whenLabelValue="Car"'
+    )
+    cfg = parse_label_config(xml)
+    assert any('whenLabelValue="Car"' in w and "filled only there" in w for w in cfg.warnings)
+    labels = ["Car", "Person", "Car"]
+    result = [ls_rect(f"o{k}", o.box, sc.width, sc.height, labels[k % 3]) for k, o in enumerate(sc.objects)]
+    ann = {"id": 10, "result": result, "was_cancelled": False, "created_at": "2026-01-02T00:00:00Z"}
+    results, _ = predict_tasks(
+        [ls_task(1, "/data/upload/1/s0.png", annotations=[ann])], cfg, None, None, "1", fetcher, SETTINGS
+    )
+    items = by_id(results[0]["result"])
+    for k in range(len(sc.objects)):
+        assert ((f"o{k}", "color") in items) == (labels[k % 3] == "Car")
+        assert (f"o{k}", "shape") in items and (f"o{k}", "caption") in items  # unconditional controls
