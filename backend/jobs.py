@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -65,7 +66,13 @@ ROUND_START = "load"  # the first phase of every round (see the module doc)
 def job_id(project_id: int, settings: Settings) -> str:
     """``<KEY_PREFIX>-finetune-<project>``: RQ's job keys are global to a Redis database, so two
     deployments sharing one (each with its own KEY_PREFIX and QUEUE_NAME) never share a job id."""
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', settings.key_prefix)}-finetune-{project_id}"
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "_", settings.key_prefix)
+    if prefix != settings.key_prefix:  # "roi:a" and "roi_a" must not meet either
+        prefix += "-" + hashlib.sha1(settings.key_prefix.encode()).hexdigest()[:8]
+    return f"{prefix}-finetune-{project_id}"
+
+
+LEGACY_JOB_ID = "finetune-{project}"  # the id before KEY_PREFIX was part of it: still honoured
 
 
 _clients: dict[tuple[str, bool], Redis] = {}
@@ -133,6 +140,10 @@ def request_training(project_id: int, settings: Settings, connection: Redis, rea
         raise LockError(f"could not lock {jid}")
     try:
         fail_dead_jobs(queue)
+        legacy = queue.fetch_job(LEGACY_JOB_ID.format(project=project_id))  # None unless of this queue
+        if legacy is not None and legacy.get_status(refresh=False) in (*PENDING, JobStatus.STARTED):
+            started = legacy.get_status(refresh=False) == JobStatus.STARTED
+            return Outcome("running" if started else "queued", legacy.id)
         job = queue.fetch_job(jid)
         status = job.get_status(refresh=False) if job is not None else None
         if status in PENDING:
@@ -237,14 +248,23 @@ def set_phase(phase: str, **fields: Any) -> None:
     _save_meta(get_current_job(), {"phase": phase, **fields}, ROUND_FIELDS if phase == ROUND_START else ())
 
 
+def _fetch(jid: str, connection: Redis) -> Job | None:
+    try:
+        return Job.fetch(jid, connection=connection)
+    except Exception:  # NoSuchJobError, or a job hash an older version wrote
+        return None
+
+
 def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[str, Any] | None:
     """Status and progress of the project's job and its failure history, newest first (``None``:
     neither is known).  Dead jobs are failed first, so ``started`` means a live run."""
     fail_dead_jobs(training_queue(settings, connection))
     failures = failure_history(project_id, settings, connection)
-    try:
-        job = Job.fetch(job_id(project_id, settings), connection=connection)
-    except Exception:  # NoSuchJobError, or a job hash an older version wrote
+    job = _fetch(job_id(project_id, settings), connection)
+    if job is None:  # an upgraded deployment's last job may still have the old id (of this queue)
+        old = _fetch(LEGACY_JOB_ID.format(project=project_id), connection)
+        job = old if old is not None and old.origin == settings.queue_name else None
+    if job is None:
         return {"id": None, "status": None, "meta": {}, "failures": failures} if failures else None
     status = job.get_status().value
     return {

@@ -120,8 +120,8 @@ class LabelConfig:
     question: str | None = None  # non-per-region TextArea the annotator types region questions in
     answer: str | None = None  # non-per-region TextArea receiving their answers
     control_names: frozenset[str] = frozenset()
-    # control -> (region labels, region tools) it shows on (whenLabelValue / whenTagName); absent: all
-    shown_on: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    # control -> conditions it shows under, all of them: (region labels, region tools), each () = any
+    shown_on: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -130,10 +130,12 @@ class LabelConfig:
 
     def shows(self, control: str, labels: Sequence[str], tool: str) -> bool:
         """Whether Label Studio shows ``control`` on a region with ``labels`` drawn with ``tool``."""
-        wanted_labels, wanted_tools = self.shown_on.get(control, ((), ()))
-        if wanted_labels and not set(wanted_labels) & set(labels):
-            return False
-        return not wanted_tools or tool in wanted_tools
+        for wanted_labels, wanted_tools in self.shown_on.get(control, ()):
+            if wanted_labels and not set(wanted_labels) & set(labels):
+                return False
+            if wanted_tools and tool not in wanted_tools:
+                return False
+        return True
 
     def rect(self, name: str) -> RectControl:
         for r in self.rects:
@@ -227,10 +229,12 @@ def _strip_ns(tag: str) -> str:
 
 
 def _choice_value(node: ET.Element) -> str | None:
-    """A Choice/Label's visible value (``value``, else ``alias``): what is matched to the vocabulary."""
+    """A Choice/Label's value as matched to the vocabulary: ``value`` (else ``alias``), or the
+    ``alias`` when only it is a word the model knows (``value="Rot" alias="red"``)."""
     value = node.get("value")
-    if value is None:
-        value = node.get("alias")
+    alias = node.get("alias")
+    if value is None or (alias and attribute_of_value(value) is None and attribute_of_value(alias)):
+        return alias
     return value
 
 
@@ -304,7 +308,7 @@ def _attribute_control(node: ET.Element, kind: str) -> tuple[AttributeControl | 
         leaves = [visible[path] for path in _taxonomy_leaves([p for p, _ in paths])]
     for label, out in entries:
         stored = out[-1] if isinstance(out, tuple) else out
-        if stored != label:
+        if stored != label and attribute_of_value(stored) is None:  # a known word is learnt as itself
             aliases.setdefault(stored, label)
     values: dict[str, dict[str, str | tuple[str, ...]]] = {}
     for attr, words in vocab.items():
@@ -398,7 +402,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     if not drawn:
         raise ConfigError(f"no region control points at an Image (toName must be one of {sorted(images)})")
     # the first image drawn on that also has something to fill in (else the first drawn on)
-    image_name = next((i for i in drawn if _fillable(tags, i)), drawn[0])
+    fillable = _fillable_images(tags)
+    image_name = next((i for i in drawn if i in fillable), drawn[0])
     if images[image_name].get("valueList") is not None and images[image_name].get("value") is None:
         raise ConfigError(
             f'<Image name="{image_name}"> is multi-page (valueList): not supported; use value="$field"'
@@ -438,17 +443,17 @@ def parse_label_config(xml: str) -> LabelConfig:
     question = None
     answer = None
     attributes: list[AttributeControl] = []
-    parents = {child: parent for parent in nodes for child in parent}
-    shown_on: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    limits = _visibility(root)
+    shown_on: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = {}
     for t, n in tags:
         tag = f'<{n.tag} name="{n.get("name")}">'
-        limits = _shown_on(n, parents) if t in ("textarea", "choices", "taxonomy") else ("", (), ())
-        if limits[0] and targets_image(n):
-            if limits[1] or limits[2]:
-                shown_on[n.get("name", "")] = (limits[1], limits[2])
-                warnings.append(f"{tag} is shown only on some regions ({limits[0]}): it is filled only there")
+        written, regions, on_choice = limits.get(n, ("", (), False))
+        if t in ("textarea", "choices", "taxonomy") and written and targets_image(n):
+            if on_choice:
+                warnings.append(f"{tag} is shown only when {written}: the backend fills it on every region")
             else:
-                warnings.append(f"{tag} is shown only when {limits[0]}: the backend fills it on every region")
+                shown_on[n.get("name", "")] = regions
+                warnings.append(f"{tag} is shown only on some regions ({written}): it is filled only there")
         if t == "textarea" and targets_image(n):
             if _bool(n, "perRegion"):
                 if caption is not None:
@@ -555,32 +560,51 @@ def _canonical_attributes(node: ET.Element) -> None:
         node.attrib.setdefault(_ATTRIBUTES[key.lower()], node.attrib.pop(key))
 
 
-def _fillable(tags: list[tuple[str, ET.Element]], image: str) -> bool:
-    """Whether a caption/attribute/question control points at ``image``."""
+def _fillable_images(tags: list[tuple[str, ET.Element]]) -> set[str]:
+    """Images some control fills per region points at: a per-region TextArea/Choices/Taxonomy, or
+    a question, answer or relations TextArea."""
+    out: set[str] = set()
     for t, n in tags:
-        if t in ("textarea", "choices", "taxonomy") and image in (n.get("toName") or "").split(","):
-            return True
-    return False
+        named = re.search("relation|question|prompt|answer", (n.get("name") or "").lower())
+        if (t in ("textarea", "choices", "taxonomy") and _bool(n, "perRegion")) or (
+            t == "textarea" and named
+        ):
+            out.update((n.get("toName") or "").split(","))
+    return out
 
 
-def _shown_on(node: ET.Element, parents: dict[ET.Element, ET.Element]) -> tuple[str, tuple, tuple]:
-    """How Label Studio limits where ``node`` shows, on it or an enclosing ``<View>``: (the limits
-    as written, "" for none; region label values of ``whenLabelValue``; region tool names of
-    ``whenTagName``).  ``visibleWhen="region-selected"`` alone limits nothing; ``whenChoiceValue``
-    depends on another control's answer, which the backend does not know ahead."""
-    found: list[str] = []
-    labels: list[str] = []
-    tools: list[str] = []
-    current: ET.Element | None = node
-    while current is not None:
-        for attr, into in (("whenLabelValue", labels), ("whenTagName", tools), ("whenChoiceValue", None)):
-            value = current.get(attr)
-            if value:
-                found.append(f'{attr}="{value}"')
-                if into is not None:
-                    into += [v.strip() for v in value.split(",") if v.strip()]
-        current = parents.get(current)
-    return ", ".join(found), tuple(labels), tuple(tools)
+def _visibility(root: ET.Element) -> dict[ET.Element, tuple[str, tuple, bool]]:
+    """Per element, the limits on where Label Studio shows it, its own and its ``<View>``s' (one
+    top-down pass): (the limits as written; the (region labels, region tools) conditions, all of
+    which must hold; whether one depends on another control's answer).  A per-region control's own
+    ``whenLabelValue``/``whenTagName`` and a ``<View visibleWhen="region-selected">``'s limit the
+    regions; ``whenChoiceValue`` or ``visibleWhen="choice-…"`` depend on an answer the backend does
+    not know ahead (``whenTagName`` then names a Choices, not a region tool)."""
+    out: dict[ET.Element, tuple[str, tuple, bool]] = {}
+    stack: list[tuple[ET.Element, tuple[str, tuple, bool]]] = [(root, ("", (), False))]
+    while stack:
+        node, (written, conditions, on_choice) = stack.pop()
+        visible = (node.get("visibleWhen") or "").strip().lower()
+        is_view = _strip_ns(node.tag) == "view"
+        if node.get("whenChoiceValue") or visible.startswith("choice"):
+            on_choice = True
+            written = ", ".join(
+                filter(None, [written, _written(node, ("visibleWhen", "whenTagName", "whenChoiceValue"))])
+            )
+        elif (not is_view or visible == "region-selected") and (
+            node.get("whenLabelValue") or node.get("whenTagName")
+        ):
+            labels = tuple(v.strip() for v in (node.get("whenLabelValue") or "").split(",") if v.strip())
+            tools = tuple(v.strip() for v in (node.get("whenTagName") or "").split(",") if v.strip())
+            conditions = (*conditions, (labels, tools))
+            written = ", ".join(filter(None, [written, _written(node, ("whenLabelValue", "whenTagName"))]))
+        out[node] = (written, conditions, on_choice)
+        stack.extend((child, out[node]) for child in node)
+    return out
+
+
+def _written(node: ET.Element, attrs: tuple[str, ...]) -> str:
+    return ", ".join(f'{a}="{node.get(a)}"' for a in attrs if node.get(a))
 
 
 def _capped(warnings: list[str]) -> tuple[str, ...]:

@@ -146,6 +146,7 @@ class Turn:
     kind: str | None = None
     asked: str | None = None
     reason: str | None = None
+    dropped: bool = False  # older than the newest MAX_QUESTIONS (logged once, not per question)
 
 
 def resolve_references(question: str, regions: Sequence[Region]) -> tuple[str, list[int]]:
@@ -210,8 +211,8 @@ def canonical_question(kind: str, refs: Sequence[int] = (0, 1)) -> str:
 
 
 def context_questions(context: dict | None, config: LabelConfig) -> list[str]:
-    """Questions typed in the config's question TextArea, oldest first, at most the newest
-    :data:`MAX_QUESTIONS` (``[]``: none)."""
+    """Questions typed in the config's question TextArea, oldest first (``[]``: none); more than
+    :data:`MAX_QUESTIONS` are logged (:func:`plan_turns` asks only the newest)."""
     if not context or not config.question or not config.answer:
         return []
     found: list[str] = []
@@ -231,7 +232,6 @@ def context_questions(context: dict | None, config: LabelConfig) -> list[str]:
                 "code": "too_many_questions",
             },
         )
-        found = found[-MAX_QUESTIONS:]
     return found
 
 
@@ -248,7 +248,12 @@ class _Renamer:
 def plan_turns(questions: Sequence[str], regions: Sequence[Region]) -> list[Turn]:
     """Each question's references, kind and canonical question (or the reason it is not asked)."""
     turns: list[Turn] = []
-    for question in questions:
+    oldest_asked = len(questions) - MAX_QUESTIONS
+    for n, question in enumerate(questions):
+        if n < oldest_asked:  # its line stays, so that answers still line up with the questions
+            reason = f"only the newest {MAX_QUESTIONS} questions are answered"
+            turns.append(Turn(question[:80], [], reason=reason, dropped=True))
+            continue
         if len(question) > MAX_QUESTION_CHARS:
             turns.append(
                 Turn(question[:80], [], reason=f"the question is longer than {MAX_QUESTION_CHARS} characters")
@@ -301,6 +306,9 @@ def answer_result(
     by_turn = dict(zip(map(id, asked), answers))
     lines, scores = [], []
     for turn in turns:
+        if turn.asked is None and turn.dropped:
+            lines.append(CANNOT_ANSWER)
+            continue
         if turn.asked is None:
             log.info(
                 "region question not answered",

@@ -304,7 +304,8 @@ def run(
     full = results["interactive_full_photo"]
     floor = (max_new - 1) * weight_bytes / bandwidth
     full["warm_floor_s"] = floor
-    full["ratio_floor"] = floor / (floor + max(full["cold_s"] - full["warm_s"], 0.0))
+    cold_only = max(full["cold_s"] - full["warm_s"], 0.0)
+    full["ratio_floor"] = floor / (floor + cold_only) if floor + cold_only > 0 else 1.0
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

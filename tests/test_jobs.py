@@ -53,6 +53,22 @@ def test_two_deployments_sharing_a_redis_db_each_get_their_job(tmp_path: Path, r
     for s in (a, b):
         assert Queue(s.queue_name, connection=redis_db).job_ids == [job_id(1, s)]
     assert job_id(1, a) != job_id(1, b)
+    assert job_id(1, replace(a, key_prefix="roi:a")) != job_id(1, replace(a, key_prefix="roi_a"))
+
+
+def test_a_job_queued_under_the_old_id_is_still_the_projects_job(tmp_path: Path, redis_db):
+    """Upgrading with a job queued as ``finetune-<project>``: no second job, and status shows it."""
+    from backend.jobs import JOB_FUNCTION, job_status, training_queue
+
+    settings = job_settings(tmp_path)
+    queue = training_queue(settings, redis_db)
+    old = queue.enqueue(JOB_FUNCTION, kwargs={"project_id": 2, "reason": "upgrade"}, job_id="finetune-2")
+    try:
+        outcome = request_training(2, settings, redis_db)
+        assert (outcome.state, outcome.job_id) == ("queued", "finetune-2") and queue.job_ids == ["finetune-2"]
+        assert job_status(2, settings, redis_db)["id"] == "finetune-2"
+    finally:
+        old.delete()  # the old id is global to the database
 
 
 def test_webhook_burst_enqueues_one_job_per_project(tmp_path: Path, redis_db):

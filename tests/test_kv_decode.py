@@ -236,7 +236,7 @@ def test_packed_layout_takes_one_row_through_the_layers_own_weights(monkeypatch)
     )
 
 
-BF16_PACKABLE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+BF16_PACKABLE = torch.backends.mkldnn.is_available() and kv_decode._cpu_has_bf16_instructions()
 
 
 def test_bf16_weights_are_packed_where_the_cpu_has_bf16_instructions(monkeypatch):
@@ -245,6 +245,10 @@ def test_bf16_weights_are_packed_where_the_cpu_has_bf16_instructions(monkeypatch
     lm = _llama().to(torch.bfloat16)
     monkeypatch.setattr(kv_decode, "MM_COPY_BYTES", 0)
     assert LeanLlamaWeights(lm).layout == ("packed" if BF16_PACKABLE else "mm")
+    # plain AVX-512 (oneDNN would emulate bf16; never measured): transposed copies
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert LeanLlamaWeights(lm).layout == "mm"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS if BF16_PACKABLE else ["mm", "linear"])

@@ -349,6 +349,44 @@ def test_choice_aliases_are_what_predictions_carry_and_corrections_translate_bac
     assert parsed.regions[0].attributes == {"color": "crimson"}  # the value is learnt, not "cr"
 
 
+def test_an_alias_that_is_the_known_word_is_learnt_as_itself():
+    """``value="Rot" alias="red"`` (a localised label over the canonical word): "red" is stored and
+    predicted, and a correction of "red" teaches red, not "rot"."""
+    from backend.corrections import parse_result
+
+    c = parse_label_config(
+        cfg('<Choices name="color" toName="img" perRegion="true"><Choice value="Rot" alias="red"/></Choices>')
+    )
+    assert c.attributes[0].values["color"] == {"red": "red"} and c.choice_aliases == {}
+    rect = {"id": "a", "type": "rectanglelabels", "from_name": "box", "to_name": "img",
+            "original_width": 100, "original_height": 80,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["A"]}}  # fmt: skip
+    chosen = {
+        "id": "a",
+        "type": "choices",
+        "from_name": "color",
+        "to_name": "img",
+        "value": {"choices": ["red"]},
+    }
+    parsed = parse_result([rect, chosen], open_controls=c.open_controls, aliases=c.choice_aliases)
+    assert parsed.regions[0].attributes == {"color": "red"}
+
+
+def test_controls_shown_on_another_answer_are_filled_everywhere():
+    """``whenTagName`` beside ``whenChoiceValue`` names a Choices, not a region tool."""
+    c = parse_label_config(
+        cfg(
+            '<Choices name="has" toName="img"><Choice value="Yes"/></Choices>'
+            '<View visibleWhen="choice-selected" whenTagName="has" whenChoiceValue="Yes">'
+            '<TextArea name="caption" toName="img" perRegion="true"/></View>'
+            '<View whenLabelValue="B"><Choices name="color" toName="img" perRegion="true">'
+            '<Choice value="red"/></Choices></View>'
+        )
+    )
+    assert c.shows("caption", ["A"], "box") and c.shows("color", ["A"], "box")  # a View needs visibleWhen
+    assert any("fills it on every region" in w and "whenChoiceValue" in w for w in c.warnings)
+
+
 def test_the_served_image_is_the_one_with_something_to_fill():
     c = parse_label_config(
         '<View><Image name="ref" value="$reference"/><Image name="image" value="$image"/>'

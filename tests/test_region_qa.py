@@ -173,9 +173,14 @@ def test_a_flood_of_questions_is_cut_to_the_newest_and_logged(caplog):
 
     texts = [f"What colour is box {k % 2 + 1}?" for k in range(5000)] + ["What is box 2?"]
     with caplog.at_level("WARNING", logger="backend.region_qa"):
-        asked = context_questions({"result": [question_item(*texts)]}, QA)
-    assert len(asked) == MAX_QUESTIONS and asked[-1] == "What is box 2?"
+        found = context_questions({"result": [question_item(*texts)]}, QA)
+    assert len(found) == len(texts) and found[-1] == "What is box 2?"
     assert any(r.getMessage() == "region questions dropped" for r in caplog.records)
+    turns = plan_turns(found, REGIONS)
+    assert len(turns) == len(texts)  # one answer line per question, in order
+    asked = [t for t in turns if t.asked is not None]
+    assert len(asked) == MAX_QUESTIONS and asked[-1].kind == "caption"
+    assert "only the newest" in (turns[0].reason or "")
     (turn,) = plan_turns(["What is box 1? " + "x" * MAX_QUESTION_CHARS], REGIONS)
     assert turn.asked is None and "longer than" in (turn.reason or "")
 

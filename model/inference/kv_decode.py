@@ -136,7 +136,12 @@ def _packable(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.float32:
         return True
-    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it is also true of plain AVX-512 (emulated bf16)
+    return weight.dtype == torch.bfloat16 and _cpu_has_bf16_instructions()
+
+
+def _cpu_has_bf16_instructions() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class _Matmul:
