@@ -261,3 +261,69 @@ def test_non_ascii_corrections_are_stored_exactly(projects, stack):
     store = CorrectionStore(stack["backend"].log.parent / "data")
     (stored,) = [a for a in store.annotations(project_id=info["project"]) if a.task_id == task_id]
     assert {r.region_id: r.caption for r in stored.regions} == captions
+
+
+def team_config() -> tuple[str, dict[str, str]]:
+    """A config as a team writes it: a nested image field, colours under aliases, a control named in
+    camelCase, and shapes asked only on Car boxes.  -> (XML, colour -> alias)."""
+    from toyworld.scenes import COLORS, SHAPES
+
+    aliases = {c: f"c{k}" for k, c in enumerate(COLORS)}
+    colours = "".join(f'<Choice value="{c.title()}" alias="{a}"/>' for c, a in aliases.items())
+    shapes = "".join(f'<Choice value="{s}"/>' for s in SHAPES)
+    xml = (
+        '<View><Image name="photo" value="$meta.url"/>'
+        '<RectangleLabels name="bbox" toName="photo">'
+        '<Label value="Car"/><Label value="Person"/></RectangleLabels>'
+        '<TextArea name="caption" toName="photo" perRegion="true"/>'
+        f'<Choices name="objColor" toName="photo" perRegion="true">{colours}</Choices>'
+        f'<Choices name="shape" toName="photo" perRegion="true" whenLabelValue="Car">{shapes}</Choices>'
+        "</View>"
+    )
+    return xml, aliases
+
+
+def test_a_team_config_with_aliases_nested_fields_and_conditional_controls(stack):
+    """Through a real Label Studio: predictions name colours by their aliases (what Label Studio
+    selects by), tasks whose image is ``data.meta.url`` are answered, and the shape control shown
+    only on Car boxes is filled only there."""
+    ls: LabelStudio = stack["client"]
+    xml, aliases = team_config()
+    uploads = ls.create_project("e2e uploads", (REPO / "label_config" / "region_caption.xml").read_text())
+    scenes = scenes_for(7)[:3]
+    uploaded = ls.upload_images(
+        uploads, [(f"team-{i}.png", encode_image(s.image)) for i, s in enumerate(scenes)]
+    )
+    project = ls.create_project("e2e team config", xml)
+    tasks = ls.import_tasks(
+        project, [{"meta": {"url": uploaded[f"team-{i}.png"]["data"]["image"]}} for i in range(3)]
+    )
+    labels: dict[str, str] = {}
+    truth: dict[str, tuple[str, str]] = {}
+    for task, scene in zip(tasks, scenes):
+        result = []
+        for k, obj in enumerate(scene.objects):
+            rid = f"t{task['id']}b{k}"
+            labels[rid] = "Car" if k % 2 == 0 else "Person"
+            truth[rid] = (obj.color, obj.shape)
+            item = box_result(rid, obj.box, scene)
+            item["to_name"] = "photo"
+            item["value"]["rectanglelabels"] = [labels[rid]]
+            result.append(item)
+        ls.add_prediction(task["id"], result, "boxes")
+    assert ls.connect_backend(project, stack["backend"].url)["state"] == "CO"
+    assert ls.retrieve_predictions(project)["processed_items"] == 3
+    stored = [p for p in ls.predictions(project) if p["model_version"] == stack["version"]]
+    assert len(stored) == 3, "every task with a nested image field is answered"
+    colours_right = 0
+    for pred in stored:
+        by = {(r["id"], r["from_name"]): r for r in pred["result"] if r["type"] != "relation"}
+        rids = {rid for rid, _ in by}
+        for rid in rids:
+            assert (rid, "caption") in by
+            colour = by[(rid, "objColor")]["value"]["choices"]
+            assert set(colour) <= set(aliases.values()), colour  # aliases, never the displayed values
+            colours_right += colour == [aliases[truth[rid][0]]]
+            assert ((rid, "shape") in by) == (labels[rid] == "Car")
+    if TRAINED:
+        assert colours_right >= 0.9 * len(truth)
