@@ -140,10 +140,10 @@ def request_training(project_id: int, settings: Settings, connection: Redis, rea
         raise LockError(f"could not lock {jid}")
     try:
         fail_dead_jobs(queue)
-        legacy = queue.fetch_job(LEGACY_JOB_ID.format(project=project_id))  # None unless of this queue
-        if legacy is not None and legacy.get_status(refresh=False) in (*PENDING, JobStatus.STARTED):
-            started = legacy.get_status(refresh=False) == JobStatus.STARTED
-            return Outcome("running" if started else "queued", legacy.id)
+        legacy = _legacy_job(project_id, settings, connection)
+        legacy_status = legacy.get_status(refresh=False) if legacy is not None else None
+        if legacy is not None and legacy_status in (*PENDING, JobStatus.STARTED):
+            return Outcome("running" if legacy_status == JobStatus.STARTED else "queued", legacy.id)
         job = queue.fetch_job(jid)
         status = job.get_status(refresh=False) if job is not None else None
         if status in PENDING:
@@ -255,15 +255,19 @@ def _fetch(jid: str, connection: Redis) -> Job | None:
         return None
 
 
+def _legacy_job(project_id: int, settings: Settings, connection: Redis) -> Job | None:
+    """The project's job under the id it had before KEY_PREFIX was part of it, when it is of this
+    deployment's queue (an upgrade may leave one queued or running)."""
+    job = _fetch(LEGACY_JOB_ID.format(project=project_id), connection)
+    return job if job is not None and job.origin == settings.queue_name else None
+
+
 def job_status(project_id: int, settings: Settings, connection: Redis) -> dict[str, Any] | None:
     """Status and progress of the project's job and its failure history, newest first (``None``:
     neither is known).  Dead jobs are failed first, so ``started`` means a live run."""
     fail_dead_jobs(training_queue(settings, connection))
     failures = failure_history(project_id, settings, connection)
-    job = _fetch(job_id(project_id, settings), connection)
-    if job is None:  # an upgraded deployment's last job may still have the old id (of this queue)
-        old = _fetch(LEGACY_JOB_ID.format(project=project_id), connection)
-        job = old if old is not None and old.origin == settings.queue_name else None
+    job = _fetch(job_id(project_id, settings), connection) or _legacy_job(project_id, settings, connection)
     if job is None:
         return {"id": None, "status": None, "meta": {}, "failures": failures} if failures else None
     status = job.get_status().value

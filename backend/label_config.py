@@ -586,21 +586,23 @@ def _visibility(root: ET.Element) -> dict[ET.Element, tuple[str, tuple, bool]]:
         node, (written, conditions, on_choice) = stack.pop()
         visible = (node.get("visibleWhen") or "").strip().lower()
         is_view = _strip_ns(node.tag) == "view"
+        own: tuple[str, ...] = ()
         if node.get("whenChoiceValue") or visible.startswith("choice"):
-            on_choice = True
-            written = ", ".join(
-                filter(None, [written, _written(node, ("visibleWhen", "whenTagName", "whenChoiceValue"))])
-            )
+            on_choice, own = True, ("visibleWhen", "whenTagName", "whenChoiceValue")
         elif (not is_view or visible == "region-selected") and (
             node.get("whenLabelValue") or node.get("whenTagName")
         ):
-            labels = tuple(v.strip() for v in (node.get("whenLabelValue") or "").split(",") if v.strip())
-            tools = tuple(v.strip() for v in (node.get("whenTagName") or "").split(",") if v.strip())
-            conditions = (*conditions, (labels, tools))
-            written = ", ".join(filter(None, [written, _written(node, ("whenLabelValue", "whenTagName"))]))
+            own = ("whenLabelValue", "whenTagName")
+            conditions = (*conditions, (_listed(node, "whenLabelValue"), _listed(node, "whenTagName")))
+        if own:
+            written = ", ".join(filter(None, [written, _written(node, own)]))
         out[node] = (written, conditions, on_choice)
         stack.extend((child, out[node]) for child in node)
     return out
+
+
+def _listed(node: ET.Element, attr: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (node.get(attr) or "").split(",") if v.strip())
 
 
 def _written(node: ET.Element, attrs: tuple[str, ...]) -> str:

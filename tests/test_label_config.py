@@ -321,10 +321,26 @@ def test_new_vocabulary_is_filled_in_once_the_model_answers_it():
 
 
 # ------------------------------------------------------------ configs real teams write (2026-12-03)
-def test_choice_aliases_are_what_predictions_carry_and_corrections_translate_back():
-    """Label Studio stores ``alias ?? value`` and selects a prediction's choice by it."""
+def corrected_attributes(c, chosen: str) -> dict[str, str]:
+    """The attributes a correction choosing ``chosen`` in the ``color`` control of ``c`` teaches."""
     from backend.corrections import parse_result
 
+    rect = {"id": "a", "type": "rectanglelabels", "from_name": "box", "to_name": "img",
+            "original_width": 100, "original_height": 80,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["A"]}}  # fmt: skip
+    choice = {
+        "id": "a",
+        "type": "choices",
+        "from_name": "color",
+        "to_name": "img",
+        "value": {"choices": [chosen]},
+    }
+    parsed = parse_result([rect, choice], open_controls=c.open_controls, aliases=c.choice_aliases)
+    return parsed.regions[0].attributes
+
+
+def test_choice_aliases_are_what_predictions_carry_and_corrections_translate_back():
+    """Label Studio stores ``alias ?? value`` and selects a prediction's choice by it."""
     c = parse_label_config(
         cfg(
             '<Choices name="color" toName="img" perRegion="true">'
@@ -335,41 +351,17 @@ def test_choice_aliases_are_what_predictions_carry_and_corrections_translate_bac
     assert control.values["color"]["red"] == "r"  # the model's "red" is answered as the alias
     assert c.choice_aliases == {"color": {"r": "Red", "cr": "Crimson"}}
     assert c.summary()["attributes"]["color"]["color"] == {"known": ["r"], "new": ["cr"]}
-    rect = {"id": "a", "type": "rectanglelabels", "from_name": "box", "to_name": "img",
-            "original_width": 100, "original_height": 80,
-            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["A"]}}  # fmt: skip
-    chosen = {
-        "id": "a",
-        "type": "choices",
-        "from_name": "color",
-        "to_name": "img",
-        "value": {"choices": ["cr"]},
-    }
-    parsed = parse_result([rect, chosen], open_controls=c.open_controls, aliases=c.choice_aliases)
-    assert parsed.regions[0].attributes == {"color": "crimson"}  # the value is learnt, not "cr"
+    assert corrected_attributes(c, "cr") == {"color": "crimson"}  # the value is learnt, not "cr"
 
 
 def test_an_alias_that_is_the_known_word_is_learnt_as_itself():
     """``value="Rot" alias="red"`` (a localised label over the canonical word): "red" is stored and
     predicted, and a correction of "red" teaches red, not "rot"."""
-    from backend.corrections import parse_result
-
     c = parse_label_config(
         cfg('<Choices name="color" toName="img" perRegion="true"><Choice value="Rot" alias="red"/></Choices>')
     )
     assert c.attributes[0].values["color"] == {"red": "red"} and c.choice_aliases == {}
-    rect = {"id": "a", "type": "rectanglelabels", "from_name": "box", "to_name": "img",
-            "original_width": 100, "original_height": 80,
-            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["A"]}}  # fmt: skip
-    chosen = {
-        "id": "a",
-        "type": "choices",
-        "from_name": "color",
-        "to_name": "img",
-        "value": {"choices": ["red"]},
-    }
-    parsed = parse_result([rect, chosen], open_controls=c.open_controls, aliases=c.choice_aliases)
-    assert parsed.regions[0].attributes == {"color": "red"}
+    assert corrected_attributes(c, "red") == {"color": "red"}
 
 
 def test_controls_shown_on_another_answer_are_filled_everywhere():
