@@ -8,6 +8,9 @@ The backend never hard-codes control names: it reads them from the project's con
   ``<PolygonLabels>``, ``<EllipseLabels>``, ``<KeyPointLabels>``, ``<BrushLabels>`` and their
   label-less forms (``<Rectangle>``, ``<Polygon>``, ...); :mod:`backend.region_shapes` says which
   box the model describes for each.
+* ``<Labels>`` pointing at that image (the labels of label-less tools: ``<Labels>`` + ``<Rectangle>``)
+  — never predicted; the labels a region already has are carried into its prediction, so accepting
+  it keeps them (and ``whenLabelValue`` conditions read them).
 * a per-region ``<TextArea perRegion="true">`` — receives the caption.
 * per-region ``<Choices>`` / ``<Taxonomy>`` — receive attribute answers (colour, shape, size) when
   the control is named after an attribute (``color``, ``colour``, ``shape``, ``size``) or its
@@ -65,7 +68,7 @@ _ATTRIBUTES = {
               "visibleWhen", "whenChoiceValue", "valueList", "valueType", "alias", "value", "name")
 }  # fmt: skip
 # Controls pointing at the image that this backend never fills (named in a warning when present).
-_UNFILLED = {"labels", "rating", "number", "datetime", "vectorlabels", "bitmasklabels", "vector", "bitmask"}
+_UNFILLED = {"rating", "number", "datetime", "vectorlabels", "bitmasklabels", "vector", "bitmask"}
 
 
 class ConfigError(ClientError):
@@ -120,6 +123,7 @@ class LabelConfig:
     question: str | None = None  # non-per-region TextArea the annotator types region questions in
     answer: str | None = None  # non-per-region TextArea receiving their answers
     control_names: frozenset[str] = frozenset()
+    label_controls: frozenset[str] = frozenset()  # <Labels> on the image: carried, never predicted
     # control -> conditions it shows under, all of them: (region labels, region tools), each () = any
     shown_on: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -477,6 +481,8 @@ def parse_label_config(xml: str) -> LabelConfig:
                 )
         elif t in _UNFILLED and targets_image(n):
             warnings.append(f"{tag} is not a control this backend fills: left empty")
+        elif t == "labels" and targets_image(n):
+            warnings.append(f"{tag} is not predicted: a region's labels in it are kept in its prediction")
         elif t in ("choices", "taxonomy"):
             if not targets_image(n):
                 warnings.append(f"{tag} does not point at the image {image_name!r}: left empty")
@@ -532,6 +538,9 @@ def parse_label_config(xml: str) -> LabelConfig:
         question=question if answer else None,
         answer=answer if question else None,
         control_names=frozenset(n.get("name") for _, n in tags if n.get("name") and n.get("toName")),
+        label_controls=frozenset(
+            n.get("name") for t, n in tags if t == "labels" and n.get("name") and targets_image(n)
+        ),
         shown_on=shown_on,
         warnings=_capped(warnings),
     )

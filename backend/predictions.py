@@ -178,6 +178,24 @@ def _rect_region(item: Any, i: int, config: LabelConfig, where: str) -> Region |
     return Region(str(rid), control.name, control.type, labels, percent=geo, original=_original(item))
 
 
+def _with_label_items(regions: list[Region], results: list, config: LabelConfig) -> list[Region]:
+    """``regions`` with the values their ids have in the config's separate ``<Labels>`` controls
+    (``{"type": "labels", "id": <region id>, "value": {..., "labels": [...]}}``), carried as they are."""
+    if not config.label_controls:
+        return regions
+    found: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for item in results:
+        if (
+            isinstance(item, dict)
+            and _name(item) in config.label_controls
+            and isinstance(item.get("value"), dict)
+        ):
+            values = tuple(_labels(item["value"], "labels"))
+            if values and isinstance(item.get("id"), (str, int)) and not isinstance(item.get("id"), bool):
+                found.setdefault(str(item["id"]), []).append((item["from_name"], values))
+    return [replace(r, label_items=tuple(found[r.id])) if r.id in found else r for r in regions]
+
+
 def rects_from_results(
     results: Any, config: LabelConfig, where: str, task: Any = None, skipped: list[Skip] | None = None
 ) -> list[Region]:
@@ -198,7 +216,7 @@ def rects_from_results(
             continue
         if region is not None:
             regions.append(region)
-    return regions
+    return _with_label_items(regions, results, config)
 
 
 def _check_context(context: dict, config: LabelConfig, task: Any, skipped: list[Skip]) -> list[Region]:
@@ -230,6 +248,7 @@ def _check_context(context: dict, config: LabelConfig, task: Any, skipped: list[
         skip = _region_skip(task, _item_id(results[newest], newest), "bad_region", exc.message)
         skipped.append(skip)
         raise _focus_lost(skip) from None
+    focus = _with_label_items([focus], results, config)[0]  # type: ignore[list-item]
     others = rects_from_results(
         results[:newest] + results[newest + 1 :], config, "params.context", task, skipped
     )

@@ -170,7 +170,7 @@ def resolve_references(question: str, regions: Sequence[Region]) -> tuple[str, l
         spans.append((m.start(), m.end(), number - 1))
     owners: dict[str, list[int]] = {}
     for k, region in enumerate(regions):
-        for label in region.labels:
+        for label in region.all_labels:
             if label.strip():
                 owners.setdefault(label.strip().lower(), []).append(k)
     for label in sorted(owners, key=len, reverse=True):  # longest first: "red car" before "car"

@@ -1,7 +1,8 @@
 """Label Studio result items for described regions (shapes of protocol reference §1.7).
 
 The region itself comes first (a rectangle, polygon, ellipse, keypoint or brush item with the
-geometry it was given: :mod:`backend.region_shapes`), then per-region TextArea / Choices / Taxonomy
+geometry it was given: :mod:`backend.region_shapes`), then the ``labels`` items it came with from
+separate ``<Labels>`` controls, then per-region TextArea / Choices / Taxonomy
 results that reuse the region's ``id`` and repeat its geometry (so Label Studio attaches them to
 the region, as its own editor does), then
 relations ``{"type": "relation", "from_id", "to_id", "direction", "labels"}`` or, for configs
@@ -34,6 +35,13 @@ class Region:
     percent: dict[str, Any] | None = None
     pixels: tuple[float, float, float, float] | None = None  # a data.boxes rectangle in pixels
     original: tuple[int, int] | None = None  # original_width/height it came with (brush RLE frame)
+    # Its values in separate <Labels> controls (label-less tools), carried as they came: (control, values)
+    label_items: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def all_labels(self) -> list[str]:
+        """Its tool's labels and those of its separate ``<Labels>`` items (``whenLabelValue`` reads both)."""
+        return [*self.labels, *(v for _, values in self.label_items for v in values)]
 
     def geometry(self, width: int, height: int) -> dict[str, Any]:
         if self.percent is not None:
@@ -132,9 +140,13 @@ def region_results(region: Region, report: RegionReport, config: LabelConfig, w:
     if score is not None:
         rect["score"] = score
     out = [rect]
+    for name, values in region.label_items:  # kept, so accepting the prediction keeps the labels
+        item = _base(region, name, "labels", config.image_name, w, h)
+        item["value"] = {**geo, "labels": list(values)}
+        out.append(item)
 
     def shown(control: str) -> bool:
-        return config.shows(control, region.labels, region.from_name)
+        return config.shows(control, region.all_labels, region.from_name)
 
     if config.caption and report.caption is not None and shown(config.caption):
         item = _base(region, config.caption, "textarea", config.image_name, w, h)

@@ -264,8 +264,9 @@ def test_non_ascii_corrections_are_stored_exactly(projects, stack):
 
 
 def team_config() -> tuple[str, dict[str, str]]:
-    """A config as a team writes it: a nested image field, colours under aliases, a control named in
-    camelCase, and shapes asked only on Car boxes.  -> (XML, colour -> alias)."""
+    """A config as a team writes it: a nested image field, a label-less ``<Rectangle>`` labelled by
+    a separate ``<Labels>``, colours under aliases, a control named in camelCase, and shapes asked
+    only on Car boxes.  -> (XML, colour -> alias)."""
     from toyworld.scenes import COLORS, SHAPES
 
     aliases = {c: f"c{k}" for k, c in enumerate(COLORS)}
@@ -273,8 +274,8 @@ def team_config() -> tuple[str, dict[str, str]]:
     shapes = "".join(f'<Choice value="{s}"/>' for s in SHAPES)
     xml = (
         '<View><Image name="photo" value="$meta.url"/>'
-        '<RectangleLabels name="bbox" toName="photo">'
-        '<Label value="Car"/><Label value="Person"/></RectangleLabels>'
+        '<Labels name="kind" toName="photo"><Label value="Car"/><Label value="Person"/></Labels>'
+        '<Rectangle name="bbox" toName="photo"/>'
         '<TextArea name="caption" toName="photo" perRegion="true"/>'
         f'<Choices name="objColor" toName="photo" perRegion="true">{colours}</Choices>'
         f'<Choices name="shape" toName="photo" perRegion="true" whenLabelValue="Car">{shapes}</Choices>'
@@ -285,8 +286,8 @@ def team_config() -> tuple[str, dict[str, str]]:
 
 def test_a_team_config_with_aliases_nested_fields_and_conditional_controls(stack):
     """Through a real Label Studio: predictions name colours by their aliases (what Label Studio
-    selects by), tasks whose image is ``data.meta.url`` are answered, and the shape control shown
-    only on Car boxes is filled only there."""
+    selects by), tasks whose image is ``data.meta.url`` are answered, each box keeps its label from
+    the separate ``<Labels>``, and the shape control shown only on Car boxes is filled only there."""
     ls: LabelStudio = stack["client"]
     xml, aliases = team_config()
     uploads = ls.create_project("e2e uploads", (REPO / "label_config" / "region_caption.xml").read_text())
@@ -307,9 +308,15 @@ def test_a_team_config_with_aliases_nested_fields_and_conditional_controls(stack
             labels[rid] = "Car" if k % 2 == 0 else "Person"
             truth[rid] = (obj.color, obj.shape)
             item = box_result(rid, obj.box, scene)
-            item["to_name"] = "photo"
-            item["value"]["rectanglelabels"] = [labels[rid]]
-            result.append(item)
+            item["to_name"], item["type"] = "photo", "rectangle"
+            item["value"].pop("rectanglelabels", None)
+            kind = {
+                **item,
+                "from_name": "kind",
+                "type": "labels",
+                "value": {**item["value"], "labels": [labels[rid]]},
+            }
+            result += [item, kind]
         ls.add_prediction(task["id"], result, "boxes")
     assert ls.connect_backend(project, stack["backend"].url)["state"] == "CO"
     assert ls.retrieve_predictions(project)["processed_items"] == 3
@@ -320,7 +327,8 @@ def test_a_team_config_with_aliases_nested_fields_and_conditional_controls(stack
         by = {(r["id"], r["from_name"]): r for r in pred["result"] if r["type"] != "relation"}
         rids = {rid for rid, _ in by}
         for rid in rids:
-            assert (rid, "caption") in by
+            assert (rid, "caption") in by and by[(rid, "bbox")]["type"] == "rectangle"
+            assert by[(rid, "kind")]["value"]["labels"] == [labels[rid]]  # accepting keeps the label
             colour = by[(rid, "objColor")]["value"]["choices"]
             assert set(colour) <= set(aliases.values()), colour  # aliases, never the displayed values
             colours_right += colour == [aliases[truth[rid][0]]]

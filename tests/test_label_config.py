@@ -441,7 +441,7 @@ def test_unfilled_and_conditional_controls_are_named_in_warnings():
         )
     )
     text = " | ".join(c.warnings)
-    assert '<Labels name="kind"> is not a control this backend fills' in text
+    assert '<Labels name="kind"> is not predicted: a region\'s labels in it are kept' in text
     assert '<Rating name="quality"> is not a control this backend fills' in text
     assert "not transcriptions" in text
     assert 'whenLabelValue="A"' in text and "filled only there" in text and "visibleWhen" not in text

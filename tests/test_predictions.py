@@ -713,3 +713,52 @@ def test_controls_shown_only_for_some_labels_are_filled_only_there(two_scenes):
     for k in range(len(sc.objects)):
         assert ((f"o{k}", "color") in items) == (labels[k % 3] == "Car")
         assert (f"o{k}", "shape") in items and (f"o{k}", "caption") in items  # unconditional controls
+
+
+def test_labels_beside_a_label_less_rectangle_are_kept_and_read_by_conditions(two_scenes):
+    """``<Labels>`` + ``<Rectangle>``: Label Studio stores a region as a ``rectangle`` item and a
+    ``labels`` item with the same id.  The prediction keeps the labels item (accepting it must not
+    drop "Car") and ``whenLabelValue`` reads it; the labels are never predicted."""
+    scenes, _, fetcher = two_scenes
+    sc = scenes[0]
+    xml = (CONFIGS / "caption_attributes.xml").read_text()
+    xml = xml.replace(
+        '<RectangleLabels name="bbox" toName="image" smart="true" strokeWidth="2">\n'
+        '    <Label value="Object" background="#1f77b4"/>\n  </RectangleLabels>',
+        '<Labels name="kind" toName="image"><Label value="Car"/><Label value="Person"/></Labels>'
+        '<Rectangle name="bbox" toName="image"/>',
+    ).replace(
+        '<Choices name="color" toName="image"', '<Choices name="color" toName="image" whenLabelValue="Car"'
+    )
+    cfg = parse_label_config(xml)
+    assert cfg.label_controls == {"kind"} and cfg.rect("bbox").type == "rectangle"
+    assert any('name="kind"' in w and "kept in its prediction" in w for w in cfg.warnings)
+    result, kinds = [], ["Car", "Person", None]
+    for k, o in enumerate(sc.objects):
+        rect = ls_rect(f"o{k}", o.box, sc.width, sc.height)
+        rect["type"], rect["value"] = (
+            "rectangle",
+            {x: v for x, v in rect["value"].items() if x != "rectanglelabels"},
+        )
+        result.append(rect)
+        if kinds[k % 3]:
+            result.append({**rect, "from_name": "kind", "type": "labels",
+                           "value": {**rect["value"], "labels": [kinds[k % 3]]}})  # fmt: skip
+    ann = {"id": 10, "result": result, "was_cancelled": False, "created_at": "2026-01-02T00:00:00Z"}
+    results, _ = predict_tasks(
+        [ls_task(1, "/data/upload/1/s0.png", annotations=[ann])], cfg, None, None, "1", fetcher, SETTINGS
+    )
+    items = by_id(results[0]["result"])
+    for k in range(len(sc.objects)):
+        kind = kinds[k % 3]
+        assert "rectanglelabels" not in items[(f"o{k}", "bbox")]["value"]
+        if kind is None:
+            assert (f"o{k}", "kind") not in items
+        else:
+            labels = items[(f"o{k}", "kind")]
+            assert labels["type"] == "labels" and labels["value"]["labels"] == [kind]
+            assert {x: labels["value"][x] for x in ("x", "y", "width", "height")} == {
+                x: items[(f"o{k}", "bbox")]["value"][x] for x in ("x", "y", "width", "height")
+            }
+        assert ((f"o{k}", "color") in items) == (kind == "Car")
+        assert (f"o{k}", "caption") in items

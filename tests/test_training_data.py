@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from model.config import TrainConfig
+from model.config import TrainConfig, load_model_config
 from model.data.dataset import RecordDataset, collate_samples
 from model.prompt import IGNORE_INDEX
 from model.tasks import position_text
 from model.training import hide_image_tokens
 from tests.model_helpers import tiny_model, tiny_records
-from toyworld.build_default import BuildRecipe, load_recipe, training_records
+from toyworld.build_default import BuildRecipe, load_recipe, recipe_model_config, training_records
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,18 @@ def test_bundled_recipe_loads_and_rejects_unknown_keys(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_recipe("no-such-recipe")
     assert BuildRecipe().config == "roi-tiny"
+
+
+def test_a_recipe_sets_region_fields_of_its_model_config(tmp_path):
+    recipe = load_recipe("roi-tiny-world-focal")
+    assert recipe_model_config(recipe).region.focal_below == recipe.region["focal_below"] > 0.5
+    assert recipe_model_config(load_recipe()).region == load_model_config("roi-tiny").region
+    for region, message in (
+        ({"focal_below": 1.5}, "focal_below must be in"),
+        ({"focal": 1}, "unknown config keys"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            recipe_model_config(BuildRecipe(region=region))
 
 
 def test_position_text_by_thirds_on_a_non_square_image():

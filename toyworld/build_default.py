@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import DEFAULT_DIR, build_model, load_model, read_metadata, save_checkpoint
-from model.config import TrainConfig, dataclass_from_dict, load_model_config
+from model.config import ModelConfig, TrainConfig, dataclass_from_dict, load_model_config
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
 from model.tokenizer import train_tokenizer
@@ -54,6 +54,7 @@ __all__ = [
     "loss_summary",
     "main",
     "partial_folder",
+    "recipe_model_config",
     "training_records",
 ]
 
@@ -75,6 +76,8 @@ class BuildRecipe:
     """How the default model is trained: model config, data and one ``TrainConfig`` per phase."""
 
     config: str = "roi-tiny"
+    # Fields of the model config's ``region`` section this recipe sets (e.g. its focal-crop policy).
+    region: dict[str, Any] = field(default_factory=dict)
     turns: int = 8  # question/answer turns generated per synthetic scene
     prompts_per_image: int = 4  # stage 1/2: that many of them, each its own single-question prompt
     records: int = 50_000
@@ -249,6 +252,14 @@ def build_default(
     return figures
 
 
+def recipe_model_config(recipe: BuildRecipe) -> ModelConfig:
+    """The recipe's model config with its ``region`` fields set (validated like a config file's)."""
+    cfg = load_model_config(recipe.config)
+    if recipe.region:
+        cfg.region = dataclass_from_dict(type(cfg.region), {**asdict(cfg.region), **recipe.region})
+    return cfg
+
+
 def _fresh_model(
     recipe: BuildRecipe,
     tmp: Path,
@@ -259,7 +270,7 @@ def _fresh_model(
     vision: Path | None,
 ) -> tuple[RegionMLLM, Path]:
     """Tokenizer + vision tower (CLIP) + a fresh model around them; returns it and the vision file."""
-    cfg = load_model_config(recipe.config)
+    cfg = recipe_model_config(recipe)
     # The template text goes into the tokenizer corpus so the shared prompt prefix stays short.
     template = [cfg.prompt.system, cfg.prompt.image_intro, "\n### Human: ", "\n### Assistant:"] * 200
     texts = itertools.chain(corpus_texts(), template)
