@@ -108,6 +108,9 @@ class RegionEncoderConfig:
     # ``focal_fill`` of the side; its box embedding stays the original box's.  0: off (GPT4RoI).
     focal_below: float = 0.0
     focal_fill: float = 0.12
+    # True: a focal box's token is the mean of its crop's token and its image's (the image keeps
+    # the object's scale, which size words and "larger than" need); False: the crop's alone.
+    focal_keep_image: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_floor <= 1.0:

@@ -386,4 +386,16 @@ class RegionEncoder(nn.Module):
         flat = torch.cat(boxes)
         embed = list(boxes) + list(flat[rows.to(flat.device)].split(1))
         tokens = self.encode_boxes(maps, list(boxes) + list(crop_boxes.to(flat).split(1)), None, embed)
-        return tokens[: len(flat)].index_copy(0, rows.to(tokens.device), tokens[len(flat) :])
+        rows = rows.to(tokens.device)
+        image = tokens[: len(flat)]
+        return image.index_copy(0, rows, self.focal_token(image[rows], tokens[len(flat) :]))
+
+    def focal_token(self, image: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(M, D)`` of focal boxes from their image's and their crop's ``(M, D)`` tokens:
+        the crop's, or with ``region.focal_keep_image`` the mean of both (training and the engine
+        both merge here)."""
+        return (
+            (image + crop.to(image.dtype)) / 2
+            if self.roi_align.cfg.focal_keep_image
+            else crop.to(image.dtype)
+        )

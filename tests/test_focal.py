@@ -156,3 +156,30 @@ def test_training_reads_small_boxes_from_the_same_crops_the_engine_pools():
     finally:
         model.cfg.region.focal_below = 0.0
     assert RecordDataset([record], model)[0].focal is None  # off: no crops
+
+
+def test_keep_image_merges_the_crop_token_with_the_image_token_the_same_in_training_and_serving():
+    from model.data.dataset import RecordDataset, collate_samples
+
+    model = tiny_model(seed=7)
+    image, boxes = _scene()
+    norm = boxes_tensor(boxes, *image.size)
+    record = {"image": image, "width": 1200, "height": 900, "boxes": [list(b) for b in boxes],
+              "conversations": [{"from": "human", "value": "What is <region1>?"},
+                                {"from": "gpt", "value": "a small red square"}]}  # fmt: skip
+    model.eval()
+    plain = InferenceEngine(model, "plain").region_tokens([image], [norm])[0]
+    model.cfg.region.focal_below = 0.05
+    try:
+        crop_only = InferenceEngine(model, "crop").region_tokens([image], [norm])[0]
+        model.cfg.region.focal_keep_image = True
+        served = InferenceEngine(model, "both").region_tokens([image], [norm])[0]
+        batch = collate_samples(model, [RecordDataset([record], model)[0]])
+        with torch.inference_mode():
+            vision = model.encode_images(batch["pixels"])
+            trained_view = model.region_features(vision, batch["boxes"], batch["focal"])[0]
+    finally:
+        model.cfg.region.focal_below, model.cfg.region.focal_keep_image = 0.0, False
+    assert torch.allclose(served[0], (plain[0] + crop_only[0]) / 2, atol=1e-5)  # the small box
+    assert torch.allclose(served[1], plain[1], atol=1e-6)  # a large box: its image's token
+    assert torch.allclose(trained_view, served, atol=1e-5)

@@ -285,7 +285,9 @@ class InferenceEngine:
     ) -> None:
         """Replace in ``feats`` (per image ``(N_i, D)``) the tokens of the used boxes smaller than
         ``region.focal_below`` of their image by their focal crops' (:mod:`model.focal`; pooled in
-        the crop, embedded as the box).  Boxes with a mask keep their masked token."""
+        the crop, embedded as the box; merged with the image's token by
+        :meth:`model.region_encoder.RegionEncoder.focal_token`).  Boxes with a mask keep their
+        masked token."""
         m = self.model
         cfg = m.cfg.region
         # image, box, crop pixels, box in the crop, crop in the image
@@ -307,7 +309,7 @@ class InferenceEngine:
             embed = [boxes[i].reshape(-1, 4)[k : k + 1].float().to(m.device) for i, k, *_ in part]
             tokens = m.region_encoder.encode_boxes(maps, inside, None, embed)
             for (i, k, *_), token in zip(part, tokens):
-                feats[i][k] = token.to(feats[i].dtype)
+                feats[i][k] = m.region_encoder.focal_token(feats[i][k][None], token[None])[0]
 
     def _decode(
         self,
