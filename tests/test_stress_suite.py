@@ -17,6 +17,7 @@ from toyworld.stress import (
     format_stress,
     photo_cases,
     run_stress,
+    wrong_words,
 )
 
 
@@ -84,6 +85,8 @@ def test_run_stress_reports_every_condition_and_the_score_metrics():
     assert list(result["conditions"]) == list(CONDITIONS)
     for figures in result["conditions"].values():
         assert figures["regions"] >= 1 and 0.0 <= figures["caption_exact_match"] <= 1.0
+        wrong = round((1 - figures["caption_exact_match"]) * figures["regions"])
+        assert sum(figures["wrong_words"].values()) >= wrong  # every wrong caption says what it missed
     assert (
         "relation_accuracy" in result["conditions"]["off-grid"]
         or result["conditions"]["off-grid"]["regions"] < 2
@@ -92,3 +95,11 @@ def test_run_stress_reports_every_condition_and_the_score_metrics():
     assert set(result["scores"]) == {"auroc_low_score_wrong", "ece", "mean_score_right", "mean_score_wrong"}
     table = format_stress(result)
     assert all(f"| {name} |" in table for name in CONDITIONS) and "AUROC" in table
+
+
+def test_wrong_words_name_what_a_caption_got_wrong():
+    assert wrong_words("a small red circle", "a large red square") == ["size", "shape"]
+    assert wrong_words("a small red circle", "a small blue circle") == ["color"]
+    assert wrong_words("a small red circle", NO_OBJECT) == [NO_OBJECT]
+    assert wrong_words(NO_OBJECT, "a small red circle") == ["other"]
+    assert wrong_words("a small red circle", "a small red circle top left of") == ["other"]

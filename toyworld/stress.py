@@ -26,6 +26,7 @@ from seeds no training run uses (:data:`toyworld.evaluate.EVAL_SEED_OFFSET`).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from PIL import Image
 from model.geometry import box_center, boxes_tensor, pixels_to_normalized
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
-from model.tasks import NO_OBJECT, POSITION_MARGIN, relation_labels
+from model.tasks import NO_OBJECT, POSITION_MARGIN, parse_caption, relation_labels
 from toyworld.scenes import SIZE_FRACTIONS, SceneObject, SceneSpec, make_scene
 from toyworld.world import canvas, draw_objects
 
@@ -51,6 +52,7 @@ __all__ = [
     "run_stress",
     "scene_case",
     "score_cases",
+    "wrong_words",
 ]
 
 CONDITIONS = (
@@ -277,10 +279,22 @@ def _unambiguous(a: SceneObject, b: SceneObject, w: int, h: int) -> bool:
     return all(abs(abs(d) - POSITION_MARGIN) > RELATION_CLEARANCE for d in (ax - bx, ay - by))
 
 
+def wrong_words(truth: str, answer: str) -> list[str]:
+    """What a wrong caption got wrong: the attribute words (``size``, ``color``, ``shape``) that
+    differ from ``truth``'s, or ``no object`` / ``other`` when either is not a shape caption."""
+    if answer.strip() == NO_OBJECT or truth == NO_OBJECT:
+        return [NO_OBJECT if answer.strip() == NO_OBJECT else "other"]
+    want, said = parse_caption(truth), parse_caption(answer)
+    if want is None or said is None:
+        return ["other"]
+    return [k for k in want if want[k] != said[k]] or ["other"]
+
+
 def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int = 8) -> dict:
     """Caption exact match, mean score and ``_pairs`` (score, right) of ``cases``' regions, plus
     the relation accuracy of the cases that score relations."""
     captions: list[tuple[float, bool]] = []
+    wrong: Counter[str] = Counter()
     relations = [0, 0]
     for start in range(0, len(cases), batch):
         chunk = cases[start : start + batch]
@@ -292,6 +306,8 @@ def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int
             for truth, region in zip(case.captions, report.regions):
                 assert region.caption is not None
                 captions.append((region.caption.score, region.caption.text.strip() == truth))
+                if truth is not None and not captions[-1][1]:
+                    wrong.update(wrong_words(truth, region.caption.text))
             if not case.relations:
                 continue
             w, h = case.image.size
@@ -304,6 +320,7 @@ def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int
         "regions": len(captions),
         "caption_exact_match": sum(ok for _, ok in captions) / max(1, len(captions)),
         "mean_score": sum(s for s, _ in captions) / max(1, len(captions)),
+        "wrong_words": dict(wrong),
         "_pairs": captions,
     }
     if relations[1]:
@@ -344,16 +361,16 @@ def _mean(values: Sequence[float]) -> float:
 def format_stress(result: dict) -> str:
     """The stress table as Markdown (what docs/benchmarks.md quotes)."""
     lines = [
-        "| condition | regions | caption exact | relation accuracy (pairs) | mean score |",
-        "|---|---:|---:|---:|---:|",
+        "| condition | regions | caption exact | wrong words | relation accuracy (pairs) | mean score |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     for name, f in result["conditions"].items():
         rel = f"{f['relation_accuracy']:.3f} ({f['relation_pairs']})" if "relation_accuracy" in f else "-"
-        lines.append(
-            f"| {name} | {f['regions']} | {f['caption_exact_match']:.3f} | {rel} | {f['mean_score']:.3f} |"
-        )
+        words = ", ".join(f"{k} {n}" for k, n in sorted(f["wrong_words"].items(), key=lambda x: -x[1])) or "-"
+        exact, score = f"{f['caption_exact_match']:.3f}", f"{f['mean_score']:.3f}"
+        lines.append(f"| {name} | {f['regions']} | {exact} | {words} | {rel} | {score} |")
     p = result["photos"]
-    lines.append(f"| photos | {p['regions']} | - | - | {p['mean_score']:.3f} |")
+    lines.append(f"| photos | {p['regions']} | - | - | - | {p['mean_score']:.3f} |")
     s = result["scores"]
     lines.append("")
     lines.append(
