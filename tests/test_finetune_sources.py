@@ -63,6 +63,33 @@ def test_synthetic_lineage_is_the_toy_world():
     assert len(replay) == load_recipe().records and replay[0]["source"] == "synthetic"
 
 
+def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, caplog):
+    """A default built from another recipe (a wider world) replays that recipe's records, with the
+    seed its build used; a folder without a readable recipe replays the bundled one (warned)."""
+    import json
+    from dataclasses import asdict
+
+    from toyworld.build_default import training_records
+
+    recipe = load_recipe("roi-tiny-world-focal")
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "version.json").write_text(
+        json.dumps({"version": "1.0.0", "recipe": {"seed": 3, "scale": 1.0, **asdict(recipe)}})
+    )
+    replay = lineage_data(Settings(replay_data="synthetic", default_model=built)).replay()
+    expected = training_records(recipe, 3)
+    assert replay.share == recipe.world_share > 0 and len(replay) == recipe.records
+    assert [r["conversations"] for r in (replay[0], replay[7])] == [
+        r["conversations"] for r in (expected[0], expected[7])
+    ]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "version.json").write_text(json.dumps({"version": "1.0.0", "recipe": {"no_such_key": 1}}))
+    fallback = lineage_data(Settings(replay_data="synthetic", default_model=bare)).replay()
+    assert fallback.share == load_recipe().world_share and "no readable build recipe" in caplog.text
+
+
 def test_jsonl_lineage_holds_out_a_stable_sample(tmp_path: Path):
     path = write_records(tmp_path / "data", 20)
     settings = Settings(replay_data=str(path), gate_eval_images=3, heldout_fraction=0.2)

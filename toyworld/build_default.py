@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_VERSION",
     "RECIPE_DIR",
     "build_default",
+    "built_recipe",
     "eval_progress",
     "evaluation_rates",
     "load_recipe",
@@ -103,6 +104,18 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {name_or_path!r} not found in {RECIPE_DIR}")
     return BuildRecipe.from_dict(json.loads(path.read_text()))
+
+
+def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
+    """The recipe and seed a built folder records in its ``version.json`` (None: none, or one this
+    code cannot read), so its training records can be replayed exactly."""
+    record = dict(read_metadata(folder).get("recipe") or {})
+    seed = record.pop("seed", 0)
+    record.pop("scale", None)
+    try:
+        return BuildRecipe.from_dict(record), int(seed)
+    except (TypeError, ValueError):
+        return None
 
 
 def training_records(recipe: BuildRecipe, seed: int = 0, spec: SceneSpec | None = None) -> SyntheticRecords:

@@ -4,7 +4,8 @@ imports the toy world.
 ``REPLAY_DATA`` names the earlier data of the served model's lineage:
 
 * ``synthetic``: the embedded default (built by :mod:`toyworld.build_default`) and its fine-tuned
-  versions.  Replay is the default's own synthetic training set; the base evaluation scores the toy
+  versions.  Replay is the default's own synthetic training set (the recipe and seed its
+  ``version.json`` records); the base evaluation scores the toy
   world's evaluation scenes (caption, attribute and relation rates).
 * a region-text JSONL file: a model trained on real data.  A stable sample of the file's records is
   held out for the base evaluation (exact-match rates per question kind); the rest is replayed.
@@ -12,7 +13,8 @@ imports the toy world.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,13 +22,14 @@ from backend.finetune.data import JsonlData, ReplaySource
 from backend.finetune.gate import BaseEvaluator, RecordEvaluator
 from backend.settings import Settings
 from model.inference.engine import InferenceEngine
-from toyworld.build_default import load_recipe, training_records
+from toyworld.build_default import built_recipe, load_recipe, training_records
 from toyworld.evaluate import eval_scenes, score_scenes
 from toyworld.scenes import SceneSpec
 
 __all__ = ["GATE_SEED", "LineageData", "ToySceneEvaluator", "lineage_data"]
 
 GATE_SEED = 0
+log = logging.getLogger(__name__)
 
 
 class LineageData(NamedTuple):
@@ -54,14 +57,28 @@ class ToySceneEvaluator:
         return result
 
 
-def _toy_replay() -> Sequence[dict]:
-    return training_records(load_recipe())
+def _toy_replay(default_model: Path) -> Callable[[], Sequence[dict]]:
+    """The training records of the lineage's root: the recipe its folder records (a default built
+    from another recipe replays that recipe's world), else the bundled default recipe."""
+
+    def replay() -> Sequence[dict]:
+        built = built_recipe(default_model) if (Path(default_model) / "version.json").is_file() else None
+        if built is None:
+            log.warning(
+                "%s records no readable build recipe: replaying the bundled default recipe", default_model
+            )
+            return training_records(load_recipe())
+        return training_records(*built)
+
+    return replay
 
 
 def lineage_data(settings: Settings) -> LineageData:
     """The replay source and base evaluator for the lineage ``REPLAY_DATA`` names (module doc).
     Raises ``FileNotFoundError`` when ``REPLAY_DATA`` is neither ``synthetic`` nor a file."""
     if settings.replay_data == "synthetic":
-        return LineageData(_toy_replay, ToySceneEvaluator(settings.gate_eval_images))
+        return LineageData(
+            _toy_replay(Path(settings.default_model)), ToySceneEvaluator(settings.gate_eval_images)
+        )
     data = JsonlData(Path(settings.replay_data), settings.gate_eval_images, settings.heldout_fraction)
     return LineageData(data.replay, RecordEvaluator(data.held_out, str(data.path)))
