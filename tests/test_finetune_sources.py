@@ -88,6 +88,10 @@ def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, capl
     (bare / "version.json").write_text(json.dumps({"version": "1.0.0", "recipe": {"no_such_key": 1}}))
     fallback = lineage_data(Settings(replay_data="synthetic", default_model=bare)).replay()
     assert fallback.share == load_recipe().world_share and "no readable build recipe" in caplog.text
+    (bare / "version.json").write_text(json.dumps({"version": "1.0.0"}))  # a folder that records none
+    assert (
+        lineage_data(Settings(replay_data="synthetic", default_model=bare)).replay().share == fallback.share
+    )
 
 
 def test_jsonl_lineage_holds_out_a_stable_sample(tmp_path: Path):

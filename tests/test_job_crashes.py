@@ -357,7 +357,8 @@ def test_run_that_lost_its_lease_stops_without_committing(
     use_settings(settings)
     project = 5
     _post_corrections(settings, project)
-    proc, job = _start_long_run(settings, test_redis, workers, project)
+    # Far longer than the heartbeat that notices the loss: 39 steps (about 1 s) sometimes ended first.
+    proc, job = _start_long_run(settings, test_redis, workers, project, steps=ORPHAN_RUN)
     assert test_redis.conn.set(lease_key(settings, project), b"another-run", xx=True, ex=600)
     _wait_for(lambda: _status(job) == "failed", "run stopped", 3 * HEARTBEAT + SLACK, (proc,), workers.logs)
     (failure,) = job_status(project, settings, test_redis.conn)["failures"]

@@ -109,7 +109,10 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
 def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
     """The recipe and seed a built folder records in its ``version.json`` (None: none, or one this
     code cannot read), so its training records can be replayed exactly."""
-    record = dict(read_metadata(folder).get("recipe") or {})
+    record = read_metadata(folder).get("recipe")
+    if not isinstance(record, dict) or not record:
+        return None
+    record = dict(record)
     seed = record.pop("seed", 0)
     record.pop("scale", None)
     try:
