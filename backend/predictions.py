@@ -145,9 +145,14 @@ def _name(item: dict) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _item_id(item: Any, i: int) -> str:
+def _given_id(item: Any) -> str | None:
+    """An item's ``id`` as a string when it is a string or an integer (else None)."""
     rid = item.get("id") if isinstance(item, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"result[{i}]"
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
+def _item_id(item: Any, i: int) -> str:
+    return _given_id(item) or f"result[{i}]"
 
 
 def _original(item: dict) -> tuple[int, int] | None:
@@ -185,14 +190,11 @@ def _with_label_items(regions: list[Region], results: list, config: LabelConfig)
         return regions
     found: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
     for item in results:
-        if (
-            isinstance(item, dict)
-            and _name(item) in config.label_controls
-            and isinstance(item.get("value"), dict)
-        ):
+        rid = _given_id(item)
+        if rid is not None and _name(item) in config.label_controls and isinstance(item.get("value"), dict):
             values = tuple(_labels(item["value"], "labels"))
-            if values and isinstance(item.get("id"), (str, int)) and not isinstance(item.get("id"), bool):
-                found.setdefault(str(item["id"]), []).append((item["from_name"], values))
+            if values:
+                found.setdefault(rid, []).append((item["from_name"], values))
     return [replace(r, label_items=tuple(found[r.id])) if r.id in found else r for r in regions]
 
 

@@ -282,8 +282,9 @@ def _unambiguous(a: SceneObject, b: SceneObject, w: int, h: int) -> bool:
 def wrong_words(truth: str, answer: str) -> list[str]:
     """What a wrong caption got wrong: the attribute words (``size``, ``color``, ``shape``) that
     differ from ``truth``'s, or ``no object`` / ``other`` when either is not a shape caption."""
-    if answer.strip() == NO_OBJECT or truth == NO_OBJECT:
-        return [NO_OBJECT if answer.strip() == NO_OBJECT else "other"]
+    answer = answer.strip()
+    if answer == NO_OBJECT or truth == NO_OBJECT:
+        return [NO_OBJECT if answer == NO_OBJECT else "other"]
     want, said = parse_caption(truth), parse_caption(answer)
     if want is None or said is None:
         return ["other"]
@@ -366,7 +367,7 @@ def format_stress(result: dict) -> str:
     ]
     for name, f in result["conditions"].items():
         rel = f"{f['relation_accuracy']:.3f} ({f['relation_pairs']})" if "relation_accuracy" in f else "-"
-        words = ", ".join(f"{k} {n}" for k, n in sorted(f["wrong_words"].items(), key=lambda x: -x[1])) or "-"
+        words = ", ".join(f"{k} {n}" for k, n in Counter(f["wrong_words"]).most_common()) or "-"
         exact, score = f"{f['caption_exact_match']:.3f}", f"{f['mean_score']:.3f}"
         lines.append(f"| {name} | {f['regions']} | {exact} | {words} | {rel} | {score} |")
     p = result["photos"]

@@ -62,7 +62,7 @@ def _toy_replay(default_model: Path) -> Callable[[], Sequence[dict]]:
     from another recipe replays that recipe's world), else the bundled default recipe."""
 
     def replay() -> Sequence[dict]:
-        built = built_recipe(default_model) if (Path(default_model) / "version.json").is_file() else None
+        built = built_recipe(default_model)
         if built is None:
             log.warning(
                 "%s records no readable build recipe: replaying the bundled default recipe", default_model
