@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -161,3 +162,62 @@ def test_world_clip_pairs_name_the_object_and_its_third():
         assert row in POSITION_ROWS and col in POSITION_COLUMNS and "pink" not in caption
         sizes.add(caption.split()[1])
     assert sizes == {"small", "medium", "large"}
+
+
+def test_balanced_pairs_make_each_answer_form_equally_likely():
+    from toyworld.scenes import balanced_pair
+
+    pairs = [(0, k) for k in range(1, 10)] + [(1, 0)]  # nine of one form, one of another
+    forms = {pair: ("x", "size") if pair[0] == 0 else ("x",) for pair in pairs}
+    rng = random.Random(0)
+    drawn = [forms[balanced_pair(rng, pairs, lambda a, b: forms[(a, b)])] for _ in range(2000)]
+    assert 0.45 < drawn.count(("x",)) / len(drawn) < 0.55  # the rare form: half, not a tenth
+    assert balanced_pair(rng, [], lambda a, b: ()) is None
+
+
+def _relation_turns(record: dict) -> list[tuple[list[int], str]]:
+    """(region indices, answer) of a record's relation turns (the questions naming two regions)."""
+    conv = record["conversations"]
+    turns = [
+        ([int(t) - 1 for t in re.findall(r"<region(\d+)>", q["value"])], a["value"])
+        for q, a in zip(conv[::2], conv[1::2])
+    ]
+    return [(refs, answer) for refs, answer in turns if len(refs) == 2]
+
+
+def test_balanced_relations_and_equal_sizes_make_lone_horizontal_answers_common():
+    from toyworld.world import MixedRecords
+
+    def shares(records) -> tuple[float, float]:
+        answers = [answer for k in range(300) for _, answer in _relation_turns(records[k])]
+        lone = sum(a in ("left of", "right of") for a in answers) / len(answers)
+        return lone, sum("than" in a for a in answers) / len(answers)
+
+    world = WorldSpec(max_side=300)
+    natural = MixedRecords(seed=3, count=300, share=0.75, world=world, num_turns=8)
+    balanced = MixedRecords(
+        seed=3,
+        count=300,
+        share=0.75,
+        world=WorldSpec(max_side=300, same_size_share=0.3),
+        num_turns=8,
+        balance_relations=True,
+    )
+    (lone_natural, sized_natural), (lone_balanced, sized_balanced) = shares(natural), shares(balanced)
+    assert lone_balanced > 1.3 * lone_natural and sized_balanced < sized_natural
+    for k in range(300):  # grid records' boxes are their objects': every answer is their truth
+        record = balanced[k]
+        for (a, b), answer in _relation_turns(record) if record["source"] == "synthetic" else []:
+            truth = relation_text(record["boxes"][a], record["boxes"][b], record["width"], record["height"])
+            assert answer == truth
+
+
+def test_same_size_scenes_draw_one_size_word_and_leave_other_specs_unchanged():
+    spec = WorldSpec(same_size_share=1.0)
+    for i in range(30):
+        scene = make_world_scene(random.Random(i), spec)
+        assert len({o.size for o in scene.objects}) <= 1
+    for i in range(5):  # a share of 0 draws nothing more: the scenes of older recipes are kept
+        a = make_world_scene(random.Random(i), WorldSpec())
+        b = make_world_scene(random.Random(i), WorldSpec(same_size_share=0.0))
+        assert a.image.tobytes() == b.image.tobytes()

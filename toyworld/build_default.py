@@ -39,7 +39,7 @@ from toyworld.calibrate import fit_calibration
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
 from toyworld.train_clip import train_clip
-from toyworld.world import MixedRecords
+from toyworld.world import MixedRecords, WorldSpec
 
 __all__ = [
     "BuildRecipe",
@@ -84,6 +84,9 @@ class BuildRecipe:
     records: int = 50_000
     record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
     world_share: float = 0.0  # of the records drawn from the wider world (toyworld.world)
+    world: dict[str, Any] = field(default_factory=dict)  # WorldSpec fields this recipe sets
+    # Relation questions' pairs drawn so each answer form is equally common (toyworld.scenes.balanced_pair).
+    balance_relations: bool = False
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(stage=1))
@@ -128,7 +131,9 @@ def training_records(recipe: BuildRecipe, seed: int = 0, spec: SceneSpec | None 
         count=recipe.records,
         share=recipe.world_share,
         spec=spec or SceneSpec(),
+        world=WorldSpec(**recipe.world),
         num_turns=recipe.turns,
+        balance_relations=recipe.balance_relations,
     )
 
 

@@ -9,7 +9,8 @@ relative to the shorter image side, which equals ``max(w, h)`` of the normalised
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -22,6 +23,7 @@ from model.tasks import (
     RELATION_QUESTIONS,
     caption_text,
     position_text,
+    relation_labels,
     relation_text,
 )
 
@@ -34,9 +36,11 @@ __all__ = [
     "SceneObject",
     "SceneSpec",
     "SyntheticRecords",
+    "balanced_pair",
     "corpus_texts",
     "draw_shape",
     "make_scene",
+    "relation_form",
     "render_scene",
     "scene_record",
     "scene_rng",
@@ -154,9 +158,43 @@ def scene_rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_003 + index)
 
 
-def scene_turns(scene: Scene, rng: random.Random, num_turns: int = 3) -> list[tuple[str, str]]:
-    """Random questions about the scene's regions (``<regionK>`` = object K-1)."""
+# Which axis each relation word answers: an answer's "form" is the set of axes it names.
+RELATION_AXIS = {
+    "left of": "x",
+    "right of": "x",
+    "above": "y",
+    "below": "y",
+    "larger than": "size",
+    "smaller than": "size",
+}
+
+
+def relation_form(a: Sequence[float], b: Sequence[float], w: int, h: int) -> tuple[str, ...]:
+    """The axes the relation answer of pixel box ``a`` to ``b`` names (``()``: "near")."""
+    return tuple(sorted(RELATION_AXIS[label] for label in relation_labels(a, b, w, h)))
+
+
+def balanced_pair(
+    rng: random.Random, pairs: Sequence[tuple[int, int]], form: Callable[[int, int], tuple[str, ...]]
+) -> tuple[int, int] | None:
+    """One of ``pairs``, drawn so each answer form among them is equally likely (then uniformly
+    within the form): a lone "left of" is as common as one with a size word, where the scene has
+    both, so the answer's length is read from the boxes rather than from a prior."""
+    groups: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
+    for i, j in pairs:
+        groups[form(i, j)].append((i, j))
+    if not groups:
+        return None
+    return rng.choice(groups[rng.choice(sorted(groups))])
+
+
+def scene_turns(
+    scene: Scene, rng: random.Random, num_turns: int = 3, balance_relations: bool = False
+) -> list[tuple[str, str]]:
+    """Random questions about the scene's regions (``<regionK>`` = object K-1); with
+    ``balance_relations`` a relation question's pair is drawn by :func:`balanced_pair`."""
     objs = scene.objects
+    w, h = scene.width, scene.height
     turns = []
     for _ in range(num_turns):
         kind = rng.random()
@@ -167,16 +205,22 @@ def scene_turns(scene: Scene, rng: random.Random, num_turns: int = 3) -> list[tu
             turns.append((rng.choice(CAPTION_QUESTIONS).format(a=f"<region{i + 1}>"), objs[i].caption))
         elif kind < 0.45:
             question = rng.choice(POSITION_QUESTIONS).format(a=f"<region{i + 1}>")
-            turns.append((question, position_text(objs[i].box, scene.width, scene.height)))
+            turns.append((question, position_text(objs[i].box, w, h)))
         elif kind < 0.65:
             attr = rng.choice(list(ATTRIBUTE_QUESTIONS))
             question = rng.choice(ATTRIBUTE_QUESTIONS[attr]).format(a=f"<region{i + 1}>")
             turns.append((question, getattr(objs[i], attr)))
         else:
-            j = rng.choice([k for k in range(len(objs)) if k != i])
+            if balance_relations:
+                pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if a != b]
+                pair = balanced_pair(rng, pairs, lambda a, b: relation_form(objs[a].box, objs[b].box, w, h))
+                if pair is None:  # a lone object has no relation to ask about
+                    continue
+                i, j = pair
+            else:
+                j = rng.choice([k for k in range(len(objs)) if k != i])
             question = rng.choice(RELATION_QUESTIONS).format(a=f"<region{i + 1}>", b=f"<region{j + 1}>")
-            answer = relation_text(objs[i].box, objs[j].box, scene.width, scene.height)
-            turns.append((question, answer))
+            turns.append((question, relation_text(objs[i].box, objs[j].box, w, h)))
     return turns
 
 
@@ -223,9 +267,17 @@ def corpus_texts(spec: SceneSpec | None = None, count: int = 2000, seed: int = 1
 class SyntheticRecords(Sequence):
     """Lazy, indexable synthetic record set: record ``i`` is rendered on access (no image cache)."""
 
-    def __init__(self, seed: int, count: int, spec: SceneSpec | None = None, num_turns: int = 3) -> None:
+    def __init__(
+        self,
+        seed: int,
+        count: int,
+        spec: SceneSpec | None = None,
+        num_turns: int = 3,
+        balance_relations: bool = False,
+    ) -> None:
         self.seed, self.count, self.num_turns = seed, count, num_turns
         self.spec = spec or SceneSpec()
+        self.balance_relations = balance_relations  # relation pairs drawn by balanced_pair
 
     def __len__(self) -> int:
         return self.count
@@ -238,4 +290,5 @@ class SyntheticRecords(Sequence):
     def _record(self, rng: random.Random, index: int) -> dict:
         """Record ``index``, drawn from its own ``rng`` (subclasses draw other worlds)."""
         scene = make_scene(rng, self.spec)
-        return scene_record(scene, scene_turns(scene, rng, self.num_turns), f"syn-{self.seed}-{index}")
+        turns = scene_turns(scene, rng, self.num_turns, self.balance_relations)
+        return scene_record(scene, turns, f"syn-{self.seed}-{index}")

@@ -38,12 +38,15 @@ from toyworld.scenes import (
     COLORS,
     HELD_OUT_COLORS,
     SHAPES,
+    SIZE_FRACTIONS,
     Scene,
     SceneObject,
     SceneSpec,
     SyntheticRecords,
+    balanced_pair,
     draw_shape,
     make_scene,
+    relation_form,
     scene_record,
 )
 
@@ -94,11 +97,13 @@ class WorldSpec:
     overlap_share: float = 0.3  # scenes whose objects may overlap
     max_overlap: float = 0.35  # of an object's box covered by one drawn later
     small_share: float = 0.15  # scenes of only small objects, 1.5-4 % of the side, on canvases >= 800 px
+    same_size_share: float = 0.0  # free scenes whose objects all take one size word (equal-size pairs)
     background_weights: Sequence[float] = (0.3, 0.2, 0.1, 0.1, 0.15, 0.15)  # per BACKGROUNDS
     max_distractors: int = 4
     shade: float = 0.12  # each object's RGB scaled by up to +-12 %
     box_jitter: float = 0.15  # per edge, of the box's side
     no_object_share: float = 0.15  # turns asking about a box on empty background
+    balance_relations: bool = False  # relation pairs drawn by toyworld.scenes.balanced_pair
 
 
 @dataclass(frozen=True)
@@ -170,13 +175,15 @@ def _covered(a: tuple, b: tuple) -> float:
     return ix * iy / max(1e-9, (a[2] - a[0]) * (a[3] - a[1]))
 
 
-def _free_objects(rng: random.Random, spec: WorldSpec, w: int, h: int, small_only: bool) -> list[SceneObject]:
+def _free_objects(
+    rng: random.Random, spec: WorldSpec, w: int, h: int, small_only: bool, one_size: str | None
+) -> list[SceneObject]:
     short = min(w, h)
     overlap = spec.max_overlap if rng.random() < spec.overlap_share else 0.0
     gap = 0.0 if overlap else 0.02 * short
     objects: list[SceneObject] = []
     for _ in range(rng.randint(spec.min_objects, spec.max_objects)):
-        size = "small" if small_only else rng.choice(list(SIZE_BANDS))
+        size = "small" if small_only else one_size or rng.choice(list(SIZE_BANDS))
         lo, hi = (0.015, 0.04) if small_only else SIZE_BANDS[size]
         side = short * rng.uniform(lo, hi)
         for _ in range(100):
@@ -202,8 +209,12 @@ def _inside(obj: SceneObject, w: int, h: int) -> SceneObject:
 def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> Scene:
     """One scene of the wider world (see the module docstring); deterministic per ``rng``."""
     spec = spec or WorldSpec()
+    one_size = None  # drawn only when asked for, so recipes without it keep their scenes
+    if spec.same_size_share and rng.random() < spec.same_size_share:
+        one_size = rng.choice(list(SIZE_BANDS))
     if rng.random() < spec.grid_share:  # the original generator's scene, on another background
-        grid = make_scene(rng, SceneSpec(colors=spec.colors, shapes=spec.shapes))
+        sizes = (one_size,) if one_size else tuple(SIZE_FRACTIONS)
+        grid = make_scene(rng, SceneSpec(colors=spec.colors, shapes=spec.shapes, sizes=sizes))
         (w, h), objects = grid.image.size, [_inside(o, *grid.image.size) for o in grid.objects]
     else:
         small_only = rng.random() < spec.small_share
@@ -212,7 +223,7 @@ def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> Scene
         w = int(round(np.exp(rng.uniform(np.log(lo), np.log(spec.max_side)))))
         aspect = np.exp(rng.uniform(-np.log(spec.max_aspect), np.log(spec.max_aspect)))
         h = int(min(spec.max_side, max(lo if small_only else spec.min_side, round(w / aspect))))
-        objects = _free_objects(rng, spec, w, h, small_only)
+        objects = _free_objects(rng, spec, w, h, small_only, one_size)
     kind = rng.choices(BACKGROUNDS, weights=spec.background_weights)[0]
     image = canvas(rng, w, h, kind)
     _distractors(image, rng, rng.randint(0, spec.max_distractors))
@@ -287,6 +298,12 @@ def world_turns(
         elif kind < 0.65:
             attr = rng.choice(list(ATTRIBUTE_QUESTIONS))
             turns.append((rng.choice(ATTRIBUTE_QUESTIONS[attr]).format(a=ref), getattr(objs[target], attr)))
+        elif spec.balance_relations:
+            pair = _balanced_relation(rng, regions, objs, w, h)
+            if pair is not None:
+                (a, box_a), (b, box_b) = pair
+                question = rng.choice(RELATION_QUESTIONS).format(a=f"<region{a + 1}>", b=f"<region{b + 1}>")
+                turns.append((question, relation_text(box_a, box_b, w, h)))
         else:
             others = [k for k, r in enumerate(regions) if k != i and r.obj is not None]
             if not others:
@@ -297,6 +314,17 @@ def world_turns(
                 question = rng.choice(RELATION_QUESTIONS).format(a=ref, b=f"<region{j + 1}>")
                 turns.append((question, relation_text(a, b, w, h)))
     return regions, turns
+
+
+def _balanced_relation(
+    rng: random.Random, regions: list[Region], objs: list[SceneObject], w: int, h: int
+) -> tuple[tuple[int, tuple], tuple[int, tuple]] | None:
+    """A clear pair of object regions drawn by :func:`toyworld.scenes.balanced_pair`, each as
+    (region index, its object's box); None when the scene has no clear pair."""
+    held = {k: objs[r.obj].box for k, r in enumerate(regions) if r.obj is not None}
+    pairs = [(a, b) for a in held for b in held if a != b and _clear_relation(held[a], held[b], w, h)]
+    pair = balanced_pair(rng, pairs, lambda a, b: relation_form(held[a], held[b], w, h))
+    return None if pair is None else ((pair[0], held[pair[0]]), (pair[1], held[pair[1]]))
 
 
 def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str) -> dict:
@@ -333,12 +361,14 @@ class MixedRecords(SyntheticRecords):
         spec: SceneSpec | None = None,
         world: WorldSpec | None = None,
         num_turns: int = 3,
+        balance_relations: bool = False,
     ) -> None:
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"world share must be in [0, 1], got {share}")
-        super().__init__(seed, count, spec, num_turns)
+        super().__init__(seed, count, spec, num_turns, balance_relations)
         self.share = share
-        self.world = world or WorldSpec()
+        world = world or WorldSpec()
+        self.world = replace(world, balance_relations=world.balance_relations or balance_relations)
 
     def is_world(self, index: int) -> bool:
         """Whether record ``index`` is drawn from the wider world (exactly ``share`` of a long run)."""
