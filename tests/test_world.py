@@ -165,14 +165,15 @@ def test_world_clip_pairs_name_the_object_and_its_third():
 
 
 def test_balanced_pairs_make_each_answer_form_equally_likely():
-    from toyworld.scenes import balanced_pair
+    from toyworld.scenes import answer_forms, balanced_pair
 
     pairs = [(0, k) for k in range(1, 10)] + [(1, 0)]  # nine of one form, one of another
-    forms = {pair: ("x", "size") if pair[0] == 0 else ("x",) for pair in pairs}
+    groups = answer_forms(pairs, lambda a, b: ("x", "size") if a == 0 else ("x",))
     rng = random.Random(0)
-    drawn = [forms[balanced_pair(rng, pairs, lambda a, b: forms[(a, b)])] for _ in range(2000)]
-    assert 0.45 < drawn.count(("x",)) / len(drawn) < 0.55  # the rare form: half, not a tenth
-    assert balanced_pair(rng, [], lambda a, b: ()) is None
+    drawn = [balanced_pair(rng, groups) for _ in range(3000)]
+    assert 0.45 < drawn.count((1, 0)) / len(drawn) < 0.55  # the rare form: half, not a tenth
+    assert {drawn.count((0, k)) // 100 for k in range(1, 10)} <= {1, 2}  # uniform within a form (~167)
+    assert balanced_pair(rng, {}) is None
 
 
 def _relation_turns(record: dict) -> list[tuple[list[int], str]]:
@@ -185,39 +186,76 @@ def _relation_turns(record: dict) -> list[tuple[list[int], str]]:
     return [(refs, answer) for refs, answer in turns if len(refs) == 2]
 
 
-def test_balanced_relations_and_equal_sizes_make_lone_horizontal_answers_common():
+def _lone_and_sized(records, n: int) -> tuple[float, float]:
+    """Shares of relation answers that are a lone "left of"/"right of", and that name a size."""
+    answers = [answer for k in range(n) for _, answer in _relation_turns(records[k])]
+    return sum(a in ("left of", "right of") for a in answers) / len(answers), sum(
+        "than" in a for a in answers
+    ) / len(answers)
+
+
+def test_each_knob_alone_makes_lone_horizontal_answers_more_common():
+    from toyworld.scenes import SyntheticRecords
     from toyworld.world import MixedRecords
 
-    def shares(records) -> tuple[float, float]:
-        answers = [answer for k in range(300) for _, answer in _relation_turns(records[k])]
-        lone = sum(a in ("left of", "right of") for a in answers) / len(answers)
-        return lone, sum("than" in a for a in answers) / len(answers)
+    def world(balance: bool, same: float) -> MixedRecords:
+        spec = WorldSpec(max_side=300, same_size_share=same, grid_share=0.0)
+        return MixedRecords(seed=3, count=250, share=1.0, world=spec, num_turns=8, balance_relations=balance)
 
-    world = WorldSpec(max_side=300)
-    natural = MixedRecords(seed=3, count=300, share=0.75, world=world, num_turns=8)
-    balanced = MixedRecords(
-        seed=3,
-        count=300,
-        share=0.75,
-        world=WorldSpec(max_side=300, same_size_share=0.3),
-        num_turns=8,
-        balance_relations=True,
-    )
-    (lone_natural, sized_natural), (lone_balanced, sized_balanced) = shares(natural), shares(balanced)
-    assert lone_balanced > 1.3 * lone_natural and sized_balanced < sized_natural
-    for k in range(300):  # grid records' boxes are their objects': every answer is their truth
-        record = balanced[k]
-        for (a, b), answer in _relation_turns(record) if record["source"] == "synthetic" else []:
-            truth = relation_text(record["boxes"][a], record["boxes"][b], record["width"], record["height"])
-            assert answer == truth
+    natural = _lone_and_sized(world(False, 0.0), 250)
+    assert _lone_and_sized(world(True, 0.0), 250)[0] > 1.2 * natural[0]  # balancing alone
+    same_sizes = _lone_and_sized(world(False, 0.3), 250)
+    assert same_sizes[0] > 1.2 * natural[0] and same_sizes[1] < natural[1]  # equal sizes alone
+    grid = [
+        _lone_and_sized(SyntheticRecords(seed=3, count=250, num_turns=8, balance_relations=b), 250)
+        for b in (0, 1)
+    ]
+    assert grid[1][0] > grid[0][0]  # the generator's scenes balance too
 
 
-def test_same_size_scenes_draw_one_size_word_and_leave_other_specs_unchanged():
+def test_balanced_world_turns_answer_the_truth_of_the_regions_they_name():
+    for i in range(120):
+        rng = random.Random(i)
+        scene = make_world_scene(rng, WorldSpec(same_size_share=0.5, max_side=400))
+        regions, turns = world_turns(scene, rng, WorldSpec(), num_turns=8, balance_relations=True)
+        for question, answer in turns:
+            refs = [int(t) - 1 for t in re.findall(r"<region(\d+)>", question)]
+            if len(refs) == 2:
+                a, b = (scene.objects[regions[k].obj].box for k in refs)  # the object a jittered region holds
+                assert answer == relation_text(a, b, scene.width, scene.height)
+
+
+def test_same_size_scenes_draw_one_size_word():
     spec = WorldSpec(same_size_share=1.0)
     for i in range(30):
         scene = make_world_scene(random.Random(i), spec)
         assert len({o.size for o in scene.objects}) <= 1
-    for i in range(5):  # a share of 0 draws nothing more: the scenes of older recipes are kept
-        a = make_world_scene(random.Random(i), WorldSpec())
-        b = make_world_scene(random.Random(i), WorldSpec(same_size_share=0.0))
-        assert a.image.tobytes() == b.image.tobytes()
+
+
+# sha256 of the first 12 training records (image bytes, boxes, conversations), computed at commit
+# 475fa32, before relation balancing and same-size scenes: recipes that leave them off keep their data
+# (a fine-tuning job replays its lineage's recipe records).
+RECORD_DIGESTS = {"roi-tiny-default": "dd0dbcb06248fc1e", "roi-tiny-world": "1dc1ead579173fdf"}
+
+
+@pytest.mark.parametrize("name", sorted(RECORD_DIGESTS))
+def test_recipes_without_the_new_knobs_keep_their_records(name):
+    import hashlib
+    import json
+
+    from toyworld.build_default import load_recipe, training_records
+
+    records, digest = training_records(load_recipe(name)), hashlib.sha256()
+    for i in range(12):
+        record = records[i]
+        digest.update(record["image"].tobytes())
+        digest.update(json.dumps([record["boxes"], record["conversations"]]).encode())
+    assert digest.hexdigest()[:16] == RECORD_DIGESTS[name]
+
+
+def test_a_recipe_world_key_is_checked_when_the_recipe_loads():
+    from toyworld.build_default import BuildRecipe
+
+    assert BuildRecipe.from_dict({"world": {"same_size_share": 0.3}}).world_spec().same_size_share == 0.3
+    with pytest.raises(ValueError, match="unknown config keys"):
+        BuildRecipe.from_dict({"world": {"same_size_shares": 0.3}})

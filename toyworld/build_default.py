@@ -84,7 +84,8 @@ class BuildRecipe:
     records: int = 50_000
     record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
     world_share: float = 0.0  # of the records drawn from the wider world (toyworld.world)
-    world: dict[str, Any] = field(default_factory=dict)  # WorldSpec fields this recipe sets
+    # Fields of the training records' WorldSpec this recipe sets (not CLIP's or calibration's worlds).
+    world: dict[str, Any] = field(default_factory=dict)
     # Relation questions' pairs drawn so each answer form is equally common (toyworld.scenes.balanced_pair).
     balance_relations: bool = False
     clip: ClipRecipe = field(default_factory=ClipRecipe)
@@ -94,9 +95,16 @@ class BuildRecipe:
     # Optional second stage-2 run with a fresh warm-up and cosine schedule (a restart); steps 0: none.
     stage2_restart: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2, steps=0))
 
+    def __post_init__(self) -> None:
+        self.world_spec()  # unknown world keys fail when the recipe loads, not after CLIP training
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecipe:
         return dataclass_from_dict(cls, data)
+
+    def world_spec(self) -> WorldSpec:
+        """The wider world the training records draw (``world`` fields over the defaults)."""
+        return dataclass_from_dict(WorldSpec, self.world)
 
 
 def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
@@ -131,7 +139,7 @@ def training_records(recipe: BuildRecipe, seed: int = 0, spec: SceneSpec | None 
         count=recipe.records,
         share=recipe.world_share,
         spec=spec or SceneSpec(),
-        world=WorldSpec(**recipe.world),
+        world=recipe.world_spec(),
         num_turns=recipe.turns,
         balance_relations=recipe.balance_relations,
     )

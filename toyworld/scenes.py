@@ -20,6 +20,7 @@ from model.tasks import (
     ATTRIBUTE_VALUES,
     CAPTION_QUESTIONS,
     POSITION_QUESTIONS,
+    RELATION_LABELS,
     RELATION_QUESTIONS,
     caption_text,
     position_text,
@@ -36,6 +37,7 @@ __all__ = [
     "SceneObject",
     "SceneSpec",
     "SyntheticRecords",
+    "answer_forms",
     "balanced_pair",
     "corpus_texts",
     "draw_shape",
@@ -159,7 +161,7 @@ def scene_rng(seed: int, index: int) -> random.Random:
 
 
 # Which axis each relation word answers: an answer's "form" is the set of axes it names.
-RELATION_AXIS = {
+_RELATION_AXIS: dict[str, str] = {
     "left of": "x",
     "right of": "x",
     "above": "y",
@@ -167,22 +169,30 @@ RELATION_AXIS = {
     "larger than": "size",
     "smaller than": "size",
 }
+assert set(_RELATION_AXIS) == set(RELATION_LABELS)
 
 
 def relation_form(a: Sequence[float], b: Sequence[float], w: int, h: int) -> tuple[str, ...]:
     """The axes the relation answer of pixel box ``a`` to ``b`` names (``()``: "near")."""
-    return tuple(sorted(RELATION_AXIS[label] for label in relation_labels(a, b, w, h)))
+    return tuple(sorted(_RELATION_AXIS[label] for label in relation_labels(a, b, w, h)))
 
 
-def balanced_pair(
-    rng: random.Random, pairs: Sequence[tuple[int, int]], form: Callable[[int, int], tuple[str, ...]]
-) -> tuple[int, int] | None:
-    """One of ``pairs``, drawn so each answer form among them is equally likely (then uniformly
-    within the form): a lone "left of" is as common as one with a size word, where the scene has
-    both, so the answer's length is read from the boxes rather than from a prior."""
+def answer_forms(
+    pairs: Sequence[tuple[int, int]], form: Callable[[int, int], tuple[str, ...]]
+) -> dict[tuple[str, ...], list[tuple[int, int]]]:
+    """``pairs`` grouped by their answer's form (one scene's, computed once for all its turns)."""
     groups: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
     for i, j in pairs:
         groups[form(i, j)].append((i, j))
+    return dict(groups)
+
+
+def balanced_pair(
+    rng: random.Random, groups: dict[tuple[str, ...], list[tuple[int, int]]]
+) -> tuple[int, int] | None:
+    """A pair of :func:`answer_forms` ``groups``, drawn so each answer form is equally likely (then
+    uniformly within the form): a lone "left of" is as common as one with a size word, where the
+    scene has both, so the answer's length is read from the boxes rather than from a prior."""
     if not groups:
         return None
     return rng.choice(groups[rng.choice(sorted(groups))])
@@ -196,6 +206,7 @@ def scene_turns(
     objs = scene.objects
     w, h = scene.width, scene.height
     turns = []
+    forms = None  # the scene's pairs by answer form, grouped on the first balanced relation turn
     for _ in range(num_turns):
         kind = rng.random()
         i = rng.randrange(len(objs))
@@ -212,8 +223,10 @@ def scene_turns(
             turns.append((question, getattr(objs[i], attr)))
         else:
             if balance_relations:
-                pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if a != b]
-                pair = balanced_pair(rng, pairs, lambda a, b: relation_form(objs[a].box, objs[b].box, w, h))
+                if forms is None:
+                    pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if a != b]
+                    forms = answer_forms(pairs, lambda a, b: relation_form(objs[a].box, objs[b].box, w, h))
+                pair = balanced_pair(rng, forms)
                 if pair is None:  # a lone object has no relation to ask about
                     continue
                 i, j = pair

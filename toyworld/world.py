@@ -38,11 +38,11 @@ from toyworld.scenes import (
     COLORS,
     HELD_OUT_COLORS,
     SHAPES,
-    SIZE_FRACTIONS,
     Scene,
     SceneObject,
     SceneSpec,
     SyntheticRecords,
+    answer_forms,
     balanced_pair,
     draw_shape,
     make_scene,
@@ -97,13 +97,12 @@ class WorldSpec:
     overlap_share: float = 0.3  # scenes whose objects may overlap
     max_overlap: float = 0.35  # of an object's box covered by one drawn later
     small_share: float = 0.15  # scenes of only small objects, 1.5-4 % of the side, on canvases >= 800 px
-    same_size_share: float = 0.0  # free scenes whose objects all take one size word (equal-size pairs)
+    same_size_share: float = 0.0  # scenes (grid or free) whose objects all take one size word
     background_weights: Sequence[float] = (0.3, 0.2, 0.1, 0.1, 0.15, 0.15)  # per BACKGROUNDS
     max_distractors: int = 4
     shade: float = 0.12  # each object's RGB scaled by up to +-12 %
     box_jitter: float = 0.15  # per edge, of the box's side
     no_object_share: float = 0.15  # turns asking about a box on empty background
-    balance_relations: bool = False  # relation pairs drawn by toyworld.scenes.balanced_pair
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def _free_objects(
     gap = 0.0 if overlap else 0.02 * short
     objects: list[SceneObject] = []
     for _ in range(rng.randint(spec.min_objects, spec.max_objects)):
-        size = "small" if small_only else one_size or rng.choice(list(SIZE_BANDS))
+        size = "small" if small_only else (one_size or rng.choice(list(SIZE_BANDS)))
         lo, hi = (0.015, 0.04) if small_only else SIZE_BANDS[size]
         side = short * rng.uniform(lo, hi)
         for _ in range(100):
@@ -213,8 +212,8 @@ def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> Scene
     if spec.same_size_share and rng.random() < spec.same_size_share:
         one_size = rng.choice(list(SIZE_BANDS))
     if rng.random() < spec.grid_share:  # the original generator's scene, on another background
-        sizes = (one_size,) if one_size else tuple(SIZE_FRACTIONS)
-        grid = make_scene(rng, SceneSpec(colors=spec.colors, shapes=spec.shapes, sizes=sizes))
+        grid_spec = SceneSpec(colors=spec.colors, shapes=spec.shapes)
+        grid = make_scene(rng, replace(grid_spec, sizes=(one_size,)) if one_size else grid_spec)
         (w, h), objects = grid.image.size, [_inside(o, *grid.image.size) for o in grid.objects]
     else:
         small_only = rng.random() < spec.small_share
@@ -267,10 +266,16 @@ def _clear_relation(a: Sequence[float], b: Sequence[float], w: int, h: int) -> b
 
 
 def world_turns(
-    scene: Scene, rng: random.Random, spec: WorldSpec | None = None, num_turns: int = 3
+    scene: Scene,
+    rng: random.Random,
+    spec: WorldSpec | None = None,
+    num_turns: int = 3,
+    balance_relations: bool = False,
 ) -> tuple[list[Region], list[tuple[str, str]]]:
     """The regions shown to the model (jittered object boxes, maybe one empty box, in random
-    order) and ``num_turns`` (question, answer) pairs about them (``<regionK>`` = region K-1)."""
+    order) and ``num_turns`` (question, answer) pairs about them (``<regionK>`` = region K-1);
+    with ``balance_relations`` a relation question's pair is drawn by
+    :func:`toyworld.scenes.balanced_pair`."""
     spec = spec or WorldSpec()
     w, h = scene.width, scene.height
     regions = [Region(_jittered(o.box, rng, spec.box_jitter, w, h), k) for k, o in enumerate(scene.objects)]
@@ -281,6 +286,7 @@ def world_turns(
     rng.shuffle(regions)
     objs = scene.objects
     turns: list[tuple[str, str]] = []
+    forms = None  # the scene's clear pairs by answer form, grouped on the first balanced relation turn
     for _ in range(num_turns * 4):  # a few tries per turn: unclear positions/relations are skipped
         if len(turns) == num_turns or not regions:
             break
@@ -298,33 +304,34 @@ def world_turns(
         elif kind < 0.65:
             attr = rng.choice(list(ATTRIBUTE_QUESTIONS))
             turns.append((rng.choice(ATTRIBUTE_QUESTIONS[attr]).format(a=ref), getattr(objs[target], attr)))
-        elif spec.balance_relations:
-            pair = _balanced_relation(rng, regions, objs, w, h)
-            if pair is not None:
-                (a, box_a), (b, box_b) = pair
-                question = rng.choice(RELATION_QUESTIONS).format(a=f"<region{a + 1}>", b=f"<region{b + 1}>")
-                turns.append((question, relation_text(box_a, box_b, w, h)))
         else:
-            others = [k for k, r in enumerate(regions) if k != i and r.obj is not None]
-            if not others:
+            if balance_relations:
+                forms = forms if forms is not None else _clear_forms(regions, objs, w, h)
+                pair = balanced_pair(rng, forms)
+            else:
+                others = [k for k, r in enumerate(regions) if k != i and r.obj is not None]
+                if not others:
+                    continue
+                pair = (i, rng.choice(others))
+            if pair is None:
                 continue
-            j = rng.choice(others)
-            a, b = objs[target].box, objs[regions[j].obj].box  # type: ignore[index]
-            if _clear_relation(a, b, w, h):
-                question = rng.choice(RELATION_QUESTIONS).format(a=ref, b=f"<region{j + 1}>")
-                turns.append((question, relation_text(a, b, w, h)))
+            box_a, box_b = (objs[regions[k].obj].box for k in pair)  # type: ignore[index]
+            if balance_relations or _clear_relation(box_a, box_b, w, h):
+                question = rng.choice(RELATION_QUESTIONS).format(
+                    a=f"<region{pair[0] + 1}>", b=f"<region{pair[1] + 1}>"
+                )
+                turns.append((question, relation_text(box_a, box_b, w, h)))
     return regions, turns
 
 
-def _balanced_relation(
-    rng: random.Random, regions: list[Region], objs: list[SceneObject], w: int, h: int
-) -> tuple[tuple[int, tuple], tuple[int, tuple]] | None:
-    """A clear pair of object regions drawn by :func:`toyworld.scenes.balanced_pair`, each as
-    (region index, its object's box); None when the scene has no clear pair."""
+def _clear_forms(
+    regions: list[Region], objs: list[SceneObject], w: int, h: int
+) -> dict[tuple[str, ...], list[tuple[int, int]]]:
+    """The scene's ordered pairs of object regions whose relation is clear of every margin,
+    grouped by answer form (:func:`toyworld.scenes.answer_forms`)."""
     held = {k: objs[r.obj].box for k, r in enumerate(regions) if r.obj is not None}
     pairs = [(a, b) for a in held for b in held if a != b and _clear_relation(held[a], held[b], w, h)]
-    pair = balanced_pair(rng, pairs, lambda a, b: relation_form(held[a], held[b], w, h))
-    return None if pair is None else ((pair[0], held[pair[0]]), (pair[1], held[pair[1]]))
+    return answer_forms(pairs, lambda a, b: relation_form(held[a], held[b], w, h))
 
 
 def world_record(scene: Scene, regions: list[Region], turns: list[tuple[str, str]], record_id: str) -> dict:
@@ -367,8 +374,7 @@ class MixedRecords(SyntheticRecords):
             raise ValueError(f"world share must be in [0, 1], got {share}")
         super().__init__(seed, count, spec, num_turns, balance_relations)
         self.share = share
-        world = world or WorldSpec()
-        self.world = replace(world, balance_relations=world.balance_relations or balance_relations)
+        self.world = world or WorldSpec()
 
     def is_world(self, index: int) -> bool:
         """Whether record ``index`` is drawn from the wider world (exactly ``share`` of a long run)."""
@@ -378,7 +384,7 @@ class MixedRecords(SyntheticRecords):
         if not self.is_world(index):
             return super()._record(rng, index)
         scene = make_world_scene(rng, self.world)
-        regions, turns = world_turns(scene, rng, self.world, self.num_turns)
+        regions, turns = world_turns(scene, rng, self.world, self.num_turns, self.balance_relations)
         return world_record(scene, regions, turns, f"world-{self.seed}-{index}")
 
 
