@@ -116,6 +116,9 @@ class Settings:
     train_focus_turns: int = _setting(
         0, "of those, how many at most are questions the parent answers wrong (0: drawn uniformly)"
     )
+    train_lift_new_tokens: bool = _setting(
+        False, "lift input rows of tokens the parent never trained to the trained rows' mean first"
+    )
     heldout_fraction: float = _setting(0.2, "share of corrected images kept out of training for the gate")
     heldout_min_records: int = _setting(10, "below this many corrected images, gate on the new corrections")
     gate_eval_images: int = _setting(100, "base evaluation scenes scored by the promotion gate")

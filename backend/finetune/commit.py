@@ -141,6 +141,7 @@ def _write_and_commit(
             "metrics": figures,
             "gate": summary["gate"],
             "curve": CURVE,
+            "lifted_tokens": summary.get("lifted_tokens", []),  # input rows lifted in this lineage
         }
         (staging / "version.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
         if guard is not None:

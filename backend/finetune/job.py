@@ -35,15 +35,17 @@ from backend.lease import LeaseError, TrainingLease
 from backend.registry import ModelRegistry
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
-from model.checkpoint import load_model
+from model.checkpoint import load_model, read_metadata
 from model.config import TrainConfig
+from model.data.dataset import record_turns
 from model.inference.engine import InferenceEngine
 from model.mllm import RegionMLLM
-from model.training import TrainOptions, train
+from model.training import TrainOptions, lift_untrained_rows, text_token_ids, train
 
 __all__ = ["MAX_ROUNDS", "finetune_project", "run_finetune_job"]
 
 log = logging.getLogger(__name__)
+REPLAY_TOKEN_SAMPLE = 64  # replay records whose tokens count as trained (their median row norm)
 
 MAX_ROUNDS = 3  # follow-up rounds one job runs for requests that arrive while it trains
 
@@ -169,6 +171,8 @@ def _finetune(
     missed = missed_turns(engine, split.train) if settings.train_focus_turns else {}
     del engine
 
+    earlier = set(read_metadata(parent_dir).get("lifted_tokens", []))  # lifted once per lineage
+    lifted = _lift_new_tokens(model, split, lineage, earlier) if settings.train_lift_new_tokens else []
     cfg = train_config(settings, seed=snapshot_seq)
     history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease, missed)
 
@@ -194,9 +198,11 @@ def _finetune(
                  "tolerance": settings.promote_tolerance, "kinds": decision["kinds"],
                  "scripts": decision["scripts"], "malformed": decision["malformed"]},
         "data": _counts(split, candidate_scores, settings, snapshot_seq),
+        "lifted_tokens": sorted(earlier | set(lifted)),
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "max_turns": settings.train_max_turns, "focus_turns": settings.train_focus_turns,
-                  "missed_turns": sum(map(len, missed.values())), "seconds": round(train_seconds, 1),
+                  "missed_turns": sum(map(len, missed.values())), "lifted_tokens": len(lifted),
+                  "seconds": round(train_seconds, 1),
                   "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]},
     }  # fmt: skip
     guard = lease.check if lease is not None else None
@@ -211,6 +217,23 @@ def _finetune(
     log.info("gate decision", extra=outcome)
     set_phase("done", **outcome)
     return summary
+
+
+def _lift_new_tokens(
+    model: RegionMLLM, split: CorrectionSplit, lineage: LineageData, earlier: set[int]
+) -> list[int]:
+    """Lift the input rows of the tokens the training corrections use and the parent never trained
+    (:mod:`model.training.new_tokens`; trained = the tokens of a sample of the lineage's replay),
+    but not those the lineage lifted ``earlier``."""
+    replay = lineage.replay()
+    sample = [replay[k] for k in range(min(len(replay), REPLAY_TOKEN_SAMPLE))]
+    trained = text_token_ids(model, (text for r in sample for turn in record_turns(r) for text in turn))
+    needed = text_token_ids(model, (text for r in split.train for turn in record_turns(r) for text in turn))
+    lifted = lift_untrained_rows(model, needed - earlier, trained)
+    log.info(
+        "lifted new token rows", extra={"tokens": len(lifted), "needed": len(needed), "trained": len(trained)}
+    )
+    return lifted
 
 
 def _train(
