@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from backend.finetune.gate import RecordEvaluator
 from backend.finetune.sources import ToySceneEvaluator
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from backend.store import open_store
+from backend.store import CorrectionStore, open_store
 from model.checkpoint import load_model
 from model.data.converters import write_jsonl
 from model.data.dataset import record_turns
@@ -51,6 +53,37 @@ def write_records(folder: Path, count: int) -> Path:
     path = folder / "earlier.jsonl"
     write_jsonl(records, path)
     return path
+
+
+def jsonl_job(
+    tmp_path: Path, default_model: Path, caption: Callable[[dict], str], **overrides: Any
+) -> tuple[Settings, CorrectionStore]:
+    """Settings of a fast job on a JSONL lineage (12 earlier records) and a store holding project
+    1's corrections of 2 synthetic images, each box captioned ``caption(its box_labels)``."""
+    path = write_records(tmp_path / "earlier", 12)
+    images = tmp_path / "images"
+    images.mkdir()
+    fast = dict(
+        train_steps=2, train_batch_size=2, train_max_turns=2, gate_eval_images=3, heldout_min_records=100,
+        max_new_tokens=4, promote_tolerance=1.0,
+    )  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", model_dir=tmp_path / "models", default_model=default_model,
+        redis_url="redis://127.0.0.1:1/13", local_files_root=str(images), replay_data=str(path),
+        **{**fast, **overrides},
+    )  # fmt: skip
+    store = open_store(settings.data_dir)
+    for i, rec in enumerate(SyntheticRecords(seed=9, count=2, num_turns=1)):
+        rec["image"].save(images / f"c{i}.png")
+        regions = [
+            Region(f"r{k}", tuple(box), caption=caption(labels))
+            for k, (box, labels) in enumerate(zip(inside(rec), rec["box_labels"]))
+        ]
+        store.apply_annotation(
+            1, 100 + i, f"2025-06-01T12:00:0{i}Z", f"/data/local-files/?d=c{i}.png",
+            rec["width"], rec["height"], regions, task_id=200 + i,
+        )  # fmt: skip
+    return settings, store
 
 
 def test_synthetic_lineage_is_the_toy_world():
@@ -146,26 +179,12 @@ def test_stored_base_scores_need_the_same_evaluation(tmp_path: Path):
 @pytest.mark.slow
 def test_job_on_a_real_data_lineage_scores_its_own_held_out_records(tmp_path: Path, tiny_checkpoint: Path):
     """A JSONL lineage: replay and base evaluation come from the file, nothing from the toy world."""
-    path = write_records(tmp_path / "earlier", 12)
-    images = tmp_path / "images"
-    images.mkdir()
-    settings = Settings(
-        data_dir=tmp_path / "data", model_dir=tmp_path / "models", default_model=tiny_checkpoint,
-        redis_url="redis://127.0.0.1:1/13", local_files_root=str(images), replay_data=str(path),
-        train_steps=4, train_batch_size=2, train_max_turns=2, gate_eval_images=3, heldout_min_records=100,
-        max_new_tokens=4, promote_tolerance=1.0,
-    )  # fmt: skip
-    store = open_store(settings.data_dir)
-    for i, rec in enumerate(SyntheticRecords(seed=9, count=2, num_turns=1)):
-        rec["image"].save(images / f"c{i}.png")
-        regions = [
-            Region(f"r{k}", tuple(box), caption=f"{labels['size']} {labels['color']} {labels['shape']}")
-            for k, (box, labels) in enumerate(zip(inside(rec), rec["box_labels"]))
-        ]
-        store.apply_annotation(
-            1, 100 + i, f"2025-06-01T12:00:0{i}Z", f"/data/local-files/?d=c{i}.png",
-            rec["width"], rec["height"], regions, task_id=200 + i,
-        )  # fmt: skip
+    settings, store = jsonl_job(
+        tmp_path,
+        tiny_checkpoint,
+        lambda labels: f"{labels['size']} {labels['color']} {labels['shape']}",
+        train_steps=4,
+    )
     registry = ModelRegistry(settings.model_dir, settings.default_model)
     lineage = lineage_data(settings)
     summary = finetune_project(1, settings, store, registry, lineage, reason="test")

@@ -31,17 +31,13 @@ def test_only_small_rows_of_needed_tokens_are_lifted_once():
 def test_the_job_lifts_the_rows_of_new_scripts_once_per_lineage(tmp_path, tiny_checkpoint):
     """TRAIN_LIFT_NEW_TOKENS: a job on Chinese corrections lifts the rows of their never-trained
     tokens and records them in version.json; the next job of the lineage does not lift them again."""
-    from backend.corrections import Region
     from backend.finetune import finetune_project, lineage_data
     from backend.registry import ModelRegistry
-    from backend.settings import Settings
-    from backend.store import open_store
     from model.checkpoint import load_model, read_metadata, save_checkpoint
     from model.data.dataset import record_turns
-    from tests.test_finetune_sources import inside, write_records
+    from tests.test_finetune_sources import jsonl_job
     from toyworld.scenes import SyntheticRecords
 
-    replay = write_records(tmp_path / "earlier", 12)
     model = load_model(tiny_checkpoint)
     trained = text_token_ids(
         model, [t for r in SyntheticRecords(seed=5, count=12) for qa in record_turns(r) for t in qa]
@@ -49,22 +45,7 @@ def test_the_job_lifts_the_rows_of_new_scripts_once_per_lineage(tmp_path, tiny_c
     with torch.no_grad():  # the earlier data's rows trained to a larger scale than the initial one
         model.lm.get_input_embeddings().weight[sorted(trained)] *= 10.0
     parent = save_checkpoint(model, tmp_path / "parent", metadata={"version": "1.0.0"})
-    images = tmp_path / "images"
-    images.mkdir()
-    settings = Settings(
-        data_dir=tmp_path / "data", model_dir=tmp_path / "models", default_model=parent,
-        redis_url="redis://127.0.0.1:1/13", local_files_root=str(images), replay_data=str(replay),
-        train_steps=2, train_batch_size=2, train_max_turns=2, gate_eval_images=3, heldout_min_records=100,
-        max_new_tokens=4, promote_tolerance=1.0, train_lift_new_tokens=True,
-    )  # fmt: skip
-    store = open_store(settings.data_dir)
-    for i, rec in enumerate(SyntheticRecords(seed=9, count=2, num_turns=1)):
-        rec["image"].save(images / f"c{i}.png")
-        regions = [Region(f"r{k}", tuple(box), caption="粉色圆形") for k, box in enumerate(inside(rec))]
-        store.apply_annotation(
-            1, 100 + i, f"2025-06-01T12:00:0{i}Z", f"/data/local-files/?d=c{i}.png",
-            rec["width"], rec["height"], regions, task_id=200 + i,
-        )  # fmt: skip
+    settings, store = jsonl_job(tmp_path, parent, lambda labels: "粉色圆形", train_lift_new_tokens=True)
     registry = ModelRegistry(settings.model_dir, settings.default_model)
     first = finetune_project(1, settings, store, registry, lineage_data(settings), reason="test")
     new = text_token_ids(model, ["粉色圆形"]) - trained

@@ -227,13 +227,18 @@ def _lift_new_tokens(
     but not those the lineage lifted ``earlier``."""
     replay = lineage.replay()
     sample = [replay[k] for k in range(min(len(replay), REPLAY_TOKEN_SAMPLE))]
-    trained = text_token_ids(model, (text for r in sample for turn in record_turns(r) for text in turn))
-    needed = text_token_ids(model, (text for r in split.train for turn in record_turns(r) for text in turn))
+    trained = text_token_ids(model, _texts(sample))
+    needed = text_token_ids(model, _texts(split.train))
     lifted = lift_untrained_rows(model, needed - earlier, trained)
     log.info(
         "lifted new token rows", extra={"tokens": len(lifted), "needed": len(needed), "trained": len(trained)}
     )
     return lifted
+
+
+def _texts(records: list[dict]) -> list[str]:
+    """Every question and answer of ``records``."""
+    return [text for r in records for turn in record_turns(r) for text in turn]
 
 
 def _train(
