@@ -32,6 +32,7 @@ import json
 import random
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,9 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
     """Answers of a checkpoint folder (fresh engine) to every question the backend asks about the
     objects of ``scenes`` (caption, colour/shape/size, relations).
 
-    Returns per caption language ``{"right", "total", "exact_match"}`` (exact string equality with
-    :func:`reviewer_caption`), attribute and relation accuracy, and the malformed answers
+    Returns per caption language ``{"right", "total", "exact_match", "wrong_answers"}`` (exact string
+    equality with :func:`reviewer_caption`; its three most frequent wrong captions, counted),
+    attribute and relation accuracy, and the malformed answers
     (:func:`backend.finetune.gate.malformed_reason`) with up to 5 examples."""
     from backend.finetune.gate import malformed_reason
     from model.checkpoint import load_model
@@ -140,6 +142,7 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
     engine = InferenceEngine(load_model(folder), version=version)
     right = dict.fromkeys(LANGUAGES, 0)
     total = dict.fromkeys(LANGUAGES, 0)
+    wrong: dict[str, Counter[str]] = {lang: Counter() for lang in LANGUAGES}
     attr_right = attr_total = rel_right = rel_total = answers = 0
     malformed: list[dict[str, str]] = []
     replacement = 0
@@ -153,6 +156,8 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
                 lang, reference = caption_language(obj), reviewer_caption(obj)
                 total[lang] += 1
                 right[lang] += int(region.caption.text == reference)
+                if region.caption.text != reference:
+                    wrong[lang][region.caption.text] += 1
                 checked.append(("caption", region.caption.text, reference))
                 for name, ans in region.attributes.items():
                     attr_total += 1
@@ -176,6 +181,7 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
                 "right": right[lang],
                 "total": total[lang],
                 "exact_match": right[lang] / total[lang] if total[lang] else float("nan"),
+                "wrong_answers": dict(wrong[lang].most_common(3)),
             }
             for lang in LANGUAGES
         },  # fmt: skip
@@ -200,6 +206,9 @@ def table(before: dict[str, Any], after: dict[str, Any], job: dict[str, Any]) ->
     for key in ("attribute_accuracy", "relation_accuracy"):
         b, a = before[key], after[key]
         lines.append(f"{key:34s} {b:8.1%} {a:8.1%} {100 * (a - b):+8.1f}pt")
+    for lang in LANGUAGES:
+        if after["languages"][lang]["wrong_answers"]:
+            lines.append(f"  {lang} wrong captions after: {after['languages'][lang]['wrong_answers']}")
     lines.append(f"{'malformed answers (of all)':34s} {before['malformed']:8d} {after['malformed']:8d}"
                  f"   of {after['answers']}")  # fmt: skip
     parent, cand = job["parent_scores"]["base"], job["candidate"]["base"]
