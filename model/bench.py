@@ -211,7 +211,7 @@ def run(
 
         def naive_run(boxes=boxes, queries=queries) -> None:
             for _, q in queries:
-                generate_naive(model, model.processor(image), boxes, q, max_new_tokens=max_new)
+                generate_naive(model, image, boxes, q, max_new_tokens=max_new)
 
         variants[f"{k}/engine"], variants[f"{k}/naive"] = engine_run, naive_run
     medians = interleaved_medians(variants, repeats)  # every K's engine and naive run once a repeat

@@ -56,7 +56,7 @@ def test_default_model_engine_equals_naive_with_eos():
     got = engine.answer(images, boxes, queries)
     assert len({a.num_tokens for a in got}) > 1  # rows stop at different steps
     for (i, q), ans in zip(queries, got):
-        text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
+        text, score = generate_naive(model, images[i], boxes[i], q, engine.max_new_tokens)
         assert ans.text == text
         assert ans.raw_score == pytest.approx(score, abs=1e-4)
 

@@ -67,7 +67,7 @@ def test_engine_equals_naive_greedy(scrambled, lean):
     engine = InferenceEngine(m, "t", max_new_tokens=12, lean=lean)
     got = engine.answer(images, boxes, queries)
     for (i, q), ans in zip(queries, got):
-        text, score = generate_naive(m, m.processor(images[i]), boxes[i], q, max_new_tokens=12)
+        text, score = generate_naive(m, images[i], boxes[i], q, max_new_tokens=12)
         assert ans.text == text, (i, q)
         assert ans.raw_score == pytest.approx(score, abs=1e-4)
     assert len({a.text for a in got}) == len(got)  # every prompt gives its own answer
@@ -212,6 +212,6 @@ def test_mixed_length_answers_decode_together_and_finished_rows_leave():
     assert times.tokens == engine.stats.generated_tokens - len(asked)
     assert times.tokens < times.steps * len(asked)
     for i, q, ans in asked:
-        text, score = generate_naive(model, model.processor(images[i]), boxes[i], q, engine.max_new_tokens)
+        text, score = generate_naive(model, images[i], boxes[i], q, engine.max_new_tokens)
         assert ans.text == text, q
         assert ans.raw_score == pytest.approx(score, abs=1e-4)

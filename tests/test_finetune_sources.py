@@ -102,9 +102,9 @@ def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, capl
     import json
     from dataclasses import asdict
 
-    from toyworld.build_default import training_records
+    from toyworld.build_default import DEFAULT_SEED, training_records
 
-    recipe = load_recipe("roi-tiny-world-focal")
+    recipe = load_recipe("roi-tiny-default")  # the grid world: not the bundled default's mix
     built = tmp_path / "built"
     built.mkdir()
     (built / "version.json").write_text(
@@ -112,7 +112,7 @@ def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, capl
     )
     replay = lineage_data(Settings(replay_data="synthetic", default_model=built)).replay()
     expected = training_records(recipe, 3)
-    assert replay.share == recipe.world_share > 0 and len(replay) == recipe.records
+    assert replay.share == recipe.world_share != load_recipe().world_share and len(replay) == recipe.records
     assert [r["conversations"] for r in (replay[0], replay[7])] == [
         r["conversations"] for r in (expected[0], expected[7])
     ]
@@ -121,6 +121,8 @@ def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, capl
     (bare / "version.json").write_text(json.dumps({"version": "1.0.0", "recipe": {"no_such_key": 1}}))
     fallback = lineage_data(Settings(replay_data="synthetic", default_model=bare)).replay()
     assert fallback.share == load_recipe().world_share and "no readable build recipe" in caplog.text
+    bundled = training_records(load_recipe(), DEFAULT_SEED)
+    assert fallback[5]["conversations"] == bundled[5]["conversations"]
     (bare / "version.json").write_text(json.dumps({"version": "1.0.0"}))  # a folder that records none
     assert (
         lineage_data(Settings(replay_data="synthetic", default_model=bare)).replay().share == fallback.share

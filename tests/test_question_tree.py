@@ -75,7 +75,7 @@ def test_warm_new_box_requests_equal_the_naive_path(nodes_per_prefix, monkeypatc
             for r in report.relations
         ]
         for question, ans in asked:
-            text, score = generate_naive(m, m.processor(image), b, question, max_new_tokens=6)
+            text, score = generate_naive(m, image, b, question, max_new_tokens=6)
             assert ans.text == text, (n, question)
             assert ans.score == pytest.approx(score, abs=1e-4)
     stats = engine.stats.extra

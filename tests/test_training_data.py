@@ -83,7 +83,7 @@ def test_bundled_recipe_loads_and_rejects_unknown_keys(tmp_path):
 def test_a_recipe_sets_region_fields_of_its_model_config(tmp_path):
     recipe = load_recipe("roi-tiny-world-focal")
     assert recipe_model_config(recipe).region.focal_below == recipe.region["focal_below"] > 0.5
-    assert recipe_model_config(load_recipe()).region == load_model_config("roi-tiny").region
+    assert recipe_model_config(load_recipe("roi-tiny-default")).region == load_model_config("roi-tiny").region
     for region, message in (
         ({"focal_below": 1.5}, "focal_below must be in"),
         ({"focal": 1}, "unknown config keys"),
@@ -141,7 +141,7 @@ def test_an_interrupted_build_continues_from_its_last_finished_phase(tmp_path, m
         return real_train(model, records, cfg, opts)
 
     out = tmp_path / "default"
-    kwargs = {"scale": 0.001, "show_bar": False, "eval_images": 2, "calibration_images": 0}
+    kwargs = {"scale": 0.001, "seed": 0, "show_bar": False, "eval_images": 2, "calibration_images": 0}
     monkeypatch.setattr(bd, "train", killed_in_stage2)
     with pytest.raises(KeyboardInterrupt):
         bd.build_default(out, recipe, **kwargs)

@@ -231,7 +231,7 @@ def _lift_new_tokens(
     needed = text_token_ids(model, _texts(split.train))
     lifted = lift_untrained_rows(model, needed - earlier, trained)
     log.info(
-        "lifted new token rows", extra={"tokens": len(lifted), "needed": len(needed), "trained": len(trained)}
+        "lifted new token rows", extra={"lifted": len(lifted), "needed": len(needed), "trained": len(trained)}
     )
     return lifted
 

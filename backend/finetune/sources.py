@@ -22,7 +22,7 @@ from backend.finetune.data import JsonlData, ReplaySource
 from backend.finetune.gate import BaseEvaluator, RecordEvaluator
 from backend.settings import Settings
 from model.inference.engine import InferenceEngine
-from toyworld.build_default import built_recipe, load_recipe, training_records
+from toyworld.build_default import DEFAULT_SEED, built_recipe, load_recipe, training_records
 from toyworld.evaluate import eval_scenes, score_scenes
 from toyworld.scenes import SceneSpec
 
@@ -67,7 +67,7 @@ def _toy_replay(default_model: Path) -> Callable[[], Sequence[dict]]:
             log.warning(
                 "%s records no readable build recipe: replaying the bundled default recipe", default_model
             )
-            return training_records(load_recipe())
+            return training_records(load_recipe(), DEFAULT_SEED)
         return training_records(*built)
 
     return replay

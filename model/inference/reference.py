@@ -8,7 +8,9 @@ tests/test_default_model.py) and what ``model.bench`` compares the engine's spee
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
+from model.focal import focal_crops
 from model.inference.decode import AnswerText
 from model.mllm import RegionMLLM
 
@@ -17,18 +19,20 @@ __all__ = ["generate_naive"]
 
 @torch.inference_mode()
 def generate_naive(
-    model: RegionMLLM, pixels: torch.Tensor, boxes: torch.Tensor, question: str, max_new_tokens: int = 24
+    model: RegionMLLM, image: Image.Image, boxes: torch.Tensor, question: str, max_new_tokens: int = 24
 ) -> tuple[str, float]:
-    """Encode the image, build the prompt, call ``generate`` (greedy).
+    """Encode the image (and the focal crops of its small boxes, as training does), build the
+    prompt, call ``generate`` (greedy).
 
-    ``pixels``: ``(3, S, S)``; ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
+    ``boxes``: ``(N, 4)`` normalised.  Returns (answer, mean token
     probability, EOS included); the answer holds whole characters only, as the engine's
     (:class:`~model.inference.decode.AnswerText`).  The batched engine must give the same answers.
     """
     tok = model.tokenizer
     enc = model.prompts.encode_question(question, num_boxes=len(boxes))
-    vision = model.encode_images(pixels.unsqueeze(0))
-    feats = model.region_features(vision, [boxes])
+    vision = model.encode_images(model.processor(image).unsqueeze(0))
+    crops = focal_crops(image, boxes.reshape(-1, 4), model.cfg.region, model.processor.batch)
+    feats = model.region_features(vision, [boxes], [crops])
     ids = torch.tensor([enc.input_ids], device=model.device)
     embeds = model.embed_prompts(ids, vision, feats, [0], [enc.region_order])
     out = model.lm.generate(
