@@ -105,23 +105,32 @@ def test_a_crop_carries_the_coordinates_of_its_pixels_in_the_whole_image():
     assert torch.equal(framed[1], whole[1])
 
 
-def test_focal_answers_go_through_the_engine_and_masked_boxes_keep_their_mask():
+def test_a_masked_small_box_is_read_from_its_crop_with_its_mask():
+    """A brush region on a small object gets its crop like any small box (a model trained with a
+    crop per box reads nothing else well), pooled with the mask's RoI-grid weights."""
     model = tiny_model(seed=4)
     image, boxes = _scene()
     norm = boxes_tensor(boxes, *image.size)
-    mask = torch.zeros(900, 1200, dtype=torch.bool)
-    mask[455:470, 605:620] = True
-    queries = [(0, "What is <region1>?"), (0, "What is <region2>?")]
-    masked_plain = InferenceEngine(model, "a").answer([image], [norm], queries, masks=[[mask, None]])
+    covering = torch.zeros(900, 1200, dtype=torch.bool)
+    covering[450:474, 600:624] = True  # the whole box: weights 1 everywhere
+    partial = torch.zeros(900, 1200, dtype=torch.bool)
+    partial[455:470, 605:620] = True
     model.cfg.region.focal_below = 0.05
     try:
         engine = InferenceEngine(model, "b")
-        masked = engine.answer([image], [norm], queries, masks=[[mask, None]])
-        answers = engine.answer([image], [norm], queries)
+        plain = engine.region_tokens([image], [norm])[0]
+        covered = engine.region_tokens([image], [norm], [[covering, None]])[0]
+        masked = engine.region_tokens([image], [norm], [[partial, None]])[0]
+        answers = engine.answer([image], [norm], [(0, "What is <region1>?")], masks=[[partial, None]])
     finally:
         model.cfg.region.focal_below = 0.0
-    assert [a.text for a in masked] == [a.text for a in masked_plain]
-    assert len(answers) == 2 and all(0.0 <= a.score <= 1.0 for a in answers)
+    image_pooled = InferenceEngine(model, "a").region_tokens([image], [norm], [[covering, None]])[0]
+    # Pooled in the same crop as the unmasked box, so a mask covering the box changes nothing...
+    assert torch.allclose(covered, plain, atol=1e-5)
+    assert not torch.allclose(covered[0], image_pooled[0], atol=1e-3)  # ...and it is the crop's
+    assert not torch.allclose(masked[0], plain[0], atol=1e-4)  # a partial mask weighs the bins
+    assert torch.allclose(masked[1], plain[1], atol=1e-5)  # other boxes untouched
+    assert len(answers) == 1 and 0.0 <= answers[0].score <= 1.0
 
 
 def test_training_reads_small_boxes_from_the_same_crops_the_engine_pools():

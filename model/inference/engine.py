@@ -205,14 +205,19 @@ class InferenceEngine:
             return answers
 
     @torch.inference_mode()
-    def region_tokens(self, images: Sequence[ImageLike], boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def region_tokens(
+        self,
+        images: Sequence[ImageLike],
+        boxes: Sequence[torch.Tensor],
+        masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
+    ) -> list[torch.Tensor]:
         """The region tokens ``(N_i, D)`` of every box of every image (``boxes[i]``: ``(N_i, 4)``
-        normalised), as the questions about them read them."""
+        normalised; ``masks`` as :meth:`answer`'s), as the questions about them read them."""
         with self._lock:
             states = self.image_states(images)
             used = [set(range(len(b))) for b in boxes]
-            feats = self._region_features(states, boxes, used)
-            self._focal_features(images, boxes, used, None, feats)
+            feats = self._region_features(states, boxes, used, masks)
+            self._focal_features(images, boxes, used, masks, feats)
             return feats
 
     @torch.inference_mode()
@@ -286,15 +291,15 @@ class InferenceEngine:
         """Replace in ``feats`` (per image ``(N_i, D)``) the tokens of the used boxes smaller than
         ``region.focal_below`` of their image by their focal crops' (:mod:`model.focal`; pooled in
         the crop, embedded as the box; merged with the image's token by
-        :meth:`model.region_encoder.RegionEncoder.focal_token`).  Boxes with a mask keep their
-        masked token."""
+        :meth:`model.region_encoder.RegionEncoder.focal_token`).  A box with a mask is pooled in
+        its crop with the same RoI-grid weights (the grid's bins are fractions of the box, so the
+        weights do not depend on the frame)."""
         m = self.model
         cfg = m.cfg.region
         # image, box, crop pixels, box in the crop, crop in the image
         jobs: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, (b, u) in enumerate(zip(boxes, used)):
-            rows = [k for k in u if masks is None or masks[i] is None or masks[i][k] is None]  # type: ignore[index]
-            small = small_boxes(b, images[i].size, cfg, rows)
+            small = small_boxes(b, images[i].size, cfg, u)
             if small:  # decode the image only then
                 crops = focal_crops(pixels(images[i]), b.reshape(-1, 4), cfg, m.processor.batch, small)
                 if crops is not None:  # never None here: some box is small
@@ -307,7 +312,14 @@ class InferenceEngine:
             maps = m.region_encoder.fuse(m.cast_levels(m.encode_images(batch)), frames)
             inside = [box[None].to(m.device) for _, _, _, box, _ in part]
             embed = [boxes[i].reshape(-1, 4)[k : k + 1].float().to(m.device) for i, k, *_ in part]
-            tokens = m.region_encoder.encode_boxes(maps, inside, None, embed)
+            grids = None
+            if masks is not None:
+                grids = [
+                    None if masks[i] is None or masks[i][k] is None  # type: ignore[index]
+                    else m.region_encoder.mask_weights(box_in_image, [masks[i][k]])  # type: ignore[index]
+                    for (i, k, *_), box_in_image in zip(part, embed)
+                ]  # fmt: skip
+            tokens = m.region_encoder.encode_boxes(maps, inside, grids, embed)
             for (i, k, *_), token in zip(part, tokens):
                 feats[i][k] = m.region_encoder.focal_token(feats[i][k][None], token[None])[0]
 
