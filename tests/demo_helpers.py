@@ -14,7 +14,6 @@ from typing import Any
 from tests.redis_helpers import TEST_REDIS_URL
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT = REPO / "model" / "default"
 
 
 def run_demo(

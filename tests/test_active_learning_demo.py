@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.demo_helpers import DEFAULT, run_demo
+from model.checkpoint import DEFAULT_DIR
+from tests.demo_helpers import run_demo
 
 pytest_plugins = ["tests.redis_fixtures"]  # fixture: redis_db
 
 
 @pytest.mark.slow
 def test_demo_teaches_the_held_out_colour(tmp_path: Path, redis_db):
-    if not (DEFAULT / "config.json").is_file():
+    if not (DEFAULT_DIR / "config.json").is_file():
         pytest.skip("the embedded default model (model/default) has not been built")
     # Same recipe as the defaults in backend.settings; smaller evaluation sets to stay fast.
     result = run_demo(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.demo_helpers import DEFAULT, run_demo
+from model.checkpoint import DEFAULT_DIR
+from tests.demo_helpers import run_demo
 from tools.ls.demo_nonascii import (
     BASE_METRICS,
     CAPTIONS,
@@ -60,7 +61,7 @@ def test_measure_counts_every_region_and_names_the_wrong_captions(tiny_checkpoin
 
 @pytest.mark.slow
 def test_corrections_in_four_scripts_are_learnt_without_breaking_anything(tmp_path: Path, redis_db):
-    if not (DEFAULT / "config.json").is_file():
+    if not (DEFAULT_DIR / "config.json").is_file():
         pytest.skip("the embedded default model (model/default) has not been built")
     # The recipe of docs/training.md: 16 corrections per script, the new tokens' rows lifted.
     env = {"TRAIN_LR": "1e-3", "TRAIN_FOCUS_TURNS": "3", "TRAIN_LIFT_NEW_TOKENS": "1"}
