@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from model.config import TrainConfig
@@ -117,6 +119,24 @@ def test_every_background_is_drawn():
         image = canvas(rng, 120, 90, kind)
         assert image.size == (120, 90)
     assert len(canvas(rng, 200, 100, "texture").getcolors(1 << 20) or []) > 1000
+
+
+def test_texture_backgrounds_draw_the_patterns_a_spec_names():
+    from toyworld.world import TEXTURES, WorldSpec, canvas, make_world_scene
+
+    def draw(textures):
+        return np.asarray(canvas(random.Random(3), 160, 120, "texture", textures), dtype=float)
+
+    images = {t: draw((t,)) for t in TEXTURES}
+    assert np.array_equal(np.asarray(canvas(random.Random(3), 160, 120, "texture")), images["diagonal"])
+    for a in TEXTURES:  # each pattern is its own picture
+        for b in TEXTURES:
+            assert a == b or np.abs(images[a] - images[b]).mean() > 1.0, (a, b)
+    mixed = {draw(TEXTURES).tobytes() for _ in range(2)}
+    assert len(mixed) == 1  # deterministic per seed
+    only = WorldSpec(background_weights=(0, 0, 0, 0, 0, 1))
+    scenes = [make_world_scene(random.Random(5), replace(only, textures=(t,))) for t in TEXTURES[:3:2]]
+    assert scenes[0].objects == scenes[1].objects and scenes[0].image != scenes[1].image  # a spec's pattern
 
 
 def test_world_records_train_a_model():
@@ -255,6 +275,12 @@ def test_recipes_without_the_new_knobs_keep_their_records(name):
 
 def test_a_recipe_world_key_is_checked_when_the_recipe_loads():
     from toyworld.build_default import BuildRecipe
+    from toyworld.train_clip import CLIP_WORLD
+
+    clip = BuildRecipe.from_dict({"clip": {"world": {"textures": ["checks"]}}}).clip.world_spec()
+    assert list(clip.textures) == ["checks"] and clip.max_side == CLIP_WORLD.max_side  # over CLIP's world
+    with pytest.raises(ValueError, match="unknown config keys"):
+        BuildRecipe.from_dict({"clip": {"world": {"texture": ["checks"]}}})
 
     assert BuildRecipe.from_dict({"world": {"same_size_share": 0.3}}).world_spec().same_size_share == 0.3
     with pytest.raises(ValueError, match="unknown config keys"):

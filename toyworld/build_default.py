@@ -39,7 +39,7 @@ from model.training import TrainOptions, train
 from toyworld.calibrate import fit_calibration
 from toyworld.evaluate import evaluate
 from toyworld.scenes import HELD_OUT_COLORS, SceneSpec, SyntheticRecords, corpus_texts
-from toyworld.train_clip import train_clip
+from toyworld.train_clip import CLIP_WORLD, train_clip
 from toyworld.world import MixedRecords, WorldSpec
 
 __all__ = [
@@ -73,6 +73,12 @@ class ClipRecipe:
     batch_size: int = 96
     lr: float = 1e-3
     world_share: float = 0.0  # of the pairs drawn from the wider world
+    # Fields of that world (toyworld.world.WorldSpec) set over toyworld.train_clip.CLIP_WORLD.
+    world: dict[str, Any] = field(default_factory=dict)
+
+    def world_spec(self) -> WorldSpec:
+        """The wider world CLIP's pairs draw (``world`` fields over :data:`CLIP_WORLD`)."""
+        return dataclass_from_dict(WorldSpec, {**asdict(CLIP_WORLD), **self.world})
 
 
 @dataclass
@@ -100,6 +106,7 @@ class BuildRecipe:
 
     def __post_init__(self) -> None:
         self.world_spec()  # unknown world keys fail when the recipe loads, not after CLIP training
+        self.clip.world_spec()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecipe:
@@ -314,7 +321,7 @@ def _fresh_model(
         started = time.monotonic()
         losses = train_clip(
             cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec,
-            world_share=clip.world_share,
+            world_share=clip.world_share, world=clip.world_spec(),
         )  # fmt: skip
         figures["clip_loss"] = [losses[0], losses[-1]]
         figures["clip_seconds"] = round(time.monotonic() - started, 1)

@@ -42,7 +42,7 @@ from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions, scene_case
-from toyworld.world import canvas, make_world_scene, world_index, world_turns
+from toyworld.world import TEXTURES, canvas, make_world_scene, world_index, world_turns
 
 __all__ = ["clutter_cases", "fit_calibration", "main", "training_cases"]
 
@@ -87,7 +87,7 @@ def clutter_cases(count: int, seed: int = CLUTTER_SEED) -> list[StressCase]:
     cases = []
     for _ in range(count):
         w, h = rng.randint(160, 900), rng.randint(160, 900)
-        image = canvas(rng, w, h, rng.choice(("plain", "gradient", "texture")))
+        image = canvas(rng, w, h, rng.choice(("plain", "gradient", "texture")), TEXTURES)
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(15, 120)):
             color = tuple(rng.randint(0, 255) for _ in range(3))

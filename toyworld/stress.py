@@ -10,7 +10,7 @@ off-grid            the same objects placed anywhere (no overlap), relations sco
 crowded             5-8 objects placed anywhere
 jitter              boxes drawn loosely: every edge moved by up to +-10 % of the box side
 white / dark        the generator's layouts on a white / a dark canvas
-textured            on a coloured canvas with a gradient, stripes and noise
+textured            on a coloured canvas with a gradient, a texture (toyworld.world.TEXTURES), noise
 zoom4               the image (and its boxes) scaled x4
 small-in-large      1,000-1,500 px canvases, objects of 1.5-3 % of the shorter side ("small")
 no-object           a box on empty background: the right answer is :data:`NO_OBJECT`
@@ -38,7 +38,7 @@ from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT, POSITION_MARGIN, parse_caption, relation_labels
 from toyworld.scenes import SIZE_FRACTIONS, SceneObject, SceneSpec, make_scene
-from toyworld.world import canvas, draw_objects
+from toyworld.world import TEXTURES, canvas, draw_objects
 
 __all__ = [
     "CONDITIONS",
@@ -158,7 +158,7 @@ def _jitter(rng: random.Random, spec: SceneSpec) -> StressCase:
 def _background(kind: str) -> Callable[[random.Random, SceneSpec], StressCase]:
     def make(rng: random.Random, spec: SceneSpec) -> StressCase:
         scene = make_scene(rng, spec)
-        background = canvas(rng, scene.width, scene.height, kind)
+        background = canvas(rng, scene.width, scene.height, kind, TEXTURES)
         return scene_case(scene.objects, draw_objects(background, scene.objects))
 
     return make

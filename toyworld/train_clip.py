@@ -49,10 +49,11 @@ def train_clip(
     seed: int = 0,
     spec: SceneSpec | None = None,
     world_share: float = 0.0,
+    world: WorldSpec = CLIP_WORLD,
 ) -> list[float]:
     """Train ``cfg.open_clip_model`` from scratch; write its vision weights to ``out_file``.
 
-    ``world_share``: the share of each batch drawn from the wider world (the rest: ``spec``'s grid).
+    ``world_share``: the share of each batch drawn from the wider ``world`` (the rest: ``spec``'s grid).
     Returns the loss of every step."""
     torch.manual_seed(seed)
     spec = spec or SceneSpec()
@@ -68,7 +69,7 @@ def train_clip(
     model.train()
     for _ in (bar := tqdm(range(steps), desc="clip")):
         pairs = [
-            world_clip_pair(rng, CLIP_WORLD) if rng.random() < world_share else clip_pair(rng, spec)
+            world_clip_pair(rng, world) if rng.random() < world_share else clip_pair(rng, spec)
             for _ in range(batch_size)
         ]
         images = processor.batch([p[0] for p in pairs])

@@ -52,6 +52,7 @@ from toyworld.scenes import (
 
 __all__ = [
     "BACKGROUNDS",
+    "TEXTURES",
     "CLEARANCE",
     "SIZE_BANDS",
     "Region",
@@ -77,6 +78,7 @@ SIZE_BANDS: dict[str, tuple[float, float]] = {
 assert SIZE_BANDS["small"][1] < SIZE_THRESHOLDS[0] < SIZE_BANDS["medium"][0]
 assert SIZE_BANDS["medium"][1] < SIZE_THRESHOLDS[1] < SIZE_BANDS["large"][0]
 BACKGROUNDS = ("grey", "plain", "white", "dark", "gradient", "texture")
+TEXTURES = ("diagonal", "stripes", "checks", "blotches")  # a "texture" background's patterns
 # Normalised distance a box centre keeps from a position boundary (a third of the image) or from the
 # relation margin before the scene asks about it: a hand-drawn box moves centres by a few percent.
 CLEARANCE = 0.04
@@ -99,6 +101,7 @@ class WorldSpec:
     small_share: float = 0.15  # scenes of only small objects, 1.5-4 % of the side, on canvases >= 800 px
     same_size_share: float = 0.0  # scenes (grid or free) whose objects all take one size word
     background_weights: Sequence[float] = (0.3, 0.2, 0.1, 0.1, 0.15, 0.15)  # per BACKGROUNDS
+    textures: Sequence[str] = TEXTURES[:1]  # the patterns of texture backgrounds (TEXTURES)
     max_distractors: int = 4
     shade: float = 0.12  # each object's RGB scaled by up to +-12 %
     box_jitter: float = 0.15  # per edge, of the box's side
@@ -114,8 +117,11 @@ class Region:
 
 
 # ---------------------------------------------------------------------- drawing
-def canvas(rng: random.Random, w: int, h: int, kind: str) -> Image.Image:
-    """A ``w`` x ``h`` background of one of :data:`BACKGROUNDS`."""
+def canvas(
+    rng: random.Random, w: int, h: int, kind: str, textures: Sequence[str] = TEXTURES[:1]
+) -> Image.Image:
+    """A ``w`` x ``h`` background of one of :data:`BACKGROUNDS` (a "texture" one draws one of
+    ``textures``, names from :data:`TEXTURES`)."""
     if kind == "grey":
         g = rng.randint(200, 240)
         return Image.new("RGB", (w, h), (g, g, g))
@@ -131,11 +137,25 @@ def canvas(rng: random.Random, w: int, h: int, kind: str) -> Image.Image:
     t = np.linspace(0, 1, w)[None, :, None] if gen.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
     img = a * (1 - t) + b * t + np.zeros((h, w, 3))
     if kind == "texture":
-        period = gen.integers(6, 24)
-        stripes = ((np.arange(w)[None, :] + np.arange(h)[:, None]) // period) % 2
-        img += (stripes[..., None] - 0.5) * gen.uniform(10, 40)
+        img += (_pattern(gen, w, h, textures)[..., None] - 0.5) * gen.uniform(10, 40)
         img += gen.normal(0, 12, (h, w, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _pattern(gen: np.random.Generator, w: int, h: int, textures: Sequence[str]) -> np.ndarray:
+    """A ``(h, w)`` field in [0, 1] of one of ``textures``, features 6-24 px across."""
+    kind = textures[int(gen.integers(len(textures)))] if len(textures) > 1 else textures[0]  # one: no draw
+    period = int(gen.integers(6, 24))
+    x, y = np.arange(w)[None, :], np.arange(h)[:, None]
+    if kind == "diagonal":
+        return ((x + y) // period) % 2 + np.zeros((h, 1))
+    if kind == "stripes":
+        vertical = gen.random() < 0.5
+        return (x // period) % 2 + np.zeros((h, 1)) if vertical else (y // period) % 2 + np.zeros((1, w))
+    if kind == "checks":
+        return (x // period + y // period) % 2
+    coarse = gen.random((h // period + 2, w // period + 2)).astype(np.float32)  # blotches: smooth noise
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR))
 
 
 def draw_objects(
@@ -224,7 +244,7 @@ def make_world_scene(rng: random.Random, spec: WorldSpec | None = None) -> Scene
         h = int(min(spec.max_side, max(lo if small_only else spec.min_side, round(w / aspect))))
         objects = _free_objects(rng, spec, w, h, small_only, one_size)
     kind = rng.choices(BACKGROUNDS, weights=spec.background_weights)[0]
-    image = canvas(rng, w, h, kind)
+    image = canvas(rng, w, h, kind, spec.textures)
     _distractors(image, rng, rng.randint(0, spec.max_distractors))
     shades = [1.0 + rng.uniform(-spec.shade, spec.shade) for _ in objects]
     return Scene(draw_objects(image, objects, shades), objects)
