@@ -135,8 +135,16 @@ def test_texture_backgrounds_draw_the_patterns_a_spec_names():
     mixed = {draw(TEXTURES).tobytes() for _ in range(2)}
     assert len(mixed) == 1  # deterministic per seed
     only = WorldSpec(background_weights=(0, 0, 0, 0, 0, 1))
-    scenes = [make_world_scene(random.Random(5), replace(only, textures=(t,))) for t in TEXTURES[:3:2]]
+    scenes = [
+        make_world_scene(random.Random(5), replace(only, textures=(t,))) for t in ("diagonal", "checks")
+    ]
     assert scenes[0].objects == scenes[1].objects and scenes[0].image != scenes[1].image  # a spec's pattern
+
+
+@pytest.mark.parametrize("textures", ["checks", [], ["check"]])
+def test_a_world_names_its_textures(textures):
+    with pytest.raises(ValueError, match="textures"):
+        WorldSpec(textures=textures)
 
 
 def test_world_records_train_a_model():

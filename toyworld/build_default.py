@@ -283,8 +283,9 @@ def build_default(
             started = time.monotonic()
             engine = InferenceEngine(model, DEFAULT_VERSION)
             model.score_calibration, figures["calibration"] = fit_calibration(
-                engine, fit_images=calibration_images, world_share=recipe.world_share
-            )
+                engine, fit_images=calibration_images, world_share=recipe.world_share,
+                world=recipe.world_spec(),
+            )  # fmt: skip
             figures["calibration_seconds"] = round(time.monotonic() - started, 1)
         save(Path(out), complete=True)
     shutil.rmtree(partial, ignore_errors=True)

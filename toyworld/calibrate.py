@@ -42,7 +42,7 @@ from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions, scene_case
-from toyworld.world import TEXTURES, canvas, make_world_scene, world_index, world_turns
+from toyworld.world import WorldSpec, canvas, make_world_scene, world_index, world_turns
 
 __all__ = ["clutter_cases", "fit_calibration", "main", "training_cases"]
 
@@ -56,17 +56,19 @@ def _tokens(engine: InferenceEngine, cases: Sequence[StressCase]) -> list[torch.
     )
 
 
-def training_cases(count: int, world_share: float, seed: int = STATISTICS_SEED) -> list[StressCase]:
+def training_cases(
+    count: int, world_share: float, seed: int = STATISTICS_SEED, world: WorldSpec | None = None
+) -> list[StressCase]:
     """``count`` scenes like the training records' (a ``world_share`` of them, spread evenly, from
-    the wider world with its jittered and empty boxes), each box with its caption."""
+    the wider ``world`` with its jittered and empty boxes), each box with its caption."""
     if not 0.0 <= world_share <= 1.0:
         raise ValueError(f"world share must be in [0, 1], got {world_share}")
     rng = random.Random(seed)
     cases = []
     for k in range(count):
         if world_index(k, world_share):
-            scene = make_world_scene(rng)
-            regions, _ = world_turns(scene, rng, num_turns=0)
+            scene = make_world_scene(rng, world)
+            regions, _ = world_turns(scene, rng, world, num_turns=0)
             if not regions:
                 continue
             captions = [NO_OBJECT if r.obj is None else scene.objects[r.obj].caption for r in regions]
@@ -87,7 +89,7 @@ def clutter_cases(count: int, seed: int = CLUTTER_SEED) -> list[StressCase]:
     cases = []
     for _ in range(count):
         w, h = rng.randint(160, 900), rng.randint(160, 900)
-        image = canvas(rng, w, h, rng.choice(("plain", "gradient", "texture")), TEXTURES)
+        image = canvas(rng, w, h, rng.choice(("plain", "gradient", "texture")))
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(15, 120)):
             color = tuple(rng.randint(0, 255) for _ in range(3))
@@ -127,16 +129,18 @@ def fit_calibration(
     one_mean: bool = False,
     min_count: int = 5,
     image_probe: bool = True,
+    world: WorldSpec | None = None,
 ) -> tuple[ScoreCalibration, dict]:
     """The calibration of ``engine``'s model (fitted on its raw scores) and fit figures.
 
-    ``world_share``: of the statistics' scenes from the wider world (the model's training share);
+    ``world_share``: of the statistics' scenes from the wider ``world`` (the model's training
+    share and world: the recipe's);
     ``one_mean``: one mean for all region tokens instead of one per caption (captions with fewer
     than ``min_count`` regions get none); ``image_probe``: also fit a probe telling the training
     pictures from clutter (:func:`clutter_cases`) and let the score read an image's familiarity."""
     saved, engine.calibration = engine.calibration, None  # fit on raw scores
     try:
-        cases = training_cases(scenes, world_share)
+        cases = training_cases(scenes, world_share, world=world)
         chunks = [cases[start : start + 16] for start in range(0, len(cases), 16)]
         tokens = torch.cat([t for chunk in chunks for t in _tokens(engine, chunk)])
         labels = None if one_mean else [c for case in cases for c in case.captions]
@@ -193,6 +197,7 @@ def fit_calibration(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_DIR, load_model, read_metadata, write_manifest
+    from toyworld.build_default import built_recipe  # imports this module
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="checkpoint folder (written to)")
@@ -214,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     meta = read_metadata(args.model)
-    share = (
-        args.world_share if args.world_share is not None else meta.get("recipe", {}).get("world_share", 0.0)
-    )
+    built = built_recipe(args.model)  # the world its records drew (None: the default world)
+    recorded = built[0].world_share if built else meta.get("recipe", {}).get("world_share", 0.0)
+    share = args.world_share if args.world_share is not None else recorded
     engine = InferenceEngine(load_model(args.model), version=meta.get("version", "?"))
     calibration, figures = fit_calibration(
         engine,
@@ -227,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share,
         args.one_mean,
         image_probe=not args.no_image_probe,
+        world=built[0].world_spec() if built else None,
     )
     path = calibration.save(args.model)
     write_manifest(args.model)

@@ -52,9 +52,9 @@ from toyworld.scenes import (
 
 __all__ = [
     "BACKGROUNDS",
-    "TEXTURES",
     "CLEARANCE",
     "SIZE_BANDS",
+    "TEXTURES",
     "Region",
     "WorldSpec",
     "canvas",
@@ -107,6 +107,11 @@ class WorldSpec:
     box_jitter: float = 0.15  # per edge, of the box's side
     no_object_share: float = 0.15  # turns asking about a box on empty background
 
+    def __post_init__(self) -> None:
+        textures = self.textures
+        if isinstance(textures, str) or not textures or set(textures) - set(TEXTURES):
+            raise ValueError(f"world textures must be a non-empty list of {list(TEXTURES)}, got {textures!r}")
+
 
 @dataclass(frozen=True)
 class Region:
@@ -144,7 +149,8 @@ def canvas(
 
 def _pattern(gen: np.random.Generator, w: int, h: int, textures: Sequence[str]) -> np.ndarray:
     """A ``(h, w)`` field in [0, 1] of one of ``textures``, features 6-24 px across."""
-    kind = textures[int(gen.integers(len(textures)))] if len(textures) > 1 else textures[0]  # one: no draw
+    # A single pattern draws no choice, so recipes from before the choice keep their records.
+    kind = textures[int(gen.integers(len(textures)))] if len(textures) > 1 else textures[0]
     period = int(gen.integers(6, 24))
     x, y = np.arange(w)[None, :], np.arange(h)[:, None]
     if kind == "diagonal":
@@ -153,9 +159,11 @@ def _pattern(gen: np.random.Generator, w: int, h: int, textures: Sequence[str]) 
         vertical = gen.random() < 0.5
         return (x // period) % 2 + np.zeros((h, 1)) if vertical else (y // period) % 2 + np.zeros((1, w))
     if kind == "checks":
-        return (x // period + y // period) % 2
-    coarse = gen.random((h // period + 2, w // period + 2)).astype(np.float32)  # blotches: smooth noise
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR))
+        return (x // period + y // period) % 2 + np.zeros((1, 1))
+    if kind == "blotches":  # smooth noise: fainter than the others (values bunch around 0.5)
+        coarse = gen.random((h // period + 2, w // period + 2)).astype(np.float32)
+        return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
+    raise ValueError(f"unknown texture {kind!r}; known: {list(TEXTURES)}")
 
 
 def draw_objects(
