@@ -169,11 +169,14 @@ def test_engine_applies_the_calibration_to_each_answer():
 
 def test_the_fit_reads_the_training_mix_one_mean_per_caption():
     from toyworld.calibrate import fit_calibration, training_cases
+    from toyworld.world import WorldSpec
 
     cases = training_cases(20, world_share=0.5)
     assert sum(len(c.boxes) == len(c.captions) > 0 for c in cases) == len(cases) >= 18
     assert any(c.image.size != cases[1].image.size for c in cases)  # world canvases among the scenes
     assert training_cases(20, 0.5)[3].captions == cases[3].captions  # one seed, the same scenes
+    one_object = WorldSpec(grid_share=0.0, max_objects=1, no_object_share=0.0)  # a recipe's world is read
+    assert all(len(c.boxes) == 1 for c in training_cases(6, 1.0, world=one_object))
     engine = InferenceEngine(tiny_model(seed=3).eval(), "t", max_new_tokens=5)
     cal, figures = fit_calibration(engine, scenes=20, fit_images=1, world_share=0.5, min_count=2)
     kinds = {c for case in cases for c in case.captions}
@@ -184,6 +187,28 @@ def test_the_fit_reads_the_training_mix_one_mean_per_caption():
     one, _ = fit_calibration(engine, scenes=20, fit_images=1, one_mean=True, image_probe=False)
     assert one.mean.shape == (1, engine.model.lm.config.hidden_size)
     assert not one.reads_images and len(one.weights) == len(REGION_FEATURES)
+
+
+def test_the_cli_fits_on_the_world_and_share_its_folder_records(tiny_checkpoint, tmp_path, monkeypatch):
+    import json
+
+    from toyworld import calibrate
+
+    folder = tmp_path / "built"
+    shutil.copytree(tiny_checkpoint, folder)
+    meta = json.loads((folder / "version.json").read_text())
+    recipe = {"seed": 1, "world_share": 0.6, "world": {"textures": ["checks", "blotches"]}}
+    (folder / "version.json").write_text(json.dumps({**meta, "recipe": recipe}))
+    seen = {}
+
+    def spy(engine, *args, **kwargs):  # the wiring only: the fit itself is tested above
+        seen.update(share=args[4], world=kwargs["world"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "fit_calibration", spy)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.main(["--model", str(folder)])
+    assert seen["share"] == 0.6 and list(seen["world"].textures) == ["checks", "blotches"]
 
 
 def test_checkpoints_carry_their_calibration(tiny_checkpoint, tmp_path):
