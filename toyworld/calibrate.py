@@ -36,6 +36,7 @@ from model.calibration import (
     fit_platt,
     fit_region_statistics,
 )
+from model.config import dataclass_from_dict
 from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
@@ -197,7 +198,6 @@ def fit_calibration(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_DIR, load_model, read_metadata, write_manifest
-    from toyworld.build_default import built_recipe  # imports this module
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_DIR, help="checkpoint folder (written to)")
@@ -219,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     meta = read_metadata(args.model)
-    built = built_recipe(args.model)  # the world its records drew (None: the default world)
-    recorded = built[0].world_share if built else meta.get("recipe", {}).get("world_share", 0.0)
-    share = args.world_share if args.world_share is not None else recorded
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}  # what its records drew
+    share = args.world_share if args.world_share is not None else recipe.get("world_share", 0.0)
+    world = dataclass_from_dict(WorldSpec, recipe.get("world") or {})
     engine = InferenceEngine(load_model(args.model), version=meta.get("version", "?"))
     calibration, figures = fit_calibration(
         engine,
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share,
         args.one_mean,
         image_probe=not args.no_image_probe,
-        world=built[0].world_spec() if built else None,
+        world=world,
     )
     path = calibration.save(args.model)
     write_manifest(args.model)
