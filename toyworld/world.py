@@ -154,12 +154,11 @@ def _pattern(gen: np.random.Generator, w: int, h: int, textures: Sequence[str]) 
     period = int(gen.integers(6, 24))
     x, y = np.arange(w)[None, :], np.arange(h)[:, None]
     if kind == "diagonal":
-        return ((x + y) // period) % 2 + np.zeros((h, 1))
+        return ((x + y) // period) % 2
     if kind == "stripes":
-        vertical = gen.random() < 0.5
-        return (x // period) % 2 + np.zeros((h, 1)) if vertical else (y // period) % 2 + np.zeros((1, w))
+        return np.broadcast_to(((x if gen.random() < 0.5 else y) // period) % 2, (h, w))
     if kind == "checks":
-        return (x // period + y // period) % 2 + np.zeros((1, 1))
+        return (x // period + y // period) % 2
     if kind == "blotches":  # smooth noise: fainter than the others (values bunch around 0.5)
         coarse = gen.random((h // period + 2, w // period + 2)).astype(np.float32)
         return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
