@@ -23,7 +23,7 @@ from model.data.converters import write_jsonl
 from model.data.dataset import record_turns
 from model.inference.engine import InferenceEngine
 from model.tasks import CAPTION_QUESTIONS
-from toyworld.build_default import load_recipe
+from toyworld.recipe import load_recipe
 from toyworld.scenes import SyntheticRecords
 
 
@@ -102,7 +102,7 @@ def test_synthetic_replay_is_the_recipe_the_default_records(tmp_path: Path, capl
     import json
     from dataclasses import asdict
 
-    from toyworld.build_default import DEFAULT_SEED, training_records
+    from toyworld.recipe import DEFAULT_SEED, training_records
 
     recipe = load_recipe("roi-tiny-default")  # the grid world: not the bundled default's mix
     built = tmp_path / "built"

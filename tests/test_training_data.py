@@ -15,7 +15,7 @@ from model.prompt import IGNORE_INDEX
 from model.tasks import position_text
 from model.training import hide_image_tokens
 from tests.model_helpers import tiny_model, tiny_records
-from toyworld.build_default import BuildRecipe, load_recipe, recipe_model_config, training_records
+from toyworld.recipe import BuildRecipe, load_recipe, recipe_model_config, training_records
 
 
 @pytest.fixture(scope="module")

@@ -271,7 +271,7 @@ def test_recipes_without_the_new_knobs_keep_their_records(name):
     import hashlib
     import json
 
-    from toyworld.build_default import load_recipe, training_records
+    from toyworld.recipe import load_recipe, training_records
 
     records, digest = training_records(load_recipe(name)), hashlib.sha256()
     for i in range(12):
@@ -282,7 +282,7 @@ def test_recipes_without_the_new_knobs_keep_their_records(name):
 
 
 def test_a_recipe_world_key_is_checked_when_the_recipe_loads():
-    from toyworld.build_default import BuildRecipe
+    from toyworld.recipe import BuildRecipe
     from toyworld.train_clip import CLIP_WORLD
 
     clip = BuildRecipe.from_dict({"clip": {"world": {"textures": ["checks"]}}}).clip.world_spec()

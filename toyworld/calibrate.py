@@ -36,11 +36,11 @@ from model.calibration import (
     fit_platt,
     fit_region_statistics,
 )
-from model.config import dataclass_from_dict
 from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
+from toyworld.recipe import built_recipe
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions, scene_case
 from toyworld.world import WorldSpec, canvas, make_world_scene, world_index, world_turns
@@ -219,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     meta = read_metadata(args.model)
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}  # what its records drew
-    share = args.world_share if args.world_share is not None else recipe.get("world_share", 0.0)
-    world = dataclass_from_dict(WorldSpec, recipe.get("world") or {})
+    built = built_recipe(args.model)  # what its training records drew (None: not a build's folder)
+    share = args.world_share if args.world_share is not None else (built[0].world_share if built else 0.0)
+    world = built[0].world_spec() if built else WorldSpec()
     engine = InferenceEngine(load_model(args.model), version=meta.get("version", "?"))
     calibration, figures = fit_calibration(
         engine,

@@ -22,8 +22,8 @@ from backend.finetune.data import JsonlData, ReplaySource
 from backend.finetune.gate import BaseEvaluator, RecordEvaluator
 from backend.settings import Settings
 from model.inference.engine import InferenceEngine
-from toyworld.build_default import DEFAULT_SEED, built_recipe, load_recipe, training_records
 from toyworld.evaluate import eval_scenes, score_scenes
+from toyworld.recipe import DEFAULT_SEED, built_recipe, load_recipe, training_records
 from toyworld.scenes import SceneSpec
 
 __all__ = ["GATE_SEED", "LineageData", "ToySceneEvaluator", "lineage_data"]
