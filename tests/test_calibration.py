@@ -261,3 +261,25 @@ def test_shipped_default_scores_rank_wrong_answers_first_and_photos_low():
     assert scores["auroc_low_score_wrong"] >= 0.90, scores
     assert scores["ece"] <= 0.05, scores
     assert result["photos"]["mean_score"] <= 0.3, result["photos"]
+
+
+def test_the_cli_warns_when_its_folder_records_a_recipe_it_cannot_read(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import json
+
+    from toyworld import calibrate
+    from toyworld.recipe import built_recipe
+
+    folder = tmp_path / "built"
+    shutil.copytree(tiny_checkpoint, folder)
+    meta = json.loads((folder / "version.json").read_text())
+    for broken in ({"world_share": 0.6, "no_such_field": 1}, {"world_share": 0.6, "clip": None}):
+        (folder / "version.json").write_text(json.dumps({**meta, "recipe": broken}))
+        assert built_recipe(folder) is None
+        monkeypatch.setattr(
+            calibrate, "fit_calibration", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            calibrate.main(["--model", str(folder)])
+        assert "records a recipe this code cannot read" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -219,7 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     meta = read_metadata(args.model)
-    built = built_recipe(args.model)  # what its training records drew (None: not a build's folder)
+    built = built_recipe(args.model)  # what its training records drew
+    if built is None and meta.get("recipe"):
+        print(
+            f"warning: {args.model}/version.json records a recipe this code cannot read; "
+            "fitting on the grid world, which may not be the world this model was trained on",
+            file=sys.stderr,
+        )
     share = args.world_share if args.world_share is not None else (built[0].world_share if built else 0.0)
     world = built[0].world_spec() if built else WorldSpec()
     engine = InferenceEngine(load_model(args.model), version=meta.get("version", "?"))

@@ -1,8 +1,8 @@
 """Build recipes: how the default model is trained (model config, data, one schedule per phase).
 
 A recipe is a JSON file in ``toyworld/recipes/`` (or any path) loaded into :class:`BuildRecipe`;
-a built folder records its recipe and seed in ``version.json`` (:func:`built_recipe`), so the
-fine-tuning job, the calibration and the build itself replay the same records and world.
+a built folder records its recipe and seed in ``version.json``, which :func:`built_recipe` reads
+back so the fine-tuning job replays the same records and the calibration draws the same world.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ DEFAULT_SEED = 1  # the seed model/default was built with (seed 0 of this recipe
 
 @dataclass
 class ClipRecipe:
+    """The vision tower's contrastive pre-training: schedule and the share/world of its pairs."""
+
     steps: int = 600
     batch_size: int = 96
     lr: float = 1e-3
@@ -106,7 +108,7 @@ def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
     record.pop("scale", None)
     try:
         return BuildRecipe.from_dict(record), int(seed)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):  # AttributeError: e.g. a null section
         return None
 
 
