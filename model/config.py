@@ -226,8 +226,8 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
             known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
         )
         sub = default() if default is not None else None
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            kwargs[name] = dataclass_from_dict(type(sub), value)
+        if dataclasses.is_dataclass(sub) and not isinstance(value, type(sub)):
+            kwargs[name] = dataclass_from_dict(type(sub), value)  # a null section fails here, not later
         else:
             kwargs[name] = value
     return cls(**kwargs)

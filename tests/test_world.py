@@ -293,3 +293,15 @@ def test_a_recipe_world_key_is_checked_when_the_recipe_loads():
     assert BuildRecipe.from_dict({"world": {"same_size_share": 0.3}}).world_spec().same_size_share == 0.3
     with pytest.raises(ValueError, match="unknown config keys"):
         BuildRecipe.from_dict({"world": {"same_size_shares": 0.3}})
+
+
+def test_a_null_recipe_section_is_refused_when_the_recipe_loads():
+    from model.config import ModelConfig
+    from toyworld.recipe import BuildRecipe
+
+    for section in ("clip", "stage2"):
+        with pytest.raises(ValueError, match="expected a JSON object, got NoneType"):
+            BuildRecipe.from_dict({section: None})
+    with pytest.raises(ValueError, match="expected a JSON object, got NoneType"):
+        ModelConfig.from_dict({"region": None})
+    assert ModelConfig.from_dict({"lm": {"lora": None}}).lm.lora is None  # optional dicts stay optional

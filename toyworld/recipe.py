@@ -63,7 +63,7 @@ class BuildRecipe:
     records: int = 50_000
     record_seed_offset: int = 100  # synthetic records use seed + this (the fine-tuning replay too)
     world_share: float = 0.0  # of the records drawn from the wider world (toyworld.world)
-    # Fields of the training records' WorldSpec this recipe sets (not CLIP's or calibration's worlds).
+    # Fields of the training records' WorldSpec (the calibration draws it too; CLIP's: clip.world).
     world: dict[str, Any] = field(default_factory=dict)
     # Relation questions' pairs drawn so each answer form is equally common (toyworld.scenes.balanced_pair).
     balance_relations: bool = False
@@ -108,7 +108,7 @@ def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
     record.pop("scale", None)
     try:
         return BuildRecipe.from_dict(record), int(seed)
-    except (TypeError, ValueError, AttributeError):  # AttributeError: e.g. a null section
+    except (TypeError, ValueError):
         return None
 
 
