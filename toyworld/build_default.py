@@ -221,6 +221,7 @@ def _fresh_model(
         losses = train_clip(
             cfg.vision, vision_file, steps, clip.batch_size, clip.lr, seed=seed, spec=spec,
             world_share=clip.world_share, world=clip.world_spec(),
+            focal_share=clip.focal_share, focal_fill=cfg.region.focal_fill,
         )  # fmt: skip
         figures["clip_loss"] = [losses[0], losses[-1]]
         figures["clip_seconds"] = round(time.monotonic() - started, 1)

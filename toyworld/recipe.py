@@ -45,6 +45,8 @@ class ClipRecipe:
     world_share: float = 0.0  # of the pairs drawn from the wider world
     # Fields of that world (toyworld.world.WorldSpec) set over toyworld.train_clip.CLIP_WORLD.
     world: dict[str, Any] = field(default_factory=dict)
+    # Of the pairs shown as focal crops around one world object (the model's region.focal_fill).
+    focal_share: float = 0.0
 
     def world_spec(self) -> WorldSpec:
         """The wider world CLIP's pairs draw (``world`` fields over :data:`CLIP_WORLD`)."""

@@ -3,8 +3,8 @@
 Uses open_clip's own model, tokenizer and ``ClipLoss``.  Each image holds one shape; its text
 names size, colour, shape and position (third of the image), so the patch features learn what the
 region encoder later reads.  A ``world_share`` of the pairs comes from the wider world
-(:func:`toyworld.world.world_clip_pair`: any canvas and background), the rest from the grid.  The
-result is saved as a vision-only safetensors file (``visual.*`` keys).
+(:func:`toyworld.world.world_clip_pair`: any canvas and background), the rest from the grid; a
+``focal_share`` shows world objects as the region encoder's focal crops show them.  The result is saved as a vision-only safetensors file (``visual.*`` keys).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from model.config import VisionConfig
 from model.tasks import position_text
 from model.vision import ImageProcessor, build_clip, resolve_preprocessing
 from toyworld.scenes import SceneSpec, make_scene
-from toyworld.world import WorldSpec, world_clip_pair
+from toyworld.world import WorldSpec, world_clip_pair, world_focal_pair
 
 __all__ = ["CLIP_WORLD", "clip_pair", "train_clip"]
 
@@ -40,6 +40,15 @@ def clip_pair(rng: random.Random, spec: SceneSpec) -> tuple[Image.Image, str]:
     return scene.image, f"{obj.caption} at the {position_text(obj.box, scene.width, scene.height)}"
 
 
+def _pair(
+    rng: random.Random, spec: SceneSpec, world: WorldSpec, world_share: float, focal_share: float, fill: float
+) -> tuple[Image.Image, str]:
+    # No draw for the crop choice when it is off, so older recipes keep their pairs.
+    if focal_share and rng.random() < focal_share:
+        return world_focal_pair(rng, world, fill)
+    return world_clip_pair(rng, world) if rng.random() < world_share else clip_pair(rng, spec)
+
+
 def train_clip(
     cfg: VisionConfig,
     out_file: str | Path,
@@ -50,10 +59,14 @@ def train_clip(
     spec: SceneSpec | None = None,
     world_share: float = 0.0,
     world: WorldSpec = CLIP_WORLD,
+    focal_share: float = 0.0,
+    focal_fill: float = 0.3,
 ) -> list[float]:
     """Train ``cfg.open_clip_model`` from scratch; write its vision weights to ``out_file``.
 
     ``world_share``: the share of each batch drawn from the wider ``world`` (the rest: ``spec``'s grid).
+    ``focal_share``: the share shown as the region encoder's focal crops of ``world`` objects
+    (:func:`toyworld.world.world_focal_pair`, crop fill ``focal_fill``), drawn before the others.
     Returns the loss of every step."""
     torch.manual_seed(seed)
     spec = spec or SceneSpec()
@@ -68,10 +81,7 @@ def train_clip(
     losses = []
     model.train()
     for _ in (bar := tqdm(range(steps), desc="clip")):
-        pairs = [
-            world_clip_pair(rng, world) if rng.random() < world_share else clip_pair(rng, spec)
-            for _ in range(batch_size)
-        ]
+        pairs = [_pair(rng, spec, world, world_share, focal_share, focal_fill) for _ in range(batch_size)]
         images = processor.batch([p[0] for p in pairs])
         texts = tokenizer([p[1] for p in pairs])
         img, txt, scale = model(images, texts)

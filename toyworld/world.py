@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model.geometry import box_center, pixels_to_normalized
+from model.geometry import box_center, focal_crop, pixels_to_normalized
 from model.tasks import (
     ATTRIBUTE_QUESTIONS,
     CAPTION_QUESTIONS,
@@ -63,6 +63,7 @@ __all__ = [
     "WorldRecords",
     "make_world_scene",
     "world_clip_pair",
+    "world_focal_pair",
     "world_index",
     "world_record",
     "world_turns",
@@ -431,3 +432,18 @@ def world_clip_pair(rng: random.Random, spec: WorldSpec | None = None) -> tuple[
         return scene.image, NO_OBJECT
     obj = scene.objects[0]
     return scene.image, f"{obj.caption} at the {position_text(obj.box, scene.width, scene.height)}"
+
+
+def world_focal_pair(rng: random.Random, spec: WorldSpec, fill: float) -> tuple[Image.Image, str]:
+    """One (image, text) pair as the region encoder sees a box: the focal crop (``fill``: the box's
+    share of the crop side, the model's ``region.focal_fill``) around a hand-drawn box on one object
+    of a wider-world canvas, named by colour and shape (a crop shows no size or place)."""
+    spec = replace(spec, min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
+    while True:  # a canvas with no room for its object is drawn again
+        scene = make_world_scene(rng, spec)
+        if scene.objects:
+            break
+    obj = scene.objects[0]
+    box = _jittered(obj.box, rng, spec.box_jitter, scene.width, scene.height)
+    crop, _ = focal_crop(box, scene.width, scene.height, fill)
+    return scene.image.crop(crop), f"a {obj.color} {obj.shape}"
