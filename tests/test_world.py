@@ -192,6 +192,43 @@ def test_world_clip_pairs_name_the_object_and_its_third():
     assert sizes == {"small", "medium", "large"}
 
 
+def test_world_focal_pairs_show_the_object_as_its_focal_crop():
+    import numpy as np
+
+    from toyworld.scenes import COLORS
+    from toyworld.train_clip import CLIP_WORLD
+    from toyworld.world import world_focal_pair
+
+    def pairs(seed: int) -> list:
+        rng = random.Random(seed)
+        return [world_focal_pair(rng, CLIP_WORLD, 0.3) for _ in range(30)]
+
+    first = pairs(5)
+    assert [(im.tobytes(), t) for im, t in first] == [(im.tobytes(), t) for im, t in pairs(5)]
+    shapes = set()
+    for image, text in first:
+        article, color, shape = text.split()
+        assert article == "a" and color in CLIP_WORLD.colors and shape in CLIP_WORLD.shapes
+        shapes.add(shape)
+        # The object fills about 0.3 of the crop's side, so its colour is in the crop.
+        pixels = np.asarray(image, dtype=float).reshape(-1, 3)
+        assert np.linalg.norm(pixels - COLORS[color], axis=1).min() < 60, text
+        assert image.width <= CLIP_WORLD.max_side and image.height <= CLIP_WORLD.max_side
+    assert len(shapes) > 2
+
+
+def test_clip_pairs_without_crops_draw_as_before():
+    from toyworld.scenes import SceneSpec
+    from toyworld.train_clip import CLIP_WORLD, _pair, clip_pair
+    from toyworld.world import world_clip_pair
+
+    old, new = random.Random(9), random.Random(9)
+    for _ in range(12):
+        image, text = world_clip_pair(old, CLIP_WORLD) if old.random() < 0.5 else clip_pair(old, SceneSpec())
+        again = _pair(new, SceneSpec(), CLIP_WORLD, 0.5, 0.0, 0.3)
+        assert (image.tobytes(), text) == (again[0].tobytes(), again[1])
+
+
 def test_balanced_pairs_make_each_answer_form_equally_likely():
     from toyworld.scenes import answer_forms, balanced_pair
 

@@ -41,7 +41,7 @@ from model.geometry import boxes_tensor
 from model.inference.describe import describe_regions
 from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT
-from toyworld.recipe import built_recipe
+from toyworld.recipe import recipe_from_metadata
 from toyworld.scenes import SceneSpec, make_scene
 from toyworld.stress import StressCase, conditions, scene_case
 from toyworld.world import WorldSpec, canvas, make_world_scene, world_index, world_turns
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     meta = read_metadata(args.model)
-    built = built_recipe(args.model)  # what its training records drew
+    built = recipe_from_metadata(meta)  # what its training records drew
     if built is None and meta.get("recipe"):
         print(
             f"warning: {args.model}/version.json records a recipe this code cannot read; "

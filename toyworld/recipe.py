@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SEED",
     "RECIPE_DIR",
     "built_recipe",
+    "recipe_from_metadata",
     "load_recipe",
     "recipe_model_config",
     "training_records",
@@ -102,7 +103,12 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
 def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
     """The recipe and seed a built folder records in its ``version.json`` (None: none, or one this
     code cannot read), so its training records can be replayed exactly."""
-    record = read_metadata(folder).get("recipe")
+    return recipe_from_metadata(read_metadata(folder))
+
+
+def recipe_from_metadata(meta: dict[str, Any]) -> tuple[BuildRecipe, int] | None:
+    """:func:`built_recipe` from a folder's already-read ``version.json`` contents."""
+    record = meta.get("recipe")
     if not isinstance(record, dict) or not record:
         return None
     record = dict(record)

@@ -4,7 +4,8 @@ Uses open_clip's own model, tokenizer and ``ClipLoss``.  Each image holds one sh
 names size, colour, shape and position (third of the image), so the patch features learn what the
 region encoder later reads.  A ``world_share`` of the pairs comes from the wider world
 (:func:`toyworld.world.world_clip_pair`: any canvas and background), the rest from the grid; a
-``focal_share`` shows world objects as the region encoder's focal crops show them.  The result is saved as a vision-only safetensors file (``visual.*`` keys).
+``focal_share`` shows world objects as the region encoder's focal crops show them (named by colour
+and shape only).  The result is saved as a vision-only safetensors file (``visual.*`` keys).
 """
 
 from __future__ import annotations
