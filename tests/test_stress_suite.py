@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model.geometry import check_pixel_box
 from model.inference.engine import InferenceEngine
@@ -57,6 +58,27 @@ def test_conditions_are_deterministic_and_change_what_they_say():
     white = cases["white"][0].image.getpixel((0, 0))
     assert max(dark) <= 60 and white == (255, 255, 255)
     assert len(cases["textured"][0].image.getcolors(1 << 20) or []) > 1000
+    some = conditions(4, seed=3, names=("textured", "dark"))  # a subset draws the same cases
+    assert list(some) == ["dark", "textured"]
+    assert [c.image.tobytes() for c in some["textured"]] == [c.image.tobytes() for c in cases["textured"]]
+
+
+def test_the_vision_probe_pools_every_object_box_of_its_focal_crop():
+    from model.checkpoint import DEFAULT_DIR
+    from model.config import load_model_config
+    from model.vision import ImageProcessor, VisionTower
+    from tools.measure_vision_probe import crop_features
+
+    cfg = load_model_config(DEFAULT_DIR)
+    cfg.vision.checkpoint = str(DEFAULT_DIR / "vision.safetensors")
+    tower = VisionTower(cfg.vision)
+    cases = conditions(3, seed=3, names=("textured", "no-object"))
+    x, y = crop_features(tower, ImageProcessor(cfg.vision), cases["textured"], cfg.region.focal_fill)
+    boxes = sum(len(c.boxes) for c in cases["textured"])
+    assert x.shape == (boxes, len(cfg.vision.region_layers) * cfg.vision.width * 4) and len(y) == boxes
+    assert torch.isfinite(x).all() and x.std(0).mean() > 0  # the boxes' features differ
+    empty, none = crop_features(tower, ImageProcessor(cfg.vision), cases["no-object"], cfg.region.focal_fill)
+    assert len(empty) == len(none) == 0  # an empty box has no shape to read
 
 
 def test_auroc_and_ece_on_known_figures():

@@ -214,12 +214,16 @@ MAKERS: dict[str, Callable[[random.Random, SceneSpec], StressCase]] = {
 assert tuple(MAKERS) == CONDITIONS
 
 
-def conditions(count: int, seed: int = 0, spec: SceneSpec | None = None) -> dict[str, list[StressCase]]:
-    """``count`` cases per condition, deterministic per ``seed`` (a condition's cases do not
-    depend on the others')."""
+def conditions(
+    count: int, seed: int = 0, spec: SceneSpec | None = None, names: Sequence[str] = CONDITIONS
+) -> dict[str, list[StressCase]]:
+    """``count`` cases per condition (of ``names``), deterministic per ``seed`` (a condition's
+    cases do not depend on the others')."""
     spec = spec or SceneSpec()
     out = {}
     for k, name in enumerate(CONDITIONS):
+        if name not in names:
+            continue
         rng = random.Random(STRESS_SEED_OFFSET + seed * 1_000_003 + k * 10_007)
         out[name] = [MAKERS[name](rng, spec) for _ in range(count)]
     return out
