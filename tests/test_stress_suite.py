@@ -61,6 +61,9 @@ def test_conditions_are_deterministic_and_change_what_they_say():
     some = conditions(4, seed=3, names=("textured", "dark"))  # a subset draws the same cases
     assert list(some) == ["dark", "textured"]
     assert [c.image.tobytes() for c in some["textured"]] == [c.image.tobytes() for c in cases["textured"]]
+    for names in (("textured", "fog"), "textured"):  # unknown, or a bare string
+        with pytest.raises(ValueError, match="conditions must be"):
+            conditions(2, names=names)
 
 
 def test_the_vision_probe_pools_every_object_box_of_its_focal_crop():

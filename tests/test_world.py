@@ -193,40 +193,62 @@ def test_world_clip_pairs_name_the_object_and_its_third():
 
 
 def test_world_focal_pairs_show_the_object_as_its_focal_crop():
-    import numpy as np
+    from dataclasses import replace
 
     from toyworld.scenes import COLORS
     from toyworld.train_clip import CLIP_WORLD
-    from toyworld.world import world_focal_pair
+    from toyworld.world import make_world_scene, world_focal_pair
 
-    def pairs(seed: int) -> list:
-        rng = random.Random(seed)
-        return [world_focal_pair(rng, CLIP_WORLD, 0.3) for _ in range(30)]
-
-    first = pairs(5)
-    assert [(im.tobytes(), t) for im, t in first] == [(im.tobytes(), t) for im, t in pairs(5)]
-    shapes = set()
-    for image, text in first:
-        article, color, shape = text.split()
-        assert article == "a" and color in CLIP_WORLD.colors and shape in CLIP_WORLD.shapes
-        shapes.add(shape)
-        # The object fills about 0.3 of the crop's side, so its colour is in the crop.
+    rng, twin = random.Random(5), random.Random(5)
+    lone = replace(CLIP_WORLD, min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
+    jitter, shapes = CLIP_WORLD.box_jitter, set()
+    for _ in range(30):
+        image, text = world_focal_pair(rng, CLIP_WORLD, 0.3)
+        scene = make_world_scene(twin, lone)  # the scene the pair was cut from
+        (obj,) = scene.objects
+        for _ in range(4):  # the pair's jitter draws, one per box edge
+            twin.uniform(0, 1)
+        assert text == f"a {obj.color} {obj.shape}" and obj.color != "pink"
+        shapes.add(obj.shape)
+        # The crop's side is the hand-drawn box's over 0.3 (each edge moved by at most `jitter` of the
+        # side), cut to the canvas where the canvas is smaller.
+        side = max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1])
+        for got, canvas_side in zip(image.size, scene.image.size):
+            lo, hi = side * (1 - 2 * jitter) / 0.3, side * (1 + 2 * jitter) / 0.3
+            assert min(lo, canvas_side) - 1 <= got <= min(hi, canvas_side) + 1, (got, side, canvas_side)
         pixels = np.asarray(image, dtype=float).reshape(-1, 3)
-        assert np.linalg.norm(pixels - COLORS[color], axis=1).min() < 60, text
-        assert image.width <= CLIP_WORLD.max_side and image.height <= CLIP_WORLD.max_side
+        near = np.linalg.norm(pixels - COLORS[obj.color], axis=1) < 60
+        assert near.any(), text  # the object is in its crop
+    assert [world_focal_pair(random.Random(5), CLIP_WORLD, 0.3)[0].tobytes()] == [
+        world_focal_pair(random.Random(5), CLIP_WORLD, 0.3)[0].tobytes()
+    ]
     assert len(shapes) > 2
 
 
-def test_clip_pairs_without_crops_draw_as_before():
-    from toyworld.scenes import SceneSpec
-    from toyworld.train_clip import CLIP_WORLD, _pair, clip_pair
-    from toyworld.world import world_clip_pair
+# sha256 of the first 16 CLIP pairs (world share 0.5), computed at commit ffec76b, before pairs could
+# be focal crops: recipes without `clip.focal_share` keep their vision tower's data.
+CLIP_PAIRS_DIGEST = "41e4600a74418d17"
 
-    old, new = random.Random(9), random.Random(9)
-    for _ in range(12):
-        image, text = world_clip_pair(old, CLIP_WORLD) if old.random() < 0.5 else clip_pair(old, SceneSpec())
-        again = _pair(new, SceneSpec(), CLIP_WORLD, 0.5, 0.0, 0.3)
-        assert (image.tobytes(), text) == (again[0].tobytes(), again[1])
+
+def test_clip_pairs_without_crops_draw_as_before():
+    import hashlib
+
+    from toyworld.recipe import load_recipe
+    from toyworld.scenes import SceneSpec
+    from toyworld.train_clip import CLIP_WORLD, _pair
+
+    rng, digest = random.Random(9), hashlib.sha256()
+    for _ in range(16):
+        image, text = _pair(rng, SceneSpec(), CLIP_WORLD, 0.5, 0.0, None)
+        digest.update(image.tobytes())
+        digest.update(text.encode())
+    assert digest.hexdigest()[:16] == CLIP_PAIRS_DIGEST
+    assert load_recipe("roi-tiny-world-focal-balanced").clip.focal_share == 0.0
+    from model.config import load_model_config
+    from toyworld.train_clip import train_clip
+
+    with pytest.raises(ValueError, match="focal_fill"):  # refused before any training
+        train_clip(load_model_config("roi-test").vision, "unused", focal_share=0.5)
 
 
 def test_balanced_pairs_make_each_answer_form_equally_likely():

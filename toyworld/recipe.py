@@ -25,15 +25,15 @@ __all__ = [
     "DEFAULT_SEED",
     "RECIPE_DIR",
     "built_recipe",
-    "recipe_from_metadata",
     "load_recipe",
+    "recipe_from_metadata",
     "recipe_model_config",
     "training_records",
 ]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "roi-tiny-world-focal-textured-crops"
-DEFAULT_SEED = 1  # the build seed model/default was made with (docs/default-model.md: builds and seeds)
+DEFAULT_SEED = 1  # the build seed model/default was made with (docs/default-model.md#how-it-got-here)
 
 
 @dataclass

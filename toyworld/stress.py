@@ -217,8 +217,10 @@ assert tuple(MAKERS) == CONDITIONS
 def conditions(
     count: int, seed: int = 0, spec: SceneSpec | None = None, names: Sequence[str] = CONDITIONS
 ) -> dict[str, list[StressCase]]:
-    """``count`` cases per condition (of ``names``), deterministic per ``seed`` (a condition's
-    cases do not depend on the others')."""
+    """``count`` cases per condition of ``names``, in :data:`CONDITIONS` order, deterministic per
+    ``seed`` (a condition's cases do not depend on the others', so a subset draws the same ones)."""
+    if isinstance(names, str) or set(names) - set(CONDITIONS):
+        raise ValueError(f"conditions must be a list of {list(CONDITIONS)}, got {names!r}")
     spec = spec or SceneSpec()
     out = {}
     for k, name in enumerate(CONDITIONS):

@@ -42,10 +42,16 @@ def clip_pair(rng: random.Random, spec: SceneSpec) -> tuple[Image.Image, str]:
 
 
 def _pair(
-    rng: random.Random, spec: SceneSpec, world: WorldSpec, world_share: float, focal_share: float, fill: float
+    rng: random.Random,
+    spec: SceneSpec,
+    world: WorldSpec,
+    world_share: float,
+    focal_share: float,
+    fill: float | None,
 ) -> tuple[Image.Image, str]:
     # No draw for the crop choice when it is off, so older recipes keep their pairs.
     if focal_share and rng.random() < focal_share:
+        assert fill is not None, "checked by train_clip"
         return world_focal_pair(rng, world, fill)
     return world_clip_pair(rng, world) if rng.random() < world_share else clip_pair(rng, spec)
 
@@ -61,14 +67,18 @@ def train_clip(
     world_share: float = 0.0,
     world: WorldSpec = CLIP_WORLD,
     focal_share: float = 0.0,
-    focal_fill: float = 0.3,
+    focal_fill: float | None = None,
 ) -> list[float]:
     """Train ``cfg.open_clip_model`` from scratch; write its vision weights to ``out_file``.
 
     ``world_share``: the share of each batch drawn from the wider ``world`` (the rest: ``spec``'s grid).
     ``focal_share``: the share shown as the region encoder's focal crops of ``world`` objects
-    (:func:`toyworld.world.world_focal_pair`, crop fill ``focal_fill``), drawn before the others.
+    (:func:`toyworld.world.world_focal_pair`, crop fill ``focal_fill``: the model config's
+    ``region.focal_fill``, required with crops), drawn before the others.  Their texts take 24
+    values, so a batch repeats them; ClipLoss counts the repeats as negatives, a floor on its loss.
     Returns the loss of every step."""
+    if focal_share and focal_fill is None:
+        raise ValueError("CLIP pairs shown as focal crops need the model's region.focal_fill")
     torch.manual_seed(seed)
     spec = spec or SceneSpec()
     model = build_clip(cfg.open_clip_model)

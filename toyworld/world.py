@@ -439,10 +439,8 @@ def world_focal_pair(rng: random.Random, spec: WorldSpec, fill: float) -> tuple[
     share of the crop side, the model's ``region.focal_fill``) around a hand-drawn box on one object
     of a wider-world canvas, named by colour and shape (a crop shows no size or place)."""
     spec = replace(spec, min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
-    while True:  # a canvas with no room for its object is drawn again
-        scene = make_world_scene(rng, spec)
-        if scene.objects:
-            break
+    scene = make_world_scene(rng, spec)
+    assert scene.objects, "a lone object always fits its canvas"
     obj = scene.objects[0]
     box = _jittered(obj.box, rng, spec.box_jitter, scene.width, scene.height)
     crop, _ = focal_crop(box, scene.width, scene.height, fill)
