@@ -76,11 +76,11 @@ def test_the_vision_probe_pools_every_object_box_of_its_focal_crop():
     cfg.vision.checkpoint = str(DEFAULT_DIR / "vision.safetensors")
     tower = VisionTower(cfg.vision)
     cases = conditions(3, seed=3, names=("textured", "no-object"))
-    x, y = crop_features(tower, ImageProcessor(cfg.vision), cases["textured"], cfg.region.focal_fill)
+    x, y = crop_features(tower, ImageProcessor(cfg.vision), cases["textured"], cfg.region)
     boxes = sum(len(c.boxes) for c in cases["textured"])
     assert x.shape == (boxes, len(cfg.vision.region_layers) * cfg.vision.width * 4) and len(y) == boxes
     assert torch.isfinite(x).all() and x.std(0).mean() > 0  # the boxes' features differ
-    empty, none = crop_features(tower, ImageProcessor(cfg.vision), cases["no-object"], cfg.region.focal_fill)
+    empty, none = crop_features(tower, ImageProcessor(cfg.vision), cases["no-object"], cfg.region)
     assert len(empty) == len(none) == 0  # an empty box has no shape to read
 
 

@@ -3,7 +3,7 @@
     python -m tools.measure_vision_probe --vision model/default/vision.safetensors <other.safetensors> \
         [--config model/default] [--images 200 80] [--colors pink]
 
-The region encoder reads every box from its focal crop (``region.focal_fill`` of ``--config``) and
+The region encoder reads every box from its focal crop (``region`` of ``--config``) and
 pools the tower's feature maps there; stage 2 keeps the tower frozen, so what those maps do not
 show, no later phase can read.  Per tower and stress condition (:mod:`toyworld.stress`): a ridge
 read-out of the object's shape from its crop's RoI features (each ``region_layers`` map pooled to
@@ -21,8 +21,9 @@ import torch
 from torchvision.ops import roi_align
 
 from model.checkpoint import DEFAULT_DIR
-from model.config import load_model_config
-from model.geometry import focal_crop
+from model.config import RegionEncoderConfig, load_model_config
+from model.focal import focal_crops
+from model.geometry import boxes_tensor
 from model.tasks import NO_OBJECT, parse_caption
 from model.vision import ImageProcessor, VisionTower
 from tools.measure_concept_probe import ridge_accuracy
@@ -35,31 +36,35 @@ PROBED = tuple(c for c in CONDITIONS if c != "no-object")  # conditions whose bo
 
 
 def crop_features(
-    tower: VisionTower, processor: ImageProcessor, cases: list[StressCase], fill: float, batch: int = 32
+    tower: VisionTower,
+    processor: ImageProcessor,
+    cases: list[StressCase],
+    region: RegionEncoderConfig,
+    batch: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoI features ``(N, L * C * 4)`` of every object box's focal crop in ``cases`` and its shape
-    index ``(N,)``."""
-    items = []
+    """RoI features ``(N, L * C * 4)`` of every object box's focal crop in ``cases`` (cut by
+    :func:`model.focal.focal_crops`, as the engine cuts them under ``region``) and its shape index
+    ``(N,)``."""
+    pixels, inside, shapes = [], [], []
     for case in cases:
-        for box, caption in zip(case.boxes, case.captions):
-            parsed = parse_caption(caption) if caption not in (None, NO_OBJECT) else None
-            if parsed:
-                items.append((case.image, box, SHAPES.index(parsed["shape"])))
+        parsed = [parse_caption(c) if c not in (None, NO_OBJECT) else None for c in case.captions]
+        shape_of = {k: SHAPES.index(p["shape"]) for k, p in enumerate(parsed) if p}
+        boxes = boxes_tensor(case.boxes, case.image.width, case.image.height)
+        crops = focal_crops(case.image, boxes, region, processor.batch, shape_of) if shape_of else None
+        if crops is not None:
+            pixels.append(crops.pixels)
+            inside.extend(crops.boxes.unsqueeze(1))  # one (1, 4) box per crop, in its crop's frame
+            shapes.extend(shape_of[k] for k in crops.rows)
     width = len(tower.cfg.region_layers) * tower.width * 4
-    rows = [torch.zeros(0, width)]  # nothing to pool when no box holds an object
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        crops, inside = [], []
-        for image, box, _ in chunk:
-            crop, in_crop = focal_crop(box, image.width, image.height, fill)
-            crops.append(image.crop(crop))
-            inside.append(in_crop)
-        levels = tower(processor.batch(crops)).levels
-        boxes = list(torch.tensor(inside, dtype=torch.float32).unsqueeze(1))  # one (1, 4) per crop
+    rows_out = [torch.zeros(0, width)]  # nothing to pool when no box holds an object
+    every = torch.cat(pixels) if pixels else torch.zeros(0)
+    for start in range(0, len(inside), batch):
+        levels = tower(every[start : start + batch]).levels
+        boxes = inside[start : start + batch]
         # Boxes are normalised, so a map of side g takes spatial_scale g.
         pooled = [roi_align(lvl, boxes, 2, float(lvl.shape[-1]), 2, True).flatten(1) for lvl in levels]
-        rows.append(torch.cat(pooled, 1))
-    return torch.cat(rows), torch.tensor([shape for *_, shape in items], dtype=torch.long)
+        rows_out.append(torch.cat(pooled, 1))
+    return torch.cat(rows_out), torch.tensor(shapes, dtype=torch.long)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         tower, processor = VisionTower(vision), ImageProcessor(vision)
         scores = []
         for name in args.conditions:
-            xtr, ytr = crop_features(tower, processor, fit[name], cfg.region.focal_fill)
-            xte, yte = crop_features(tower, processor, held[name], cfg.region.focal_fill)
+            xtr, ytr = crop_features(tower, processor, fit[name], cfg.region)
+            xte, yte = crop_features(tower, processor, held[name], cfg.region)
             scores.append(ridge_accuracy(xtr, ytr, xte, yte))
         print(f"{str(path)[-40:]:40s} " + " ".join(f"{s:14.3f}" for s in scores))
     return 0

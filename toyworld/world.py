@@ -423,11 +423,15 @@ class WorldRecords(MixedRecords):
         super().__init__(seed, count, 1.0, world=spec, num_turns=num_turns)
 
 
+def _lone(spec: WorldSpec) -> WorldSpec:
+    """``spec`` drawing one object anywhere (the scenes of CLIP's pairs)."""
+    return replace(spec, min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
+
+
 def world_clip_pair(rng: random.Random, spec: WorldSpec | None = None) -> tuple[Image.Image, str]:
     """One (image, text) pair for the vision tower's contrastive training: a single object placed
     anywhere on a wider-world canvas (any background, shade, distractors) and where it is."""
-    spec = replace(spec or WorldSpec(), min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
-    scene = make_world_scene(rng, spec)
+    scene = make_world_scene(rng, _lone(spec or WorldSpec()))
     if not scene.objects:  # no room was found: an empty canvas is a pair of its own
         return scene.image, NO_OBJECT
     obj = scene.objects[0]
@@ -438,7 +442,7 @@ def world_focal_pair(rng: random.Random, spec: WorldSpec, fill: float) -> tuple[
     """One (image, text) pair as the region encoder sees a box: the focal crop (``fill``: the box's
     share of the crop side, the model's ``region.focal_fill``) around a hand-drawn box on one object
     of a wider-world canvas, named by colour and shape (a crop shows no size or place)."""
-    spec = replace(spec, min_objects=1, max_objects=1, grid_share=0.0, small_share=0.0)
+    spec = _lone(spec)
     scene = make_world_scene(rng, spec)
     assert scene.objects, "a lone object always fits its canvas"
     obj = scene.objects[0]
