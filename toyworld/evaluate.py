@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from model.geometry import boxes_tensor
-from model.inference.describe import ATTRIBUTES, describe_regions
+from model.inference.describe import ATTRIBUTES, MAX_RELATION_BOXES, describe_regions
 from model.inference.engine import InferenceEngine
 from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
 from toyworld.scenes import (
@@ -92,22 +92,32 @@ def score_scenes(
     for start in range(0, len(scenes), batch_images):
         chunk = scenes[start : start + batch_images]
         boxes = [boxes_tensor([o.box for o in s.objects], s.width, s.height) for s in chunk]
-        reports = describe_regions(engine, [s.image for s in chunk], boxes, relations=relations)
+        reports = describe_regions(
+            engine,
+            [s.image for s in chunk],
+            boxes,
+            relations=relations,
+            max_relation_boxes=MAX_RELATION_BOXES,
+        )
         for scene, report in zip(chunk, reports):
             answers.append([r.caption.text for r in report.regions])
             for obj, region in zip(scene.objects, report.regions):
                 cap.add(region.caption.text == obj.caption)
-                for name, ans in region.attributes.items():
-                    ok = ans.text == getattr(obj, name)
+                for name in ATTRIBUTES:  # an object called empty has none: each counts as wrong
+                    ans = region.attributes.get(name)
+                    ok = ans is not None and ans.text == getattr(obj, name)
                     attr.add(ok)
                     per_attr[name].add(ok)
-            for r in report.relations:
-                a, b = scene.objects[r.source], scene.objects[r.target]
+            said_by_pair = {(r.source, r.target): r for r in report.relations}
+            asked = min(len(scene.objects), MAX_RELATION_BOXES) if relations else 0
+            for pair in ((i, j) for i in range(asked) for j in range(asked) if i != j):
+                r = said_by_pair.get(pair)  # dropped when either box was called empty: wrong
+                a, b = scene.objects[pair[0]], scene.objects[pair[1]]
                 truth = relation_labels(a.box, b.box, scene.width, scene.height)
-                rel.add(r.labels == truth and (bool(truth) or r.answer.text == "near"))
+                rel.add(r is not None and r.labels == truth and (bool(truth) or r.answer.text == "near"))
                 for axis, words in RELATION_AXES.items():
-                    said, right = ([w for w in ls if w in words] for ls in (r.labels, truth))
-                    per_axis[axis].add(said == right)
+                    said, right = ([w for w in ls if w in words] for ls in (r.labels if r else [], truth))
+                    per_axis[axis].add(r is not None and said == right)
     return {
         "caption_exact_match": cap.rate,
         "attribute_accuracy": attr.rate,

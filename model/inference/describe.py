@@ -13,17 +13,27 @@ import torch
 
 from model.inference.engine import Answer, InferenceEngine
 from model.inference.image_input import ImageLike
-from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, RELATION_QUESTION, parse_relation
+from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, NO_OBJECT, RELATION_QUESTION, parse_relation
 
-__all__ = ["ATTRIBUTES", "ImageReport", "RegionReport", "RelationReport", "describe_regions"]
+__all__ = [
+    "ATTRIBUTES",
+    "MAX_RELATION_BOXES",
+    "ImageReport",
+    "RegionReport",
+    "RelationReport",
+    "describe_regions",
+]
 
 ATTRIBUTES = tuple(ATTRIBUTE_QUESTION)
+MAX_RELATION_BOXES = 8  # relations are asked among an image's first boxes: pairs grow as N^2
 
 
 @dataclass
 class RegionReport:
     caption: Answer | None
     attributes: dict[str, Answer] = field(default_factory=dict)
+    # The box holds no object (its caption answer is NO_OBJECT): no attribute or relation is reported.
+    empty: bool = False
 
 
 @dataclass
@@ -55,7 +65,7 @@ def describe_regions(
     caption: bool = True,
     attributes: Sequence[str] = ATTRIBUTES,
     relations: bool = True,
-    max_relation_boxes: int = 8,
+    max_relation_boxes: int = MAX_RELATION_BOXES,
     only: Sequence[Sequence[int] | None] | None = None,
     masks: Sequence[Sequence[torch.Tensor | None] | None] | None = None,
 ) -> list[ImageReport]:
@@ -65,6 +75,11 @@ def describe_regions(
     first ``max_relation_boxes`` boxes.  ``only[i]`` restricts questions to those box indices of
     image i (e.g. the box just drawn), relations then pair those boxes with every other box.
     ``masks``: optional per-box ``(H, W)`` image masks (:meth:`InferenceEngine.answer`).
+
+    A box whose caption answer is :data:`model.tasks.NO_OBJECT` is reported ``empty``, without
+    attributes or relations: the model is only taught what an empty box holds, so anything else it
+    said about one would be invented.  The caption is asked for that check even when ``caption`` is
+    False (then it is not reported); boxes outside ``only`` (relation partners) are not checked.
     """
     unknown = [a for a in attributes if a not in ATTRIBUTE_QUESTION]
     if unknown:
@@ -74,29 +89,39 @@ def describe_regions(
     for i, b in enumerate(boxes):
         n = len(b)
         focus = range(n) if only is None or only[i] is None else list(only[i])
+        limit = min(n, max_relation_boxes) if relations else 0
         for k in focus:
             ref = f"<region{k + 1}>"
-            if caption:
+            if caption or attributes or limit > 1:  # the presence check of every region asked about
                 queries.append((i, CAPTION_QUESTION.format(a=ref)))
                 slots.append(("caption", i, k))
             for attr in attributes:
                 queries.append((i, ATTRIBUTE_QUESTION[attr].format(a=ref)))
                 slots.append(("attr", i, k, attr))
-        if relations:
-            limit = min(n, max_relation_boxes)
-            for a in range(limit):
-                for c in range(limit):
-                    if a == c or (a not in focus and c not in focus):
-                        continue
-                    queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
-                    slots.append(("rel", i, a, c))
+        for a in range(limit):
+            for c in range(limit):
+                if a == c or (a not in focus and c not in focus):
+                    continue
+                queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
+                slots.append(("rel", i, a, c))
     answers = engine.answer(images, boxes, queries, masks) if queries else []
     reports = [ImageReport([RegionReport(None) for _ in b], []) for b in boxes]
     for slot, ans in zip(slots, answers):
         if slot[0] == "caption":
-            reports[slot[1]].regions[slot[2]].caption = ans
+            region = reports[slot[1]].regions[slot[2]]
+            region.empty = ans.text.strip() == NO_OBJECT
+            region.caption = ans if caption else None
         elif slot[0] == "attr":
             reports[slot[1]].regions[slot[2]].attributes[slot[3]] = ans
         else:
             reports[slot[1]].relations.append(RelationReport(slot[2], slot[3], parse_relation(ans.text), ans))
+    for report in reports:
+        for region in report.regions:
+            if region.empty:
+                region.attributes.clear()
+        report.relations = [
+            r
+            for r in report.relations
+            if not (report.regions[r.source].empty or report.regions[r.target].empty)
+        ]
     return reports
