@@ -108,6 +108,11 @@ class Settings:
     train_steps: int = _setting(300, "fine-tuning steps per job")
     train_batch_size: int = _setting(16, "fine-tuning global batch size")
     train_lr: float = _setting(3e-4, "fine-tuning learning rate")
+    train_image_token_dropout: str = _setting(
+        "parent",
+        "share of training prompts whose image tokens are hidden, in [0, 1); 'parent': the share the "
+        "parent version was trained with (its train_config.json; 0 without one)",
+    )
     replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
     replay_data: str = _setting(
         "synthetic", "earlier data to replay: 'synthetic' (the default's training set) or a JSONL file"
@@ -152,6 +157,23 @@ class Settings:
             )
         return frozenset(words)
 
+    def image_token_dropout(self, parent: float | None) -> float:
+        """The fine-tuning image-token dropout: ``TRAIN_IMAGE_TOKEN_DROPOUT``, or ``parent`` (the
+        parent's own share; None: it records none, 0) when that says ``parent``."""
+        raw = self.train_image_token_dropout.strip().lower()
+        if raw == "parent":
+            return parent or 0.0
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value < 1.0:
+            raise SettingsError(
+                f"TRAIN_IMAGE_TOKEN_DROPOUT must be 'parent' or a number in [0, 1), "
+                f"got {self.train_image_token_dropout!r}"
+            )
+        return value
+
     @staticmethod
     def env_name(f) -> str:
         return f.metadata.get("env") or f.name.upper()
@@ -178,6 +200,7 @@ class Settings:
                 f"TRAIN_FOCUS_TURNS must be in [0, TRAIN_MAX_TURNS={settings.train_max_turns}], "
                 f"got {settings.train_focus_turns}"
             )
+        settings.image_token_dropout(None)  # validates TRAIN_IMAGE_TOKEN_DROPOUT
         if not 0.0 <= settings.replay_fraction < 1.0:
             raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
         if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):

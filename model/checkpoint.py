@@ -54,6 +54,7 @@ __all__ = [
     "check_memory",
     "load_model",
     "read_metadata",
+    "read_train_config",
     "save_checkpoint",
     "smoke_check",
     "verify_checkpoint",
@@ -180,6 +181,12 @@ def save_checkpoint(
 def read_metadata(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "version.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_train_config(folder: str | Path) -> TrainConfig | None:
+    """The TrainConfig of the run that produced ``folder`` (None: the folder records none)."""
+    path = Path(folder) / "train_config.json"
+    return TrainConfig.from_dict(json.loads(path.read_text())) if path.exists() else None
 
 
 def load_model(

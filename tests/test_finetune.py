@@ -15,11 +15,15 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from backend.finetune import MixedRecords, gate, score_records
+from backend.finetune.job import train_config
 from backend.finetune.sources import ToySceneEvaluator
 from backend.jobs import job_id
 from backend.registry import ModelRegistry
+from backend.settings import Settings, SettingsError
 from backend.store import open_store
 from backend.webhooks import handle_webhook
+from model.checkpoint import read_train_config
+from model.config import TrainConfig, save_json
 from tests.redis_helpers import job_settings, settings_env
 from tools.ls.demo_active_learning import correction_scenes
 from tools.ls.payloads import scene_payload
@@ -39,6 +43,23 @@ def test_mixed_records_share():
     assert (
         all(mixed[i]["id"].startswith("c") for i in range(10)) and len(MixedRecords(corrections, [], 0.5)) > 0
     )
+
+
+def test_job_keeps_the_parents_image_token_dropout(tmp_path: Path):
+    """A job continues its parent's regime: the image-token dropout recorded in the parent's
+    train_config.json, unless TRAIN_IMAGE_TOKEN_DROPOUT sets one; bad values are refused by name."""
+    save_json(TrainConfig(image_token_dropout=0.5, seed=9).to_dict(), tmp_path / "train_config.json")
+    parent = read_train_config(tmp_path)
+    assert parent is not None and parent.image_token_dropout == 0.5
+    assert read_train_config(tmp_path / "none") is None
+    default = Settings.from_env({})
+    assert train_config(default, seed=1, parent=parent).image_token_dropout == 0.5
+    assert train_config(default, seed=1, parent=None).image_token_dropout == 0.0
+    fixed = Settings.from_env({"TRAIN_IMAGE_TOKEN_DROPOUT": "0.25"})
+    assert train_config(fixed, seed=1, parent=parent).image_token_dropout == 0.25
+    for bad in ("1", "-0.1", "half", "nan"):
+        with pytest.raises(SettingsError, match="TRAIN_IMAGE_TOKEN_DROPOUT"):
+            Settings.from_env({"TRAIN_IMAGE_TOKEN_DROPOUT": bad})
 
 
 def test_gate_rules():
@@ -111,6 +132,8 @@ def test_job_writes_gated_immutable_version(tmp_path: Path, tiny_checkpoint: Pat
     )
     assert set(meta["gate"]) >= {"accepted", "reasons", "set", "tolerance"}
     assert len(metrics["history"]) == 8 and metrics["parent_scores"]["base"]["counts"]["regions"] > 0
+    # the parent records no train config: the job trained (and records) no image-token dropout
+    assert read_train_config(folder).image_token_dropout == meta["train"]["image_token_dropout"] == 0.0
     # The gate's decision is what happened to the pointer.
     assert (registry.current() == version) == (round_["decision"] == "promoted") == meta["gate"]["accepted"]
     assert not list(registry.staging_dir.iterdir())

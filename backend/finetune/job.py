@@ -35,7 +35,7 @@ from backend.lease import LeaseError, TrainingLease
 from backend.registry import ModelRegistry
 from backend.settings import Settings, get_settings
 from backend.store import CorrectionStore, open_store
-from model.checkpoint import load_model, read_metadata
+from model.checkpoint import load_model, read_metadata, read_train_config
 from model.config import TrainConfig
 from model.data.dataset import record_turns
 from model.inference.engine import InferenceEngine
@@ -118,8 +118,10 @@ def _phase(lease: TrainingLease | None, phase: str, **fields: Any) -> None:
     set_phase(phase, **fields)
 
 
-def train_config(settings: Settings, seed: int) -> TrainConfig:
-    """Stage 2 (region encoder + projector + LM or its LoRA adapters; vision frozen) from settings."""
+def train_config(settings: Settings, seed: int, parent: TrainConfig | None = None) -> TrainConfig:
+    """Stage 2 (region encoder + projector + LM or its LoRA adapters; vision frozen) from settings;
+    ``parent``: the TrainConfig the parent version was trained with (its image-token dropout is
+    kept unless ``TRAIN_IMAGE_TOKEN_DROPOUT`` says otherwise)."""
     return TrainConfig(
         stage=2,
         steps=settings.train_steps,
@@ -129,6 +131,9 @@ def train_config(settings: Settings, seed: int) -> TrainConfig:
         seed=seed,
         log_every=max(1, settings.train_steps // 20),
         replay_fraction=settings.replay_fraction,
+        # Continuing in the parent's regime: a model trained to answer with its image tokens often
+        # hidden shifts when a job suddenly always shows them (docs/training.md).
+        image_token_dropout=settings.image_token_dropout(parent.image_token_dropout if parent else None),
         update_norm_stats=False,  # a few skewed correction batches must not renormalise every box
     )
 
@@ -173,7 +178,7 @@ def _finetune(
 
     earlier = set(read_metadata(parent_dir).get("lifted_tokens", []))  # lifted once per lineage
     lifted = _lift_new_tokens(model, split, lineage, earlier) if settings.train_lift_new_tokens else []
-    cfg = train_config(settings, seed=snapshot_seq)
+    cfg = train_config(settings, seed=snapshot_seq, parent=read_train_config(parent_dir))
     history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease, missed)
 
     _phase(lease, "evaluate-candidate", project=project_id)
@@ -200,6 +205,7 @@ def _finetune(
         "data": _counts(split, candidate_scores, settings, snapshot_seq),
         "lifted_tokens": sorted(earlier | set(lifted)),
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                  "image_token_dropout": cfg.image_token_dropout,
                   "max_turns": settings.train_max_turns, "focus_turns": settings.train_focus_turns,
                   "missed_turns": sum(map(len, missed.values())), "lifted_tokens": len(lifted),
                   "seconds": round(train_seconds, 1),
