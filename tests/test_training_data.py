@@ -80,6 +80,33 @@ def test_bundled_recipe_loads_and_rejects_unknown_keys(tmp_path):
     assert BuildRecipe().config == "roi-tiny"
 
 
+def test_a_recipe_names_its_base_and_gives_only_what_it_changes(tmp_path):
+    """``base``: the named recipe's fields with this file's merged over them section by section;
+    ``null`` drops a base value (the field's default); loops and bad bases are refused by name."""
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({
+        "base": "roi-tiny-world-focal-textured-crops",
+        "stage2_restart": None,
+        "stage2": {"steps": 7},
+        "world": {"textures": ["checks"]},
+    }))  # fmt: skip
+    base, got = load_recipe("roi-tiny-world-focal-textured-crops"), load_recipe(child)
+    assert got.stage2.steps == 7 and got.stage2.lr == base.stage2.lr and got.stage2.seed == base.stage2.seed
+    assert got.world == {**base.world, "textures": ["checks"]} and got.clip == base.clip
+    assert base.stage2_restart.steps > 0 and got.stage2_restart == BuildRecipe().stage2_restart
+    grandchild = tmp_path / "grandchild.json"
+    grandchild.write_text(json.dumps({"base": str(child), "turns": 3}))
+    assert load_recipe(grandchild).turns == 3 and load_recipe(grandchild).stage2.steps == 7
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"base": str(loop)}))
+    with pytest.raises(ValueError, match="its own base"):
+        load_recipe(loop)
+    for base_value, error in (({"x": 1}, ValueError), ("no-such-recipe", FileNotFoundError)):
+        child.write_text(json.dumps({"base": base_value}))
+        with pytest.raises(error):
+            load_recipe(child)
+
+
 def test_a_recipe_sets_region_fields_of_its_model_config(tmp_path):
     recipe = load_recipe("roi-tiny-world-focal")
     assert recipe_model_config(recipe).region.focal_below == recipe.region["focal_below"] > 0.5

@@ -91,13 +91,46 @@ class BuildRecipe:
 
 
 def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
-    """A recipe by bundled name (``toyworld/recipes/<name>.json``) or file path."""
+    """A recipe by bundled name (``toyworld/recipes/<name>.json``) or file path.
+
+    A recipe file may name a ``"base"`` recipe (bundled name or path) and give only what it
+    changes: its keys are merged over the base's, section by section (a nested object is merged
+    key by key, anything else replaced; ``null`` drops the base's value, so the field takes its
+    default)."""
+    return BuildRecipe.from_dict(_recipe_fields(name_or_path, ()))
+
+
+def _recipe_fields(name_or_path: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise FileNotFoundError(f"recipe {name_or_path!r} not found in {RECIPE_DIR}")
-    return BuildRecipe.from_dict(json.loads(path.read_text()))
+    path = path.resolve()
+    if path in chain:
+        raise ValueError(f"recipe {path.name} is its own base: {' -> '.join(p.name for p in (*chain, path))}")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path.name} must be a JSON object")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"recipe {path.name}: base must be a recipe name or path, got {base!r}")
+    return _merged(_recipe_fields(base, (*chain, path)), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys over ``base``'s, nested objects merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def built_recipe(folder: str | Path) -> tuple[BuildRecipe, int] | None:
