@@ -16,6 +16,7 @@ from toyworld.stress import (
     conditions,
     expected_calibration_error,
     format_stress,
+    missed_stress_targets,
     photo_cases,
     run_stress,
     wrong_words,
@@ -120,6 +121,27 @@ def test_run_stress_reports_every_condition_and_the_score_metrics():
     assert set(result["scores"]) == {"auroc_low_score_wrong", "ece", "mean_score_right", "mean_score_wrong"}
     table = format_stress(result)
     assert all(f"| {name} |" in table for name in CONDITIONS) and "AUROC" in table
+
+
+def test_missed_stress_targets_names_each_figure_under_its_target():
+    good = {"caption_exact_match": 0.96, "regions": 10}
+    result = {
+        "conditions": {name: dict(good) for name in CONDITIONS},
+        "photos": {"regions": 4, "mean_score": 0.2},
+        "scores": {"auroc_low_score_wrong": 0.95, "ece": 0.01},
+    }
+    result["conditions"]["generator"]["caption_exact_match"] = 0.99
+    result["conditions"]["off-grid"]["relation_accuracy"] = 0.93
+    assert missed_stress_targets(result) == []
+    result["conditions"]["generator"]["caption_exact_match"] = 0.97  # >= 0.95 but the generator needs 0.98
+    result["conditions"]["off-grid"].update(caption_exact_match=0.941, relation_accuracy=0.85)
+    result["scores"].update(auroc_low_score_wrong=0.89, ece=0.06)
+    result["photos"]["mean_score"] = 0.31
+    missed = missed_stress_targets(result)
+    assert missed == [
+        "generator captions 0.970 < 0.98", "off-grid captions 0.941 < 0.95", "off-grid relations 0.850 < 0.9",
+        "AUROC 0.890 < 0.9", "ECE 0.060 > 0.05", "photos mean score 0.310 > 0.3",
+    ]  # fmt: skip
 
 
 def test_wrong_words_name_what_a_caption_got_wrong():

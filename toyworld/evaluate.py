@@ -221,10 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     engine = InferenceEngine(model, version=read_metadata(args.model).get("version", "?"))
     if args.suite == "stress":
-        from toyworld.stress import format_stress, run_stress
+        from toyworld.stress import format_stress, missed_stress_targets, run_stress
 
         stress = run_stress(engine, args.images, args.seed)
         print(json.dumps(stress, indent=2) if args.json else format_stress(stress))
+        missed = missed_stress_targets(stress)
+        if args.check and missed:
+            print(f"targets missed: {missed}", file=sys.stderr)
+            return 1
         return 0
     result = evaluate(engine, args.images, args.seed, spec)
     print(json.dumps(result, indent=2) if args.json else format_table(result))

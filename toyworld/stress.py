@@ -43,11 +43,13 @@ from toyworld.world import TEXTURES, canvas, draw_objects
 __all__ = [
     "CONDITIONS",
     "NO_OBJECT",
+    "STRESS_TARGETS",
     "StressCase",
     "auroc",
     "conditions",
     "expected_calibration_error",
     "format_stress",
+    "missed_stress_targets",
     "photo_cases",
     "run_stress",
     "scene_case",
@@ -337,6 +339,38 @@ def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int
         result["relation_accuracy"] = relations[0] / relations[1]
         result["relation_pairs"] = relations[1]
     return result
+
+
+# Issue 17's targets: caption exact match per condition (generator >= 0.98), off-grid relations,
+# and the scores (AUROC of "low score = wrong" over every condition, ECE, mean score on photos).
+STRESS_TARGETS: dict[str, float] = {
+    "caption_exact_match": 0.95,
+    "generator": 0.98,
+    "off-grid relations": 0.90,
+    "auroc": 0.90,
+    "ece": 0.05,
+    "photos": 0.30,
+}
+
+
+def missed_stress_targets(result: dict) -> list[str]:
+    """What a :func:`run_stress` result misses of :data:`STRESS_TARGETS` (each with its figure)."""
+    t, missed = STRESS_TARGETS, []
+    for name, f in result["conditions"].items():
+        want = t["generator"] if name == "generator" else t["caption_exact_match"]
+        if not f["caption_exact_match"] >= want:
+            missed.append(f"{name} captions {f['caption_exact_match']:.3f} < {want}")
+    rel = result["conditions"].get("off-grid", {}).get("relation_accuracy")
+    if rel is not None and not rel >= t["off-grid relations"]:
+        missed.append(f"off-grid relations {rel:.3f} < {t['off-grid relations']}")
+    s = result["scores"]
+    if not s["auroc_low_score_wrong"] >= t["auroc"]:
+        missed.append(f"AUROC {s['auroc_low_score_wrong']:.3f} < {t['auroc']}")
+    if not s["ece"] <= t["ece"]:
+        missed.append(f"ECE {s['ece']:.3f} > {t['ece']}")
+    if not result["photos"]["mean_score"] <= t["photos"]:
+        missed.append(f"photos mean score {result['photos']['mean_score']:.3f} > {t['photos']}")
+    return missed
 
 
 def run_stress(engine: InferenceEngine, count: int = 60, seed: int = 0) -> dict:
