@@ -14,7 +14,8 @@ question submitted so far, the newest last).  Each question:
 3. is asked as that kind's canonical question about the referenced boxes only.
 
 Anything else is answered :data:`CANNOT_ANSWER` (the reason goes to the log): the model would
-otherwise answer a question it was never taught with a made-up shape.
+otherwise answer a question it was never taught with a made-up shape.  A question beyond the
+caption about a box the model calls empty is answered ``no object`` (the box named in the log).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from model.tasks import (
     ATTRIBUTE_QUESTIONS,
     CAPTION_QUESTION,
     CAPTION_QUESTIONS,
+    NO_OBJECT,
     POSITION_QUESTIONS,
     RELATION_QUESTION,
     RELATION_QUESTIONS,
@@ -302,10 +304,23 @@ def answer_result(
         return None
     turns = plan_turns(questions, regions)
     asked = [t for t in turns if t.asked is not None]
-    answers = engine.answer([image], [boxes], [(0, t.asked) for t in asked], [masks]) if asked else []  # type: ignore[misc]
+    # Boxes asked about beyond their caption get the presence check describe_regions makes.
+    checked = sorted({r for t in asked if t.kind != "caption" for r in t.refs})
+    queries = [(0, t.asked) for t in asked] + [(0, canonical_question("caption", [r])) for r in checked]
+    answers = engine.answer([image], [boxes], queries, [masks]) if queries else []  # type: ignore[misc]
     by_turn = dict(zip(map(id, asked), answers))
+    presence = dict(zip(checked, answers[len(asked) :]))
     lines, scores = [], []
     for turn in turns:
+        empty = [r for r in turn.refs if r in presence and presence[r].text.strip() == NO_OBJECT]
+        if turn.asked is not None and turn.kind != "caption" and empty:
+            log.info(
+                "region question about an empty box",
+                extra={"task": task_id, "question": turn.question, "empty_boxes": [r + 1 for r in empty]},
+            )
+            lines.append(NO_OBJECT)  # what the model says the box holds; anything more would be invented
+            scores.append(presence[empty[0]].score)
+            continue
         if turn.asked is None and turn.dropped:
             lines.append(CANNOT_ANSWER)
             continue

@@ -112,8 +112,7 @@ def _base(region: Region, from_name: str, kind: str, to_name: str, w: int, h: in
 
 
 def _region_score(report: RegionReport) -> float | None:
-    scores = [report.caption.score] if report.caption else []
-    scores += [a.score for a in report.attributes.values()]
+    scores = report.answer_scores()
     return round(sum(scores) / len(scores), 4) if scores else None
 
 

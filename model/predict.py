@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     (report,) = describe_regions(engine, [image], [boxes])
     out = {
         "regions": [
-            {"region": i + 1, "caption": r.caption.text, **{k: a.text for k, a in r.attributes.items()}}
+            {
+                "region": i + 1,
+                "caption": r.caption.text,
+                **({"empty": True} if r.empty else {}),
+                **{k: a.text for k, a in r.attributes.items()},
+            }
             for i, r in enumerate(report.regions)
         ],
         "relations": [

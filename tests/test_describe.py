@@ -6,16 +6,17 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from model.checkpoint import DEFAULT_DIR, load_model
 from model.geometry import boxes_tensor
 from model.inference.describe import ATTRIBUTES, describe_regions
-from model.inference.engine import InferenceEngine
-from model.tasks import NO_OBJECT
+from model.inference.engine import Answer, InferenceEngine
+from model.tasks import CAPTION_QUESTION, NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 
 
-def _empty_box(scene, side: float) -> tuple[float, float, float, float]:
+def empty_box(scene, side: float) -> tuple[float, float, float, float]:
     """A ``side``-px square of the scene's background touching no object (first found on a grid)."""
     for y in range(0, int(scene.height - side), 4):
         for x in range(0, int(scene.width - side), 4):
@@ -31,7 +32,7 @@ def _empty_box(scene, side: float) -> tuple[float, float, float, float]:
 @pytest.fixture(scope="module")
 def case():
     scene = make_scene(random.Random(41), SceneSpec())
-    boxes = [o.box for o in scene.objects] + [_empty_box(scene, min(scene.width, scene.height) * 0.2)]
+    boxes = [o.box for o in scene.objects] + [empty_box(scene, min(scene.width, scene.height) * 0.2)]
     engine = InferenceEngine(load_model(DEFAULT_DIR), "t")
     return scene, boxes_tensor(boxes, scene.width, scene.height), engine
 
@@ -61,3 +62,68 @@ def test_presence_is_checked_without_a_caption_question(case):
     assert all(set(r.attributes) == set(ATTRIBUTES) for r in report.regions[:empty])
     (only,) = describe_regions(engine, [scene.image], [boxes], caption=False, attributes=(), relations=False)
     assert only.regions[empty].caption is None and not only.regions[empty].empty  # nothing asked at all
+
+
+class ScriptedEngine:
+    """Answers by question kind; boxes in ``empty`` (0-based) hold nothing.  Keeps every query."""
+
+    def __init__(self, empty: set[int]) -> None:
+        self.empty, self.queries = empty, []
+
+    def answer(self, images, boxes, queries, masks=None):
+        self.queries += [q for _, q in queries]
+        out = []
+        for _, q in queries:
+            first = int(q.split("<region")[1].split(">")[0]) - 1
+            if q == CAPTION_QUESTION.format(a=f"<region{first + 1}>"):
+                text = NO_OBJECT if first in self.empty else "a small red circle"
+            elif "<region" in q.split(">", 1)[1]:
+                text = "left of"
+            else:
+                text = "red"
+            out.append(Answer(text, 0.5 if text == NO_OBJECT else 0.9, 2))
+        return out
+
+
+def _boxes(n: int) -> torch.Tensor:
+    return torch.tensor([[0.01 * k, 0.0, 0.01 * k + 0.05, 0.05] for k in range(n)])
+
+
+def test_only_checks_the_focus_boxes_and_their_relation_partners():
+    """A new box (``only``) in an image of 10 boxes: the presence check covers it and the partners
+    it is paired with (the first MAX_RELATION_BOXES), a relation to an empty partner is dropped."""
+    engine = ScriptedEngine(empty={3})
+    (report,) = describe_regions(engine, [None], [_boxes(10)], only=[[1]])
+    checked = {q for q in engine.queries if q.startswith("What is")}
+    assert checked == {CAPTION_QUESTION.format(a=f"<region{k + 1}>") for k in range(8)}
+    assert {(r.source, r.target) for r in report.relations} == {
+        p for k in range(8) if k not in (1, 3) for p in ((1, k), (k, 1))
+    }
+    new = report.regions[1]
+    assert new.caption.text == "a small red circle" and set(new.attributes) == set(ATTRIBUTES)
+    assert report.regions[3].empty and report.regions[3].caption is None  # a partner: checked, not reported
+    assert report.regions[3].presence.text == NO_OBJECT and report.regions[9].presence is None
+
+
+def test_relations_alone_check_presence_and_scores_count_it():
+    engine = ScriptedEngine(empty={0})
+    (report,) = describe_regions(engine, [None], [_boxes(3)], caption=False, attributes=())
+    assert all(r.caption is None and r.attributes == {} for r in report.regions)
+    assert [r.empty for r in report.regions] == [True, False, False]
+    assert {(r.source, r.target) for r in report.relations} == {(1, 2), (2, 1)}
+    # every answer asked counts in the image's score, the presence checks too: (0.5 + 0.9 * 4) / 5
+    assert report.score == pytest.approx((0.5 + 0.9 + 0.9 + 0.9 + 0.9) / 5)
+
+
+def test_evaluation_counts_what_an_object_called_empty_lost_as_wrong(monkeypatch):
+    """score_scenes: an object answered "no object" loses its attributes and relations, and each
+    counts as a wrong answer, not as one never asked."""
+    import toyworld.evaluate as ev
+
+    scene = make_scene(random.Random(3), SceneSpec())
+    n = len(scene.objects)
+    truth = ev.score_scenes(ScriptedEngine(empty=set()), [scene])
+    lost = ev.score_scenes(ScriptedEngine(empty={0}), [scene])
+    assert lost["counts"] == truth["counts"]  # the same questions count
+    assert lost["counts"]["relation_questions"] == n * (n - 1)
+    assert lost["attribute_accuracy"] < truth["attribute_accuracy"] or truth["attribute_accuracy"] == 0

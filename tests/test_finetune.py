@@ -15,7 +15,7 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from backend.finetune import MixedRecords, gate, score_records
-from backend.finetune.job import train_config
+from backend.finetune.job import parent_image_token_dropout, train_config
 from backend.finetune.sources import ToySceneEvaluator
 from backend.jobs import job_id
 from backend.registry import ModelRegistry
@@ -45,21 +45,31 @@ def test_mixed_records_share():
     )
 
 
-def test_job_keeps_the_parents_image_token_dropout(tmp_path: Path):
+def test_job_keeps_the_parents_image_token_dropout(tmp_path: Path, caplog):
     """A job continues its parent's regime: the image-token dropout recorded in the parent's
-    train_config.json, unless TRAIN_IMAGE_TOKEN_DROPOUT sets one; bad values are refused by name."""
+    train_config.json, unless TRAIN_IMAGE_TOKEN_DROPOUT sets one; bad values are refused by name,
+    an unreadable parent record is logged and read as none."""
     save_json(TrainConfig(image_token_dropout=0.5, seed=9).to_dict(), tmp_path / "train_config.json")
-    parent = read_train_config(tmp_path)
-    assert parent is not None and parent.image_token_dropout == 0.5
+    parent = parent_image_token_dropout(tmp_path)
+    assert parent == read_train_config(tmp_path).image_token_dropout == 0.5
+    assert parent_image_token_dropout(tmp_path / "none") is None
     assert read_train_config(tmp_path / "none") is None
     default = Settings.from_env({})
-    assert train_config(default, seed=1, parent=parent).image_token_dropout == 0.5
-    assert train_config(default, seed=1, parent=None).image_token_dropout == 0.0
+    assert train_config(default, seed=1, parent_dropout=parent).image_token_dropout == 0.5
+    assert train_config(default, seed=1, parent_dropout=None).image_token_dropout == 0.0
     fixed = Settings.from_env({"TRAIN_IMAGE_TOKEN_DROPOUT": "0.25"})
-    assert train_config(fixed, seed=1, parent=parent).image_token_dropout == 0.25
+    assert train_config(fixed, seed=1, parent_dropout=parent).image_token_dropout == 0.25
     for bad in ("1", "-0.1", "half", "nan"):
         with pytest.raises(SettingsError, match="TRAIN_IMAGE_TOKEN_DROPOUT"):
             Settings.from_env({"TRAIN_IMAGE_TOKEN_DROPOUT": bad})
+    for record, message in (
+        ({"image_token_dropout": 0.5, "future_field": 1}, "unreadable train_config.json"),
+        ({"image_token_dropout": 1.5}, "not in [0, 1)"),
+    ):
+        (tmp_path / "train_config.json").write_text(json.dumps(record))
+        with caplog.at_level("WARNING"):
+            assert parent_image_token_dropout(tmp_path) is None
+        assert message in caplog.text
 
 
 def test_gate_rules():

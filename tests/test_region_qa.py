@@ -225,9 +225,37 @@ def test_interactive_request_answers_typed_questions_in_the_answer_area(tiny_che
     lines = answer["value"]["text"]
     assert len(lines) == 4 and lines[3] == CANNOT_ANSWER and 0 <= answer["score"] <= 1
     # box 3 is the newest (the plan puts it first); the model is asked about it by drawing order
-    assert engine.asked[-3:] == [
+    assert engine.asked[-5:] == [
         canonical_question("color", [2]),
         canonical_question("shape", [2]),
         canonical_question("relation", [0, 2]),
+        canonical_question("caption", [0]),  # the presence check of every box asked beyond its caption
+        canonical_question("caption", [2]),
     ]
     assert {r["id"] for r in pred["result"] if r["from_name"] != "answer"} == {"n2"}
+
+
+def test_a_question_about_an_empty_box_is_answered_no_object(caplog):
+    """The shipped default, a box drawn on empty background: asked its colour, the backend answers
+    ``no object`` (the box named in the log) instead of the colour of the canvas."""
+    from model.checkpoint import DEFAULT_DIR
+    from model.tasks import NO_OBJECT
+    from tests.test_describe import empty_box
+
+    sc = scene(5)
+    obj = sc.objects[0]
+    rects = [
+        ls_rect("obj", obj.box, sc.width, sc.height),
+        ls_rect("empty", empty_box(sc, min(sc.width, sc.height) * 0.2), sc.width, sc.height),
+    ]
+    questions = ["What colour is box 2?", "Where is box 1 relative to box 2?", "What colour is box 1?"]
+    context = {"result": [*rects, question_item(*questions)]}
+    engine = InferenceEngine(load_model(DEFAULT_DIR), "d")
+    with caplog.at_level("INFO", logger="backend.region_qa"):
+        (pred,), _ = predict_tasks(
+            [ls_task(8, "img")], QA, context, engine, "d", DictFetcher({"img": sc.image}), SETTINGS
+        )
+    (answer,) = [r for r in pred["result"] if r["from_name"] == "answer"]
+    assert answer["value"]["text"] == [NO_OBJECT, NO_OBJECT, obj.color]
+    logged = [r for r in caplog.records if r.getMessage() == "region question about an empty box"]
+    assert [r.empty_boxes for r in logged] == [[2], [2]]

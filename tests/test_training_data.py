@@ -3,8 +3,10 @@ build recipe, position answers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -97,14 +99,52 @@ def test_a_recipe_names_its_base_and_gives_only_what_it_changes(tmp_path):
     grandchild = tmp_path / "grandchild.json"
     grandchild.write_text(json.dumps({"base": str(child), "turns": 3}))
     assert load_recipe(grandchild).turns == 3 and load_recipe(grandchild).stage2.steps == 7
+    (tmp_path / "sub").mkdir()
+    nested = tmp_path / "sub" / "nested.json"
+    nested.write_text(json.dumps({"base": "../child.json", "turns": 5}))  # relative to its own folder
+    assert load_recipe(nested).stage2.steps == 7 and load_recipe(nested).turns == 5
     loop = tmp_path / "loop.json"
     loop.write_text(json.dumps({"base": str(loop)}))
     with pytest.raises(ValueError, match="its own base"):
         load_recipe(loop)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"base": "b.json"}))
+    b.write_text(json.dumps({"base": "a.json"}))
+    with pytest.raises(ValueError, match="a.json -> b.json -> a.json"):
+        load_recipe(a)
     for base_value, error in (({"x": 1}, ValueError), ("no-such-recipe", FileNotFoundError)):
         child.write_text(json.dumps({"base": base_value}))
         with pytest.raises(error):
             load_recipe(child)
+
+
+# sha256 of json.dumps(asdict(load_recipe(name)), sort_keys=True) at debadf9, when every bundled
+# recipe was a full copy: rewriting them as changes of a base must not change one field.
+RECIPE_DIGESTS = {
+    "roi-tiny-default": "f08c78360b9f54cf",
+    "roi-tiny-world": "f80340e495a5c3e2",
+    "roi-tiny-world-focal": "28b508ffe29c0f1c",
+    "roi-tiny-world-focal-balanced": "fae0b4400a2cd806",
+    "roi-tiny-world-focal-mix": "247edfc3b62a1b4b",
+    "roi-tiny-world-focal-textured": "3735c6f7f8d66696",
+    "roi-tiny-world-focal-textured-crops": "32d573685d89a1dc",
+    "roi-tiny-world-focal-textured-crops-single": "60ad1a34b1c2e8c5",
+    "roi-tiny-world-focal-textured-records": "5788cde52bbb6512",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_DIGESTS))
+def test_bundled_recipes_resolve_to_the_fields_their_builds_used(name):
+    """(A new field with a default in BuildRecipe/TrainConfig changes every digest: recompute.)"""
+    fields = json.dumps(asdict(load_recipe(name)), sort_keys=True)
+    assert hashlib.sha256(fields.encode()).hexdigest()[:16] == RECIPE_DIGESTS[name]
+
+
+def test_the_default_recipe_is_what_the_shipped_default_records():
+    from model.checkpoint import DEFAULT_DIR
+    from toyworld.recipe import DEFAULT_RECIPE, DEFAULT_SEED, built_recipe
+
+    assert built_recipe(DEFAULT_DIR) == (load_recipe(DEFAULT_RECIPE), DEFAULT_SEED)
 
 
 def test_a_recipe_sets_region_fields_of_its_model_config(tmp_path):
@@ -129,7 +169,7 @@ def test_position_text_by_thirds_on_a_non_square_image():
 def test_build_runs_every_phase_and_resumes_with_a_restart(tmp_path):
     """A miniature build (every phase, 2 steps each) writes a loadable folder; resuming it with a
     ``stage2_restart`` phase runs only that phase and keeps the earlier figures."""
-    from model.checkpoint import load_model, read_metadata
+    from model.checkpoint import load_model, read_metadata, read_train_config
     from toyworld.build_default import build_default
 
     recipe = BuildRecipe.from_dict(
@@ -137,14 +177,17 @@ def test_build_runs_every_phase_and_resumes_with_a_restart(tmp_path):
          "clip": {"steps": 2, "batch_size": 8}, "lm": {"stage": 1, "batch_size": 4},
          "stage1": {"stage": 1, "batch_size": 4}, "stage2": {"stage": 2, "batch_size": 4}}
     )  # fmt: skip
+    recipe.stage2.image_token_dropout = 0.5
     first = build_default(tmp_path / "a", recipe, scale=0.001, show_bar=False, eval_images=2)
     assert {"clip_loss", "lm_loss", "stage1_loss", "stage2_loss"} <= set(first)
     load_model(tmp_path / "a")
-    recipe.stage2_restart = TrainConfig(stage=2, steps=2, batch_size=4)
+    assert read_train_config(tmp_path / "a").image_token_dropout == 0.5  # the regime it ends in
+    recipe.stage2_restart = TrainConfig(stage=2, steps=2, batch_size=4, image_token_dropout=0.1)
     second = build_default(tmp_path / "b", recipe, show_bar=False, eval_images=2, resume=tmp_path / "a")
     assert second["stage2_restart_loss"] and second["stage1_loss"] == first["stage1_loss"]
     assert "stage2_restart_seconds" in read_metadata(tmp_path / "b")["figures"]
     load_model(tmp_path / "b")
+    assert read_train_config(tmp_path / "b").image_token_dropout == 0.1  # fine-tuning continues this
 
 
 @pytest.mark.slow

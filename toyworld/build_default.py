@@ -148,12 +148,13 @@ def build_default(
         else:
             model, vision_file = _fresh_model(recipe, Path(tmp), scale, seed, spec, figures, vision)
         spent = figures.get("build_seconds", 0.0)
+        # The regime the model ends in (train_config.json: fine-tuning jobs continue its dropout).
+        last_phase = recipe.stage2_restart if recipe.stage2_restart.steps > 0 else recipe.stage2
 
         def save(folder: Path, complete: bool) -> None:
             figures["build_seconds"] = round(spent + time.monotonic() - t0, 1)
             meta = _build_meta(recipe, seed, scale, figures, complete)
-            train_cfg = _scaled(recipe.stage2, scale, seed)
-            save_checkpoint(model, folder, train_cfg, meta, vision_source=vision_file)
+            save_checkpoint(model, folder, _scaled(last_phase, scale, seed), meta, vision_source=vision_file)
 
         if resume is None:
             save(partial, complete=False)

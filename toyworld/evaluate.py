@@ -1,7 +1,7 @@
 """Held-out evaluation of a checkpoint on synthetic scenes.
 
     python -m toyworld.evaluate --model model/default --images 200 --seed 0 [--colors pink] [--check]
-    python -m toyworld.evaluate --suite stress [--images 60]   # conditions the generator never drew
+    python -m toyworld.evaluate --suite stress [--images 60] [--check]   # conditions the generator never drew
 
 Prints caption exact-match, attribute accuracy (colour, shape, size) and relation accuracy (exact
 label set), plus two region-reading checks: the *same box on different images* and *different boxes

@@ -1,8 +1,9 @@
 """Build recipes: how the default model is trained (model config, data, one schedule per phase).
 
-A recipe is a JSON file in ``toyworld/recipes/`` (or any path) loaded into :class:`BuildRecipe`;
-a built folder records its recipe and seed in ``version.json``, which :func:`built_recipe` reads
-back so the fine-tuning job replays the same records and the calibration draws the same world.
+A recipe is a JSON file in ``toyworld/recipes/`` (or any path) loaded into :class:`BuildRecipe`,
+maybe naming a ``base`` recipe it changes (:func:`load_recipe`); a built folder records its whole
+recipe and seed in ``version.json``, which :func:`built_recipe` reads back so the fine-tuning job
+replays the same records and the calibration draws the same world.
 """
 
 from __future__ import annotations
@@ -96,12 +97,14 @@ def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> BuildRecipe:
     A recipe file may name a ``"base"`` recipe (bundled name or path) and give only what it
     changes: its keys are merged over the base's, section by section (a nested object is merged
     key by key, anything else replaced; ``null`` drops the base's value, so the field takes its
-    default)."""
+    default).  Raises FileNotFoundError for a recipe not found, ValueError for one not usable."""
     return BuildRecipe.from_dict(_recipe_fields(name_or_path, ()))
 
 
 def _recipe_fields(name_or_path: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = Path(name_or_path)
+    if chain and not path.is_absolute() and (chain[-1].parent / path).is_file():
+        path = chain[-1].parent / path  # a base path is relative to the recipe naming it
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path}.json"
     if not path.is_file():

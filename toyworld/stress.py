@@ -1,6 +1,6 @@
 """Stress suite: the embedded default's figures on scenes its generator never drew.
 
-    python -m toyworld.evaluate --suite stress [--model DIR] [--images 60] [--seed 0] [--json]
+    python -m toyworld.evaluate --suite stress [--model DIR] [--images 60] [--seed 0] [--json] [--check]
 
 Each condition changes one thing about the generator's held-out scenes (:func:`conditions`):
 
@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -353,7 +354,7 @@ STRESS_TARGETS: dict[str, float] = {
 }
 
 
-def missed_stress_targets(result: dict) -> list[str]:
+def missed_stress_targets(result: dict[str, Any]) -> list[str]:
     """What a :func:`run_stress` result misses of :data:`STRESS_TARGETS` (each with its figure)."""
     t, missed = STRESS_TARGETS, []
     for name, f in result["conditions"].items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from backend.finetune.commit import (
@@ -118,10 +119,27 @@ def _phase(lease: TrainingLease | None, phase: str, **fields: Any) -> None:
     set_phase(phase, **fields)
 
 
-def train_config(settings: Settings, seed: int, parent: TrainConfig | None = None) -> TrainConfig:
+def parent_image_token_dropout(folder: Path) -> float | None:
+    """The image-token dropout the version in ``folder`` was trained with (its train_config.json);
+    None when it records none or one this code cannot read (logged: the job goes on without)."""
+    try:
+        cfg = read_train_config(folder)
+    except (ValueError, TypeError) as exc:
+        log.warning(
+            "unreadable train_config.json of the parent", extra={"folder": str(folder), "error": str(exc)}
+        )
+        return None
+    value = cfg.image_token_dropout if cfg is not None else None
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        log.warning("parent's image_token_dropout is not in [0, 1); using none", extra={"value": value})
+        return None
+    return value
+
+
+def train_config(settings: Settings, seed: int, parent_dropout: float | None = None) -> TrainConfig:
     """Stage 2 (region encoder + projector + LM or its LoRA adapters; vision frozen) from settings;
-    ``parent``: the TrainConfig the parent version was trained with (its image-token dropout is
-    kept unless ``TRAIN_IMAGE_TOKEN_DROPOUT`` says otherwise)."""
+    ``parent_dropout``: the image-token dropout the parent version was trained with (kept unless
+    ``TRAIN_IMAGE_TOKEN_DROPOUT`` says otherwise; None: 0)."""
     return TrainConfig(
         stage=2,
         steps=settings.train_steps,
@@ -133,7 +151,7 @@ def train_config(settings: Settings, seed: int, parent: TrainConfig | None = Non
         replay_fraction=settings.replay_fraction,
         # Continuing in the parent's regime: a model trained to answer with its image tokens often
         # hidden shifts when a job suddenly always shows them (docs/training.md).
-        image_token_dropout=settings.image_token_dropout(parent.image_token_dropout if parent else None),
+        image_token_dropout=settings.image_token_dropout(parent_dropout),
         update_norm_stats=False,  # a few skewed correction batches must not renormalise every box
     )
 
@@ -166,6 +184,7 @@ def _finetune(
             "decision": "no-data",
             "unreadable": split.unreadable,
         }
+    parent_dropout = parent_image_token_dropout(parent_dir)
     model = load_model(parent_dir)
 
     _phase(lease, "evaluate-parent", project=project_id, parent=parent)
@@ -178,7 +197,7 @@ def _finetune(
 
     earlier = set(read_metadata(parent_dir).get("lifted_tokens", []))  # lifted once per lineage
     lifted = _lift_new_tokens(model, split, lineage, earlier) if settings.train_lift_new_tokens else []
-    cfg = train_config(settings, seed=snapshot_seq, parent=read_train_config(parent_dir))
+    cfg = train_config(settings, seed=snapshot_seq, parent_dropout=parent_dropout)
     history, train_seconds = _train(model, split, lineage, cfg, settings, project_id, lease, missed)
 
     _phase(lease, "evaluate-candidate", project=project_id)

@@ -30,10 +30,18 @@ MAX_RELATION_BOXES = 8  # relations are asked among an image's first boxes: pair
 
 @dataclass
 class RegionReport:
-    caption: Answer | None
+    caption: Answer | None  # None: not asked for
     attributes: dict[str, Answer] = field(default_factory=dict)
+    # The caption question's answer whenever it was asked, also as the presence check alone.
+    presence: Answer | None = None
     # The box holds no object (its caption answer is NO_OBJECT): no attribute or relation is reported.
     empty: bool = False
+
+    def answer_scores(self) -> list[float]:
+        """The scores of the region's own answers (its presence check counts as one)."""
+        first = self.presence or self.caption  # the same answer when both are set
+        own = [first] if first is not None else []
+        return [a.score for a in (*own, *self.attributes.values())]
 
 
 @dataclass
@@ -52,8 +60,7 @@ class ImageReport:
     @property
     def score(self) -> float:
         """Mean confidence over every answer of the image (for uncertainty sampling)."""
-        scores = [r.caption.score for r in self.regions if r.caption]
-        scores += [a.score for r in self.regions for a in r.attributes.values()]
+        scores = [score for r in self.regions for score in r.answer_scores()]
         scores += [rel.answer.score for rel in self.relations]
         return sum(scores) / len(scores) if scores else 0.0
 
@@ -78,8 +85,8 @@ def describe_regions(
 
     A box whose caption answer is :data:`model.tasks.NO_OBJECT` is reported ``empty``, without
     attributes or relations: the model is only taught what an empty box holds, so anything else it
-    said about one would be invented.  The caption is asked for that check even when ``caption`` is
-    False (then it is not reported); boxes outside ``only`` (relation partners) are not checked.
+    said about one would be invented.  The caption is asked as that check of every box asked about
+    or paired in a relation, also when ``caption`` is False (then it is kept as ``presence`` only).
     """
     unknown = [a for a in attributes if a not in ATTRIBUTE_QUESTION]
     if unknown:
@@ -88,29 +95,28 @@ def describe_regions(
     slots: list[tuple] = []
     for i, b in enumerate(boxes):
         n = len(b)
-        focus = range(n) if only is None or only[i] is None else list(only[i])
+        focus = set(range(n) if only is None or only[i] is None else only[i])
         limit = min(n, max_relation_boxes) if relations else 0
-        for k in focus:
-            ref = f"<region{k + 1}>"
-            if caption or attributes or limit > 1:  # the presence check of every region asked about
-                queries.append((i, CAPTION_QUESTION.format(a=ref)))
-                slots.append(("caption", i, k))
+        pairs = [(a, c) for a in range(limit) for c in range(limit) if a != c and {a, c} & focus]
+        checked = sorted((focus if caption or attributes else set()) | {k for pair in pairs for k in pair})
+        for k in checked:
+            queries.append((i, CAPTION_QUESTION.format(a=f"<region{k + 1}>")))
+            slots.append(("presence", i, k))
+        for k in sorted(focus):
             for attr in attributes:
-                queries.append((i, ATTRIBUTE_QUESTION[attr].format(a=ref)))
+                queries.append((i, ATTRIBUTE_QUESTION[attr].format(a=f"<region{k + 1}>")))
                 slots.append(("attr", i, k, attr))
-        for a in range(limit):
-            for c in range(limit):
-                if a == c or (a not in focus and c not in focus):
-                    continue
-                queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
-                slots.append(("rel", i, a, c))
+        for a, c in pairs:
+            queries.append((i, RELATION_QUESTION.format(a=f"<region{a + 1}>", b=f"<region{c + 1}>")))
+            slots.append(("rel", i, a, c))
     answers = engine.answer(images, boxes, queries, masks) if queries else []
     reports = [ImageReport([RegionReport(None) for _ in b], []) for b in boxes]
     for slot, ans in zip(slots, answers):
-        if slot[0] == "caption":
+        if slot[0] == "presence":
             region = reports[slot[1]].regions[slot[2]]
-            region.empty = ans.text.strip() == NO_OBJECT
-            region.caption = ans if caption else None
+            region.presence, region.empty = ans, ans.text.strip() == NO_OBJECT
+            focused = only is None or only[slot[1]] is None or slot[2] in only[slot[1]]
+            region.caption = ans if caption and focused else None
         elif slot[0] == "attr":
             reports[slot[1]].regions[slot[2]].attributes[slot[3]] = ans
         else:
@@ -119,9 +125,6 @@ def describe_regions(
         for region in report.regions:
             if region.empty:
                 region.attributes.clear()
-        report.relations = [
-            r
-            for r in report.relations
-            if not (report.regions[r.source].empty or report.regions[r.target].empty)
-        ]
+        empty = {k for k, region in enumerate(report.regions) if region.empty}
+        report.relations = [r for r in report.relations if not {r.source, r.target} & empty]
     return reports

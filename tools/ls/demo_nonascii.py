@@ -136,7 +136,7 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
     from backend.finetune.gate import malformed_reason
     from model.checkpoint import load_model
     from model.geometry import boxes_tensor
-    from model.inference.describe import describe_regions
+    from model.inference.describe import ATTRIBUTES, MAX_RELATION_BOXES, describe_regions
     from model.inference.engine import InferenceEngine
 
     engine = InferenceEngine(load_model(folder), version=version)
@@ -159,16 +159,21 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
                 if region.caption.text != reference:
                     wrong[lang][region.caption.text] += 1
                 checked.append(("caption", region.caption.text, reference))
-                for name, ans in region.attributes.items():
+                for name in ATTRIBUTES:  # an object called empty has none: each counts as wrong
+                    ans = region.attributes.get(name)
                     attr_total += 1
-                    attr_right += int(ans.text == getattr(obj, name))
-                    checked.append(("attribute", ans.text, getattr(obj, name)))
-            for rel in report.relations:
-                a, b = scene.objects[rel.source], scene.objects[rel.target]
+                    attr_right += int(ans is not None and ans.text == getattr(obj, name))
+                    if ans is not None:
+                        checked.append(("attribute", ans.text, getattr(obj, name)))
+            said = {(rel.source, rel.target): rel.answer.text for rel in report.relations}
+            asked = min(len(scene.objects), MAX_RELATION_BOXES)
+            for i, j in ((i, j) for i in range(asked) for j in range(asked) if i != j):
+                a, b = scene.objects[i], scene.objects[j]
                 reference = relation_text(a.box, b.box, scene.width, scene.height)
                 rel_total += 1
-                rel_right += int(rel.answer.text == reference)
-                checked.append(("relation", rel.answer.text, reference))
+                rel_right += int(said.get((i, j)) == reference)  # dropped with an empty box: wrong
+                if (i, j) in said:
+                    checked.append(("relation", said[(i, j)], reference))
             for kind, answer, reference in checked:
                 answers += 1
                 replacement += "\ufffd" in answer
