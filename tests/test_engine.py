@@ -196,10 +196,10 @@ def test_mixed_length_answers_decode_together_and_finished_rows_leave():
     asked = []  # (image, question, answer)
     for i, report in enumerate(reports):
         for k, region in enumerate(report.regions):
-            if region.caption is None:
+            if region.presence is None:  # the caption, or a relation partner's presence check
                 continue
             ref = f"<region{k + 1}>"
-            asked.append((i, CAPTION_QUESTION.format(a=ref), region.caption))
+            asked.append((i, CAPTION_QUESTION.format(a=ref), region.presence))
             asked += [(i, ATTRIBUTE_QUESTION[n].format(a=ref), ans) for n, ans in region.attributes.items()]
         for r in report.relations:
             question = RELATION_QUESTION.format(a=f"<region{r.source + 1}>", b=f"<region{r.target + 1}>")

@@ -143,7 +143,7 @@ def test_job_writes_gated_immutable_version(tmp_path: Path, tiny_checkpoint: Pat
     assert set(meta["gate"]) >= {"accepted", "reasons", "set", "tolerance"}
     assert len(metrics["history"]) == 8 and metrics["parent_scores"]["base"]["counts"]["regions"] > 0
     # the parent records no train config: the job trained (and records) no image-token dropout
-    assert read_train_config(folder).image_token_dropout == meta["train"]["image_token_dropout"] == 0.0
+    assert read_train_config(folder).image_token_dropout == 0.0
     # The gate's decision is what happened to the pointer.
     assert (registry.current() == version) == (round_["decision"] == "promoted") == meta["gate"]["accepted"]
     assert not list(registry.staging_dir.iterdir())
