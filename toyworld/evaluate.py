@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from model.geometry import boxes_tensor
-from model.inference.describe import ATTRIBUTES, MAX_RELATION_BOXES, describe_regions
+from model.inference.describe import ATTRIBUTES, describe_regions, relation_pairs
 from model.inference.engine import InferenceEngine
 from model.tasks import POSITION_QUESTIONS, position_text, relation_labels
 from toyworld.scenes import (
@@ -92,13 +92,7 @@ def score_scenes(
     for start in range(0, len(scenes), batch_images):
         chunk = scenes[start : start + batch_images]
         boxes = [boxes_tensor([o.box for o in s.objects], s.width, s.height) for s in chunk]
-        reports = describe_regions(
-            engine,
-            [s.image for s in chunk],
-            boxes,
-            relations=relations,
-            max_relation_boxes=MAX_RELATION_BOXES,
-        )
+        reports = describe_regions(engine, [s.image for s in chunk], boxes, relations=relations)
         for scene, report in zip(chunk, reports):
             answers.append([r.caption.text for r in report.regions])
             for obj, region in zip(scene.objects, report.regions):
@@ -109,8 +103,7 @@ def score_scenes(
                     attr.add(ok)
                     per_attr[name].add(ok)
             said_by_pair = {(r.source, r.target): r for r in report.relations}
-            asked = min(len(scene.objects), MAX_RELATION_BOXES) if relations else 0
-            for pair in ((i, j) for i in range(asked) for j in range(asked) if i != j):
+            for pair in relation_pairs(len(scene.objects)) if relations else []:
                 r = said_by_pair.get(pair)  # dropped when either box was called empty: wrong
                 a, b = scene.objects[pair[0]], scene.objects[pair[1]]
                 truth = relation_labels(a.box, b.box, scene.width, scene.height)

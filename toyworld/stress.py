@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 
 from model.geometry import box_center, boxes_tensor, pixels_to_normalized
-from model.inference.describe import MAX_RELATION_BOXES, describe_regions
+from model.inference.describe import describe_regions, relation_pairs
 from model.inference.engine import InferenceEngine
 from model.tasks import NO_OBJECT, POSITION_MARGIN, parse_caption, relation_labels
 from toyworld.scenes import SIZE_FRACTIONS, SceneObject, SceneSpec, make_scene
@@ -310,9 +310,8 @@ def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int
         chunk = cases[start : start + batch]
         boxes = [boxes_tensor(c.boxes, c.image.width, c.image.height) for c in chunk]
         reports = describe_regions(
-            engine, [c.image for c in chunk], boxes, attributes=(),
-            relations=any(c.relations for c in chunk), max_relation_boxes=MAX_RELATION_BOXES,
-        )  # fmt: skip
+            engine, [c.image for c in chunk], boxes, attributes=(), relations=any(c.relations for c in chunk)
+        )
         for case, report in zip(chunk, reports):
             for truth, region in zip(case.captions, report.regions):
                 assert region.caption is not None
@@ -323,8 +322,7 @@ def score_cases(engine: InferenceEngine, cases: Sequence[StressCase], batch: int
                 continue
             w, h = case.image.size
             said = {(r.source, r.target): r.labels for r in report.relations}
-            asked = min(len(case.objects), MAX_RELATION_BOXES)
-            for i, j in ((i, j) for i in range(asked) for j in range(asked) if i != j):
+            for i, j in relation_pairs(len(case.objects)):
                 a, b = case.objects[i], case.objects[j]
                 if _unambiguous(a, b, w, h):  # a pair dropped as empty counts as wrong
                     relations[0] += said.get((i, j)) == relation_labels(a.box, b.box, w, h)

@@ -22,6 +22,7 @@ __all__ = [
     "RegionReport",
     "RelationReport",
     "describe_regions",
+    "relation_pairs",
 ]
 
 ATTRIBUTES = tuple(ATTRIBUTE_QUESTION)
@@ -65,6 +66,17 @@ class ImageReport:
         return sum(scores) / len(scores) if scores else 0.0
 
 
+def relation_pairs(
+    n: int, focus: set[int] | None = None, max_boxes: int = MAX_RELATION_BOXES
+) -> list[tuple[int, int]]:
+    """The ordered box pairs :func:`describe_regions` asks relations for among ``n`` boxes: every
+    pair of the first ``max_boxes`` with a box of ``focus`` in it (None: all boxes)."""
+    limit = min(n, max_boxes)
+    return [
+        (a, c) for a in range(limit) for c in range(limit) if a != c and (focus is None or {a, c} & focus)
+    ]
+
+
 def describe_regions(
     engine: InferenceEngine,
     images: Sequence[ImageLike],
@@ -96,8 +108,7 @@ def describe_regions(
     for i, b in enumerate(boxes):
         n = len(b)
         focus = set(range(n) if only is None or only[i] is None else only[i])
-        limit = min(n, max_relation_boxes) if relations else 0
-        pairs = [(a, c) for a in range(limit) for c in range(limit) if a != c and {a, c} & focus]
+        pairs = relation_pairs(n, focus, max_relation_boxes) if relations else []
         checked = sorted((focus if caption or attributes else set()) | {k for pair in pairs for k in pair})
         for k in checked:
             queries.append((i, CAPTION_QUESTION.format(a=f"<region{k + 1}>")))

@@ -136,7 +136,7 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
     from backend.finetune.gate import malformed_reason
     from model.checkpoint import load_model
     from model.geometry import boxes_tensor
-    from model.inference.describe import ATTRIBUTES, MAX_RELATION_BOXES, describe_regions
+    from model.inference.describe import ATTRIBUTES, describe_regions, relation_pairs
     from model.inference.engine import InferenceEngine
 
     engine = InferenceEngine(load_model(folder), version=version)
@@ -166,8 +166,7 @@ def measure(folder: Path, version: str, scenes: Sequence[Scene], batch_images: i
                     if ans is not None:
                         checked.append(("attribute", ans.text, getattr(obj, name)))
             said = {(rel.source, rel.target): rel.answer.text for rel in report.relations}
-            asked = min(len(scene.objects), MAX_RELATION_BOXES)
-            for i, j in ((i, j) for i in range(asked) for j in range(asked) if i != j):
+            for i, j in relation_pairs(len(scene.objects)):
                 a, b = scene.objects[i], scene.objects[j]
                 reference = relation_text(a.box, b.box, scene.width, scene.height)
                 rel_total += 1
