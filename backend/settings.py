@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from model.config import TRAINABLE_MODULES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
@@ -113,6 +115,11 @@ class Settings:
         "share of training prompts whose image tokens are hidden, in [0, 1); 'parent': the share the "
         "parent version was trained with (its train_config.json; 0 without one)",
     )
+    train_freeze: str = _setting(
+        "",
+        "modules a job keeps as the parent has them besides the vision tower, comma-separated: "
+        "region_encoder, projector, lm (empty: it trains all three, as stage 2)",
+    )
     replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
     replay_data: str = _setting(
         "synthetic", "earlier data to replay: 'synthetic' (the default's training set) or a JSONL file"
@@ -174,6 +181,19 @@ class Settings:
             )
         return value
 
+    @property
+    def train_frozen_modules(self) -> list[str]:
+        """The words of ``TRAIN_FREEZE`` (SettingsError for an unknown one or all three)."""
+        words = sorted({w.strip().lower() for w in self.train_freeze.split(",") if w.strip()})
+        unknown = [w for w in words if w not in TRAINABLE_MODULES]
+        if unknown or len(words) == len(TRAINABLE_MODULES):
+            raise SettingsError(
+                f"TRAIN_FREEZE={self.train_freeze!r}: expected a comma-separated list of some of "
+                f"{', '.join(TRAINABLE_MODULES)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else " (not all: nothing would train)")
+            )
+        return words
+
     @staticmethod
     def env_name(f) -> str:
         return f.metadata.get("env") or f.name.upper()
@@ -201,6 +221,7 @@ class Settings:
                 f"got {settings.train_focus_turns}"
             )
         settings.image_token_dropout(None)  # validates TRAIN_IMAGE_TOKEN_DROPOUT
+        _ = settings.train_frozen_modules  # validates TRAIN_FREEZE
         if not 0.0 <= settings.replay_fraction < 1.0:
             raise SettingsError(f"REPLAY_FRACTION must be in [0, 1), got {settings.replay_fraction}")
         if settings.label_studio_url and not settings.label_studio_url.startswith(("http://", "https://")):

@@ -21,6 +21,7 @@ __all__ = [
     "OPEN_CLIP_CONFIG_DIR",
     "PromptConfig",
     "RegionEncoderConfig",
+    "TRAINABLE_MODULES",
     "TrainConfig",
     "VisionConfig",
     "dataclass_from_dict",
@@ -174,6 +175,10 @@ class ModelConfig:
         return dataclass_from_dict(cls, data)
 
 
+TRAINABLE_MODULES = ("region_encoder", "projector", "lm")
+"""The modules stage 2 trains; ``TrainConfig.freeze`` may hold some of them."""
+
+
 @dataclass
 class TrainConfig:
     """One training run (stage 1, stage 2 or a fine-tuning job)."""
@@ -203,6 +208,9 @@ class TrainConfig:
     # Read small boxes from focal crops in training too (model.focal; needs ``region.focal_below``).
     # False: every box is pooled from its image in training; crops are used at inference only.
     focal_crops: bool = True
+    # Stage 2 only: modules kept frozen besides the vision tower (any of ``TRAINABLE_MODULES``); a
+    # fine-tuning job can hold the region encoder so the box geometry a build taught stays put.
+    freeze: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

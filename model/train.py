@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from model.checkpoint import load_model, read_metadata, save_checkpoint
-from model.config import TrainConfig
+from model.config import TRAINABLE_MODULES, TrainConfig
 from model.data.dataset import load_jsonl_records
 from model.training.distributed import init_distributed, world
 from model.training.loop import TrainOptions, train
@@ -32,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
+    ap.add_argument(
+        "--freeze", nargs="+", default=[], choices=TRAINABLE_MODULES, metavar="MODULE",
+        help=f"stage 2: keep these as --init has them (of {', '.join(TRAINABLE_MODULES)}; vision: always)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     distributed = init_distributed()
     model = load_model(args.init)
     records = [rec for path in args.data for rec in load_jsonl_records(path)]
     cfg = TrainConfig(
-        stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
-    )
+        stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        freeze=args.freeze,
+    )  # fmt: skip
     history = train(model, records, cfg, TrainOptions(fsdp=args.fsdp))
     if world()[0] == 0:
         parent = read_metadata(args.init)

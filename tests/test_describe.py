@@ -127,3 +127,24 @@ def test_evaluation_counts_what_an_object_called_empty_lost_as_wrong(monkeypatch
     assert lost["counts"] == truth["counts"]  # the same questions count
     assert lost["counts"]["relation_questions"] == n * (n - 1)
     assert lost["attribute_accuracy"] < truth["attribute_accuracy"] or truth["attribute_accuracy"] == 0
+
+
+def test_predict_cli_question_about_an_empty_box_says_no_object(case, tmp_path, capsys):
+    """``python -m model.predict`` with a question: a box the model calls empty gets the caption
+    question's "no object" (stderr names it), not an invented colour; an object's is answered."""
+    from model.predict import main as predict_main
+
+    scene, boxes, _ = case
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    pixel_boxes = [o.box for o in scene.objects] + [empty_box(scene, min(scene.width, scene.height) * 0.2)]
+    args = [str(path), *(a for b in pixel_boxes for a in ("--box", ",".join(f"{v:.1f}" for v in b)))]
+    empty = len(pixel_boxes)
+    assert predict_main([*args, f"What colour is <region{empty}>?"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == NO_OBJECT and f"no object in region {empty}" in out.err
+    assert predict_main([*args, f"How is <region1> related to <region{empty}>?"]) == 0
+    assert capsys.readouterr().out.strip() == NO_OBJECT
+    assert predict_main([*args, "What colour is <region1>?"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == scene.objects[0].color and "no object" not in out.err

@@ -72,6 +72,17 @@ def test_job_keeps_the_parents_image_token_dropout(tmp_path: Path, caplog):
         assert message in caplog.text
 
 
+def test_job_freezes_the_modules_train_freeze_names():
+    """TRAIN_FREEZE: the job's stage-2 config holds those modules (the loop keeps them as they are:
+    tests/test_model_core.py); unknown names, or all three, are refused by name at startup."""
+    assert train_config(Settings.from_env({}), seed=1).freeze == []
+    held = Settings.from_env({"TRAIN_FREEZE": " Region_Encoder , projector"})
+    assert train_config(held, seed=1).freeze == ["projector", "region_encoder"]
+    for bad, why in (("vision", "unknown: vision"), ("lm,projector,region_encoder", "nothing would train")):
+        with pytest.raises(SettingsError, match=f"TRAIN_FREEZE.*{why}"):
+            Settings.from_env({"TRAIN_FREEZE": bad})
+
+
 def test_gate_rules():
     metrics = ToySceneEvaluator.metrics  # the embedded default's gated figures
     parent = {"base": {"caption_exact_match": 0.9, "attribute_accuracy": 0.9, "relation_accuracy": math.nan},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torchvision.ops import roi_align
@@ -173,6 +175,29 @@ def test_stage2_trains_region_encoder_projector_and_lm_never_vision():
     assert {n for n in trainable if not n.startswith("lm.")} <= with_grad
 
 
+def test_stage2_freeze_keeps_named_modules_unchanged_through_training():
+    """``TrainConfig.freeze`` (a job holding the region encoder): those weights do not move, the
+    rest does."""
+    m = tiny_model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    cfg = TrainConfig(
+        stage=2, steps=3, batch_size=4, lr=3e-3, warmup_steps=1, seed=0, freeze=["region_encoder"]
+    )
+    train(m, tiny_records(8), cfg, TrainOptions(show_bar=False))
+    moved = {n.split(".")[0] for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"projector", "lm"}
+
+
+@pytest.mark.parametrize(
+    ("stage", "frozen", "message"),
+    [(2, ["vision"], "cannot freeze ['vision']"), (1, ["projector"], "stage 1"),
+     (2, ["region_encoder", "projector", "lm"], "nothing would be trained")],
+)  # fmt: skip
+def test_set_stage_refuses_a_freeze_it_cannot_honour(stage: int, frozen: list[str], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_model().set_stage(stage, frozen)
+
+
 def test_vision_tower_stays_in_eval_mode():
     m = tiny_model()
     m.train()
@@ -210,3 +235,32 @@ def test_fourier_box_features_feed_the_box_mlp():
     tokens = extractor([torch.zeros(1, 8, 8, 8)], [boxes])
     assert tokens.shape == (2, 16)
     assert not torch.allclose(tokens[0], tokens[1])
+
+
+def test_train_cli_freeze_keeps_those_weights_and_records_it(tiny_checkpoint, tmp_path):
+    """``python -m model.train --freeze``: the named modules of the output are the --init's, bit
+    for bit, the rest trained; train_config.json records what was held."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from model.checkpoint import read_train_config
+    from model.train import main as train_main
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(image)
+    record = {"image": "img.png", "width": 64, "height": 48, "boxes": [[4, 4, 40, 40]],
+              "conversations": [{"from": "human", "value": "What is <region1>?"},
+                                {"from": "gpt", "value": "a red square"}],
+              "id": "r1", "source": "labelstudio"}  # fmt: skip
+    (tmp_path / "data.jsonl").write_text((json.dumps(record) + "\n") * 2)
+    out = tmp_path / "tuned"
+    args = ["--init", str(tiny_checkpoint), "--data", str(tmp_path / "data.jsonl"), "--steps", "2",
+            "--batch-size", "2", "--lr", "1e-2", "--out", str(out),
+            "--freeze", "region_encoder", "lm"]  # fmt: skip
+    assert train_main(args) == 0
+    before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"projector"}
+    assert read_train_config(out).freeze == ["region_encoder", "lm"]

@@ -153,6 +153,7 @@ def train_config(settings: Settings, seed: int, parent_dropout: float | None = N
         # hidden shifts when a job suddenly always shows them (docs/training.md).
         image_token_dropout=settings.image_token_dropout(parent_dropout),
         update_norm_stats=False,  # a few skewed correction batches must not renormalise every box
+        freeze=settings.train_frozen_modules,
     )
 
 
@@ -224,7 +225,7 @@ def _finetune(
         "data": _counts(split, candidate_scores, settings, snapshot_seq),
         "lifted_tokens": sorted(earlier | set(lifted)),
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                  "image_token_dropout": cfg.image_token_dropout,
+                  "image_token_dropout": cfg.image_token_dropout, "freeze": cfg.freeze,
                   "max_turns": settings.train_max_turns, "focus_turns": settings.train_focus_turns,
                   "missed_turns": sum(map(len, missed.values())), "lifted_tokens": len(lifted),
                   "seconds": round(train_seconds, 1),

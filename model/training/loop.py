@@ -103,7 +103,7 @@ def train(
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world_size}")
     torch.manual_seed(cfg.seed)
-    model.set_stage(1 if text_only else cfg.stage)
+    model.set_stage(1 if text_only else cfg.stage, () if text_only else cfg.freeze)
     if text_only:
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
