@@ -116,9 +116,9 @@ class Settings:
         "parent version was trained with (its train_config.json; 0 without one)",
     )
     train_freeze: str = _setting(
-        "",
+        "region_encoder",
         "modules a job keeps as the parent has them besides the vision tower, comma-separated: "
-        "region_encoder, projector, lm (empty: it trains all three, as stage 2)",
+        "region_encoder, projector, lm; 'none': it trains all three, as stage 2",
     )
     replay_fraction: float = _setting(0.5, "share of each batch drawn from earlier data")
     replay_data: str = _setting(
@@ -183,8 +183,9 @@ class Settings:
 
     @property
     def train_frozen_modules(self) -> list[str]:
-        """The words of ``TRAIN_FREEZE`` (SettingsError for an unknown one or all three)."""
-        words = sorted({w.strip().lower() for w in self.train_freeze.split(",") if w.strip()})
+        """The modules ``TRAIN_FREEZE`` names (``none``: no module; SettingsError for an unknown
+        one or all three)."""
+        words = sorted({w.strip().lower() for w in self.train_freeze.split(",") if w.strip()} - {"none"})
         unknown = [w for w in words if w not in TRAINABLE_MODULES]
         if unknown or len(words) == len(TRAINABLE_MODULES):
             raise SettingsError(

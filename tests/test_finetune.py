@@ -73,9 +73,11 @@ def test_job_keeps_the_parents_image_token_dropout(tmp_path: Path, caplog):
 
 
 def test_job_freezes_the_modules_train_freeze_names():
-    """TRAIN_FREEZE: the job's stage-2 config holds those modules (the loop keeps them as they are:
-    tests/test_model_core.py); unknown names, or all three, are refused by name at startup."""
-    assert train_config(Settings.from_env({}), seed=1).freeze == []
+    """TRAIN_FREEZE (default: the region encoder): the job's stage-2 config holds those modules (the
+    loop keeps them as they are: tests/test_model_core.py); unknown names, or all three, are
+    refused by name at startup."""
+    assert train_config(Settings.from_env({}), seed=1).freeze == ["region_encoder"]
+    assert train_config(Settings.from_env({"TRAIN_FREEZE": "none"}), seed=1).freeze == []
     held = Settings.from_env({"TRAIN_FREEZE": " Region_Encoder , projector"})
     assert train_config(held, seed=1).freeze == ["projector", "region_encoder"]
     for bad, why in (("vision", "unknown: vision"), ("lm,projector,region_encoder", "nothing would train")):

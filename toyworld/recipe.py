@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-DEFAULT_RECIPE = "roi-tiny-world-focal-textured-crops"
+DEFAULT_RECIPE = "roi-tiny-world-focal-textured-crops-gentle"
 DEFAULT_SEED = 1  # the build seed model/default was made with (docs/default-model.md#how-it-got-here)
 
 
