@@ -30,6 +30,7 @@ import torch
 
 from backend.label_config import LabelConfig
 from backend.results import Region
+from model.inference.describe import answer_with_presence
 from model.inference.engine import InferenceEngine
 from model.inference.image_input import ImageLike
 from model.tasks import (
@@ -37,7 +38,6 @@ from model.tasks import (
     ATTRIBUTE_QUESTIONS,
     CAPTION_QUESTION,
     CAPTION_QUESTIONS,
-    NO_OBJECT,
     POSITION_QUESTIONS,
     RELATION_QUESTION,
     RELATION_QUESTIONS,
@@ -305,34 +305,27 @@ def answer_result(
     turns = plan_turns(questions, regions)
     asked = [t for t in turns if t.asked is not None]
     # Boxes asked about beyond their caption get the presence check describe_regions makes.
-    checked = sorted({r for t in asked if t.kind != "caption" for r in t.refs})
-    queries = [(0, t.asked) for t in asked] + [(0, canonical_question("caption", [r])) for r in checked]
-    answers = engine.answer([image], [boxes], queries, [masks]) if queries else []  # type: ignore[misc]
-    by_turn = dict(zip(map(id, asked), answers))
-    presence = dict(zip(checked, answers[len(asked) :]))
+    answered = answer_with_presence(
+        engine, image, boxes, [(t.asked, t.refs if t.kind != "caption" else ()) for t in asked], masks
+    )
+    by_turn = dict(zip(map(id, asked), answered))
     lines, scores = [], []
     for turn in turns:
-        empty = [r for r in turn.refs if r in presence and presence[r].text.strip() == NO_OBJECT]
-        if turn.asked is not None and turn.kind != "caption" and empty:
+        if turn.asked is None:
+            if not turn.dropped:
+                log.info(
+                    "region question not answered",
+                    extra={"task": task_id, "question": turn.question, "reason": turn.reason},
+                )
+            lines.append(CANNOT_ANSWER)
+            continue
+        ans, empty = by_turn[id(turn)]
+        if empty:
             log.info(
                 "region question about an empty box",
                 extra={"task": task_id, "question": turn.question, "empty_boxes": [r + 1 for r in empty]},
             )
-            lines.append(NO_OBJECT)  # what the model says the box holds; anything more would be invented
-            scores.append(presence[empty[0]].score)
-            continue
-        if turn.asked is None and turn.dropped:
-            lines.append(CANNOT_ANSWER)
-            continue
-        if turn.asked is None:
-            log.info(
-                "region question not answered",
-                extra={"task": task_id, "question": turn.question, "reason": turn.reason},
-            )
-            lines.append(CANNOT_ANSWER)
-            continue
-        ans = by_turn[id(turn)]
-        lines.append(ans.text.strip())
+        lines.append(ans.text.strip())  # for an empty box: its check's "no object"
         scores.append(ans.score)
     item: dict[str, Any] = {
         "id": f"answer-{task_id}",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from model.config import TRAINABLE_MODULES
+from model.config import TRAINABLE_MODULES, check_freeze
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
@@ -184,16 +184,19 @@ class Settings:
     @property
     def train_frozen_modules(self) -> list[str]:
         """The modules ``TRAIN_FREEZE`` names (``none``: no module; SettingsError for an unknown
-        one or all three)."""
-        words = sorted({w.strip().lower() for w in self.train_freeze.split(",") if w.strip()} - {"none"})
-        unknown = [w for w in words if w not in TRAINABLE_MODULES]
-        if unknown or len(words) == len(TRAINABLE_MODULES):
+        one, all three, ``none`` beside a module, or no word at all)."""
+        words = {w.strip().lower() for w in self.train_freeze.split(",") if w.strip()}
+        if words == {"none"}:
+            return []
+        try:
+            if not words or "none" in words:
+                raise ValueError("'none' alone or module names are expected")
+            return sorted(check_freeze(words))
+        except ValueError as exc:
             raise SettingsError(
-                f"TRAIN_FREEZE={self.train_freeze!r}: expected a comma-separated list of some of "
-                f"{', '.join(TRAINABLE_MODULES)}"
-                + (f" (unknown: {', '.join(unknown)})" if unknown else " (not all: nothing would train)")
-            )
-        return words
+                f"TRAIN_FREEZE={self.train_freeze!r}: {exc} (comma-separated, some of "
+                f"{', '.join(TRAINABLE_MODULES)}; or 'none')"
+            ) from None
 
     @staticmethod
     def env_name(f) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "TRAINABLE_MODULES",
     "TrainConfig",
     "VisionConfig",
+    "check_freeze",
     "dataclass_from_dict",
     "load_model_config",
     "save_json",
@@ -179,6 +181,20 @@ TRAINABLE_MODULES = ("region_encoder", "projector", "lm")
 """The modules stage 2 trains; ``TrainConfig.freeze`` may hold some of them."""
 
 
+def check_freeze(freeze: Sequence[str], stage: int = 2) -> frozenset[str]:
+    """``freeze`` as a set after checking it: names of :data:`TRAINABLE_MODULES`, stage 2 only, not
+    all of them (ValueError naming the problem)."""
+    frozen = frozenset(freeze)
+    unknown = sorted(frozen - set(TRAINABLE_MODULES))
+    if unknown:
+        raise ValueError(f"cannot freeze {unknown}: the trainable modules are {list(TRAINABLE_MODULES)}")
+    if stage == 1 and frozen:
+        raise ValueError("stage 1 trains the region encoder alone: nothing can be frozen in it")
+    if frozen == set(TRAINABLE_MODULES):
+        raise ValueError("every trainable module is frozen: nothing would be trained")
+    return frozen
+
+
 @dataclass
 class TrainConfig:
     """One training run (stage 1, stage 2 or a fine-tuning job)."""
@@ -211,6 +227,11 @@ class TrainConfig:
     # Stage 2 only: modules kept frozen besides the vision tower (any of ``TRAINABLE_MODULES``); a
     # fine-tuning job can hold the region encoder so the box geometry a build taught stays put.
     freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        frozen = check_freeze(self.freeze, self.stage)  # a bad recipe fails when loaded, not mid-build
+        if "region_encoder" in frozen and self.region_aux_weight > 0:
+            raise ValueError("region_aux_weight trains the region encoder, which freeze holds: use one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model.calibration import ScoreCalibration
-from model.config import TRAINABLE_MODULES, ModelConfig
+from model.config import ModelConfig, check_freeze
 from model.focal import FocalCrops
 from model.prompt import BBOX, IGNORE_INDEX, IM_PATCH, EncodedPrompt, PromptBuilder
 from model.region_encoder import RegionEncoder
@@ -103,23 +103,17 @@ class RegionMLLM(nn.Module):
     def set_stage(self, stage: int, frozen: Sequence[str] = ()) -> None:
         """Stage 1: region encoder only.  Stage 2: region encoder + projector + LM (LoRA adapters
         only when the LM is a peft model), less the modules named in ``frozen`` (any of
-        :data:`TRAINABLE_MODULES`).  The vision tower is never trained."""
+        :data:`model.config.TRAINABLE_MODULES`).  The vision tower is never trained."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        unknown = sorted(set(frozen) - set(TRAINABLE_MODULES))
-        if unknown:
-            raise ValueError(f"cannot freeze {unknown}: the trainable modules are {list(TRAINABLE_MODULES)}")
-        if stage == 1 and frozen:
-            raise ValueError("stage 1 trains the region encoder alone: nothing can be frozen in it")
-        if set(frozen) == set(TRAINABLE_MODULES):
-            raise ValueError("every trainable module is frozen: nothing would be trained")
+        held = check_freeze(frozen, stage)
         self.stage = stage
         self.requires_grad_(False)
-        self.region_encoder.requires_grad_("region_encoder" not in frozen)
+        self.region_encoder.requires_grad_("region_encoder" not in held)
         if stage == 1:
             return
-        self.projector.requires_grad_("projector" not in frozen)
-        if "lm" in frozen:
+        self.projector.requires_grad_("projector" not in held)
+        if "lm" in held:
             return
         if hasattr(self.lm, "peft_config"):
             for name, param in self.lm.named_parameters():

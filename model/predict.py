@@ -13,18 +13,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
 from model.geometry import BoxError, boxes_tensor
 from model.prompt import PromptError, expand_regions
-from model.tasks import CAPTION_QUESTION, NO_OBJECT
-
-if TYPE_CHECKING:
-    import torch
-
-    from model.inference.engine import Answer, InferenceEngine
 
 __all__ = ["main"]
 
@@ -39,29 +32,10 @@ def _parse_box(text: str) -> list[float]:
     return values
 
 
-def _answer_with_presence(
-    engine: InferenceEngine, image: Image.Image, boxes: torch.Tensor, question: str
-) -> tuple[Answer, list[int]]:
-    """The answer to ``question`` and the 1-based regions it names that the model calls empty (then
-    the answer is the caption question's :data:`~model.tasks.NO_OBJECT`), in one engine call.
-
-    ``boxes``: ``(N, 4)`` normalised xyxy.  The presence check is the caption question, as
-    :func:`model.inference.describe.describe_regions` and the backend's typed questions ask it."""
-    _, order = expand_regions(question, len(boxes))
-    refs = sorted(set(order))
-    checks = [CAPTION_QUESTION.format(a=f"<region{k + 1}>") for k in refs]
-    answers = engine.answer([image], [boxes], [(0, q) for q in [question, *checks]])
-    empty = [k + 1 for k, a in zip(refs, answers[1:]) if a.text.strip() == NO_OBJECT]
-    if not empty or question in checks:
-        return answers[0], []
-    first_empty = answers[1 + refs.index(empty[0] - 1)]
-    return first_empty, empty
-
-
 def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_DIR, load_model, read_metadata
     from model.device import DTYPES, parse_dtype, pick_device
-    from model.inference.describe import describe_regions
+    from model.inference.describe import answer_with_presence, describe_regions
     from model.inference.engine import InferenceEngine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.question:
         try:
-            answer, empty = _answer_with_presence(engine, image, boxes, args.question)
+            _, order = expand_regions(args.question, len(boxes))
+            # A box the model calls empty is answered "no object", as the backend answers it.
+            ((answer, empty),) = answer_with_presence(engine, image, boxes, [(args.question, order)])
         except (PromptError, ValueError) as exc:
             ap.error(str(exc))
         if empty:
-            # What the model says the box holds, as the backend answers: anything more would be invented.
-            print(f"(the model sees no object in region {', '.join(map(str, empty))})", file=sys.stderr)
+            named = ", ".join(str(k + 1) for k in empty)
+            print(f"(the model sees no object in region {named})", file=sys.stderr)
         print(answer.text)
         print(f"(confidence {answer.score:.3f})", file=sys.stderr)
         return 0

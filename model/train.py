@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"stage 2: keep these as --init has them (of {', '.join(TRAINABLE_MODULES)}; vision: always)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        cfg = TrainConfig(
+            stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            freeze=args.freeze,
+        )  # fmt: skip
+    except ValueError as exc:  # e.g. --freeze with --stage 1, before any model is loaded
+        ap.error(str(exc))
     distributed = init_distributed()
     model = load_model(args.init)
     records = [rec for path in args.data for rec in load_jsonl_records(path)]
-    cfg = TrainConfig(
-        stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        freeze=args.freeze,
-    )  # fmt: skip
     history = train(model, records, cfg, TrainOptions(fsdp=args.fsdp))
     if world()[0] == 0:
         parent = read_metadata(args.init)

@@ -12,7 +12,7 @@ from model.checkpoint import DEFAULT_DIR, load_model
 from model.geometry import boxes_tensor
 from model.inference.describe import ATTRIBUTES, describe_regions
 from model.inference.engine import Answer, InferenceEngine
-from model.tasks import CAPTION_QUESTION, NO_OBJECT
+from model.tasks import ATTRIBUTE_QUESTION, CAPTION_QUESTION, NO_OBJECT
 from toyworld.scenes import SceneSpec, make_scene
 
 
@@ -64,6 +64,10 @@ def test_presence_is_checked_without_a_caption_question(case):
     assert only.regions[empty].caption is None and not only.regions[empty].empty  # nothing asked at all
 
 
+def ATTRIBUTE_QUESTION_OF(kind: str, box: int) -> str:  # noqa: N802 - reads like the template
+    return ATTRIBUTE_QUESTION[kind].format(a=f"<region{box}>")
+
+
 class ScriptedEngine:
     """Answers by question kind; boxes in ``empty`` (0-based) hold nothing.  Keeps every query."""
 
@@ -113,6 +117,33 @@ def test_relations_alone_check_presence_and_scores_count_it():
     assert {(r.source, r.target) for r in report.relations} == {(1, 2), (2, 1)}
     # every answer asked counts in the image's score, the presence checks too: (0.5 + 0.9 * 4) / 5
     assert report.score == pytest.approx((0.5 + 0.9 + 0.9 + 0.9 + 0.9) / 5)
+
+
+def test_answer_with_presence_checks_the_named_boxes_once_in_one_call():
+    """The helper model.predict and the backend's typed questions share: each question's boxes are
+    checked, a question about an empty box gets its check's "no object" (and names the box), a
+    caption question that is also a check, or a repeated question, is decoded once."""
+    from model.inference.describe import answer_with_presence
+
+    engine = ScriptedEngine(empty={1, 2})
+    colour = ATTRIBUTE_QUESTION_OF("color", 1)
+    relation = "How is <region1> related to <region3>?"
+    asked = [(colour, [0]), (relation, [0, 2]), (CAPTION_QUESTION.format(a="<region2>"), [1]),
+             (ATTRIBUTE_QUESTION_OF("shape", 2), [1, 1]), (colour, [0]),
+             (ATTRIBUTE_QUESTION_OF("size", 3), [])]  # fmt: skip
+    out = answer_with_presence(engine, None, _boxes(3), asked)
+    assert [(a.text, empty) for a, empty in out] == [
+        ("red", []),
+        (NO_OBJECT, [2]),
+        (NO_OBJECT, [1]),
+        (NO_OBJECT, [1]),
+        ("red", []),
+        ("red", []),
+    ]
+    assert out[1][0].score == 0.5  # the check's own score
+    # 5 distinct questions (box 2's caption among them) + the checks of boxes 1 and 3; box 3 is not
+    # checked for the size question that names no refs.
+    assert len(engine.queries) == len(set(engine.queries)) == 7
 
 
 def test_evaluation_counts_what_an_object_called_empty_lost_as_wrong(monkeypatch):

@@ -176,16 +176,41 @@ def test_stage2_trains_region_encoder_projector_and_lm_never_vision():
 
 
 def test_stage2_freeze_keeps_named_modules_unchanged_through_training():
-    """``TrainConfig.freeze`` (a job holding the region encoder): those weights do not move, the
-    rest does."""
-    m = tiny_model()
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    cfg = TrainConfig(
+    """``TrainConfig.freeze`` (a job holding the region encoder): those weights and the region
+    encoder's box-norm statistics do not move, the rest does."""
+    import dataclasses
+
+    from model.checkpoint import build_model
+    from model.config import load_model_config
+    from tests.model_helpers import tiny_tokenizer
+
+    cfg = load_model_config("roi-test")
+    cfg = dataclasses.replace(cfg, region=dataclasses.replace(cfg.region, feature_norm="batch"))
+    torch.manual_seed(0)
+    m = build_model(cfg, tiny_tokenizer())
+    before = {n: t.detach().clone() for n, t in [*m.named_parameters(), *m.named_buffers()]}
+    assert any(n.startswith("region_encoder.") and "running_mean" in n for n, _ in m.named_buffers())
+    train_cfg = TrainConfig(
         stage=2, steps=3, batch_size=4, lr=3e-3, warmup_steps=1, seed=0, freeze=["region_encoder"]
     )
-    train(m, tiny_records(8), cfg, TrainOptions(show_bar=False))
-    moved = {n.split(".")[0] for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    train(m, tiny_records(8), train_cfg, TrainOptions(show_bar=False))
+    after = [*m.named_parameters(), *m.named_buffers()]
+    moved = {n.split(".")[0] for n, t in after if n in before and not torch.equal(t, before[n])}
     assert moved == {"projector", "lm"}
+
+
+def test_train_config_refuses_a_freeze_it_cannot_honour():
+    """Checked when the config is made (a recipe or train_config.json fails when loaded)."""
+    with pytest.raises(ValueError, match="stage 1"):
+        TrainConfig(stage=1, freeze=["projector"])
+    with pytest.raises(ValueError, match="region_aux_weight"):
+        TrainConfig(freeze=["region_encoder"], region_aux_weight=1.0)
+    with pytest.raises(ValueError, match=re.escape("cannot freeze ['vision']")):
+        TrainConfig.from_dict({"freeze": ["vision"]})
+    m = tiny_model()
+    m.set_stage(2, (name for name in ["region_encoder"]))  # any iterable, read once
+    assert not any(p.requires_grad for p in m.region_encoder.parameters())
+    assert all(p.requires_grad for p in m.projector.parameters())
 
 
 @pytest.mark.parametrize(
@@ -264,3 +289,6 @@ def test_train_cli_freeze_keeps_those_weights_and_records_it(tiny_checkpoint, tm
     moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert moved == {"projector"}
     assert read_train_config(out).freeze == ["region_encoder", "lm"]
+    with pytest.raises(SystemExit) as refused:  # refused before any model is loaded
+        train_main([*args[:-3], "--stage", "1", "--freeze", "lm"])
+    assert refused.value.code == 2

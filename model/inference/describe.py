@@ -21,6 +21,7 @@ __all__ = [
     "ImageReport",
     "RegionReport",
     "RelationReport",
+    "answer_with_presence",
     "describe_regions",
     "relation_pairs",
 ]
@@ -64,6 +65,33 @@ class ImageReport:
         scores = [score for r in self.regions for score in r.answer_scores()]
         scores += [rel.answer.score for rel in self.relations]
         return sum(scores) / len(scores) if scores else 0.0
+
+
+def answer_with_presence(
+    engine: InferenceEngine,
+    image: ImageLike,
+    boxes: torch.Tensor,
+    asked: Sequence[tuple[str, Sequence[int]]],
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> list[tuple[Answer, list[int]]]:
+    """Answer each ``(question, refs)`` about one image, with the presence check (the caption
+    question, as :func:`describe_regions` asks it) of every box in ``refs``, all in one engine call.
+
+    ``boxes``: ``(N, 4)`` normalised xyxy; ``refs``: 0-based box indices the question is about (empty:
+    no check); ``masks``: optional per-box ``(H, W)`` masks.  Returns ``(answer, empty refs)`` per
+    question: when a box of ``refs`` holds no object, the answer is that box's check
+    (:data:`model.tasks.NO_OBJECT`), since anything more the model said about it would be invented.
+    Identical questions (a check that is also asked, a question asked twice) are decoded once."""
+    checked = sorted({k for _, refs in asked for k in refs})
+    checks = {k: CAPTION_QUESTION.format(a=f"<region{k + 1}>") for k in checked}
+    texts = list(dict.fromkeys([q for q, _ in asked] + list(checks.values())))
+    answers = engine.answer([image], [boxes], [(0, q) for q in texts], [masks]) if texts else []
+    by_text = dict(zip(texts, answers))
+    out = []
+    for question, refs in asked:
+        empty = [k for k in dict.fromkeys(refs) if by_text[checks[k]].text.strip() == NO_OBJECT]
+        out.append((by_text[checks[empty[0]]], empty) if empty else (by_text[question], []))
+    return out
 
 
 def relation_pairs(

@@ -33,8 +33,9 @@ def init_distributed() -> bool:
 
 def shard_copy(module: nn.Module, frozen: Sequence[str]) -> nn.Module:
     """A copy of ``module`` sharded with FSDP2 (``fully_shard``): every LM transformer block is its
-    own unit, then the rest; parameters named in ``frozen`` (the vision tower) stay whole on every
-    rank.  A copy, so that ``module`` itself stays a plain module for saving and serving."""
+    own unit, then the rest; parameters named in ``frozen`` (the vision tower, and whatever
+    ``TrainConfig.freeze`` holds) stay whole on every rank.  A copy, so that ``module`` itself
+    stays a plain module for saving and serving."""
     sharded = copy.deepcopy(module)
     mesh = init_device_mesh(next(module.parameters()).device.type, (dist.get_world_size(),))
     names: set[str] = set()

@@ -103,7 +103,9 @@ def train(
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world_size}")
     torch.manual_seed(cfg.seed)
-    model.set_stage(1 if text_only else cfg.stage, () if text_only else cfg.freeze)
+    if text_only and cfg.freeze:
+        raise ValueError("text-only training trains the LM alone: freeze does not apply to it")
+    model.set_stage(1 if text_only else cfg.stage, cfg.freeze)
     if text_only:
         model.requires_grad_(False)
         model.lm.requires_grad_(True)
@@ -137,7 +139,8 @@ def train(
     history: list[dict] = []
     model.train()
     wrapped.train()  # an FSDP copy has its own modules
-    freeze_norm_statistics(wrapped, not cfg.update_norm_stats)
+    # A held region encoder keeps its box norm's statistics too: they are part of what it computes.
+    freeze_norm_statistics(wrapped, not cfg.update_norm_stats or "region_encoder" in cfg.freeze)
     start = time.monotonic()
     bar = tqdm(
         range(cfg.steps),
