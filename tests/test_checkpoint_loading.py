@@ -139,3 +139,12 @@ def test_lora_stage2_trains_adapters_not_the_base_lm(tmp_path):
     lm_trainable = [n for n in m.trainable_parameter_names() if n.startswith("lm.")]
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
     assert any(n.startswith("projector.") for n in m.trainable_parameter_names())
+    # A job's freeze on a LoRA model: the region encoder held, the adapters still trained; the LM
+    # held, no adapter trained either.
+    m.set_stage(2, ["region_encoder"])
+    names = m.trainable_parameter_names()
+    assert not any(n.startswith("region_encoder.") for n in names) and lm_trainable == [
+        n for n in names if n.startswith("lm.")
+    ]
+    m.set_stage(2, ["lm"])
+    assert {n.split(".")[0] for n in m.trainable_parameter_names()} == {"region_encoder", "projector"}
